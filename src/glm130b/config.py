@@ -1,0 +1,130 @@
+"""One configuration dataclass for every GLM model, with named presets.
+
+The presets carry the exact shapes of the official models, so `glm130b info --preset glm-130b`
+counts the real parameter total without allocating any memory (see docs/model.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a valid model."""
+
+
+@dataclass
+class GLMConfig:
+    name: str = "custom"
+    vocab_size: int = 16384
+    hidden_size: int = 512
+    num_layers: int = 6
+    num_heads: int = 8
+    ffn_hidden_size: int = 1365  # GeGLU inner size F: the first projection has 2F outputs
+    ffn_type: str = "geglu"  # "geglu" (GLM-130B) or "gelu" (ChatGLM-6B)
+    gelu_approximate: str = "none"  # "none" = exact erf GELU (GLM-130B); "tanh" (ChatGLM-6B)
+    max_seq_len: int = 512
+    rotary: str = "1d"  # "1d" (GLM-130B) or "2d" (GLM-10B / ChatGLM-6B block positions)
+    rotary_base: float = 10000.0
+    layernorm_eps: float = 1e-5
+    norm: str = "deepnorm"  # "deepnorm" (GLM-130B), "postln" or "preln" (for stability studies)
+    emb_grad_shrink: float = 0.1  # Embedding Gradient Shrink alpha; 1.0 disables it
+    tie_word_embeddings: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def deepnorm_alpha(self) -> float:
+        """Residual scale alpha = (2N)^0.5 used in the forward pass (DeepNorm)."""
+        return (2.0 * self.num_layers) ** 0.5 if self.norm == "deepnorm" else 1.0
+
+    @property
+    def deepnorm_beta(self) -> float:
+        """Init gain beta = (2N)^-0.5 for FFN, value and output projections (DeepNorm)."""
+        return (2.0 * self.num_layers) ** -0.5 if self.norm == "deepnorm" else 1.0
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"invalid config {self.name!r}: {msg}")
+
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "max_seq_len"):
+            value = getattr(self, key)
+            need(isinstance(value, int) and value > 0, f"{key} must be a positive integer, got {value!r}")
+        need(self.hidden_size % self.num_heads == 0, "hidden_size must be divisible by num_heads")
+        need(self.head_dim % 2 == 0, "head_dim must be even for rotary embeddings")
+        need(self.rotary in ("1d", "2d"), f"rotary must be '1d' or '2d', got {self.rotary!r}")
+        need(self.rotary != "2d" or self.head_dim % 4 == 0, "2d rotary needs head_dim divisible by 4")
+        need(self.ffn_type in ("geglu", "gelu"), f"ffn_type must be 'geglu' or 'gelu', got {self.ffn_type!r}")
+        need(self.gelu_approximate in ("none", "tanh"), "gelu_approximate must be 'none' or 'tanh'")
+        need(self.norm in ("deepnorm", "postln", "preln"), f"norm must be deepnorm/postln/preln, got {self.norm!r}")
+        need(0.0 < self.emb_grad_shrink <= 1.0, "emb_grad_shrink must be in (0, 1]")
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GLMConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        from glm130b.io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> GLMConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> GLMConfig:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+PRESETS: dict[str, GLMConfig] = {
+    # The official GLM-130B: 70 layers, 96 heads of 128, GeGLU inner 32768, icetk vocabulary.
+    "glm-130b": GLMConfig(
+        name="glm-130b", vocab_size=150528, hidden_size=12288, num_layers=70, num_heads=96,
+        ffn_hidden_size=32768, ffn_type="geglu", max_seq_len=2048, rotary="1d",
+    ),
+    # ChatGLM-6B: GELU (tanh) FFN of 4H, 2D rotary (positions + block positions).
+    "chatglm-6b": GLMConfig(
+        name="chatglm-6b", vocab_size=130528, hidden_size=4096, num_layers=28, num_heads=32,
+        ffn_hidden_size=16384, ffn_type="gelu", gelu_approximate="tanh", max_seq_len=2048, rotary="2d",
+    ),
+    # The model this project trains and ships (about 27M parameters).
+    "small": GLMConfig(
+        name="small", vocab_size=16384, hidden_size=512, num_layers=6, num_heads=8,
+        ffn_hidden_size=1365, max_seq_len=512,
+    ),
+    # For tests and the first-cut demo: trains in seconds on a laptop CPU.
+    "tiny": GLMConfig(
+        name="tiny", vocab_size=16384, hidden_size=128, num_layers=2, num_heads=4,
+        ffn_hidden_size=344, max_seq_len=256,
+    ),
+}
