@@ -1,0 +1,140 @@
+"""GLMModel: embedding -> N GLM blocks -> final LayerNorm -> output head tied to the embedding.
+
+Parameter names follow the official checkpoints without the `transformer.` prefix
+(`word_embeddings`, `layers.N.attention.query_key_value`, `layers.N.mlp.dense_h_to_4h`, ...),
+so loading official weights is a rename plus nothing (see glm130b/interop/sat.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glm130b.config import GLMConfig
+from glm130b.model.attention import KVCache
+from glm130b.model.layers import GLMBlock, shrink_embedding_gradient
+from glm130b.model.masks import attention_allowed
+
+
+class GLMModel(nn.Module):
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(GLMBlock(config, i) for i in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
+        self.lm_head = None
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    # ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """DeepNorm initialisation (docs/model.md).
+
+        Xavier normal with gain beta = (2N)^-0.5 on the value, attention-output and both FFN
+        matrices; gain 1 on query and key; zero biases; LayerNorms at (1, 0); embeddings
+        N(0, 0.02). Fused matrices are initialised per logical sub-matrix, so each has the
+        fan-in/fan-out of the unfused layer it stands for.
+        """
+        cfg = self.config
+        beta = cfg.deepnorm_beta
+        h, nh, d = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+        nn.init.normal_(self.word_embeddings.weight, std=0.02)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=0.02)
+        for block in self.layers:
+            qkv = block.attention.query_key_value.weight.view(nh, 3, d, h)
+            for part, gain in ((0, 1.0), (1, 1.0), (2, beta)):
+                qkv[:, part].normal_(std=gain * math.sqrt(2.0 / (h + h)))
+            nn.init.xavier_normal_(block.attention.dense.weight, gain=beta)
+            w1 = block.mlp.dense_h_to_4h.weight
+            for half in w1.view(-1, cfg.ffn_hidden_size, h):  # the GeGLU halves, or the one GELU matrix
+                half.normal_(std=beta * math.sqrt(2.0 / (cfg.ffn_hidden_size + h)))
+            nn.init.xavier_normal_(block.mlp.dense_4h_to_h.weight, gain=beta)
+            for module in block.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.zeros_(module.bias)
+                elif isinstance(module, nn.LayerNorm):
+                    nn.init.ones_(module.weight)
+                    nn.init.zeros_(module.bias)
+        nn.init.ones_(self.final_layernorm.weight)
+        nn.init.zeros_(self.final_layernorm.bias)
+
+    def num_parameters(self) -> int:
+        """Exact count, shared (tied) tensors once. Works on the meta device."""
+        return sum(p.numel() for p in self.parameters())
+
+    # ----------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        context_lengths: torch.Tensor | None = None,
+        allowed: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        output_hidden_states: bool = False,
+    ):
+        """Logits [B, L, V] for input_ids [B, L].
+
+        position_ids: [B, L] (1D rotary) or [B, 2, L] (2D); defaults to 0..L-1 (and block
+        positions 0). The mask is `allowed` [B, 1, L, K] (True = may attend) or, when absent,
+        the GLM mask built from `context_lengths` [B] (masks.attention_allowed).
+        With `output_hidden_states`, also returns each block's output (before the final LN).
+        """
+        b, length = input_ids.shape
+        if position_ids is None:
+            position_ids = default_position_ids(b, length, self.config.rotary == "2d", input_ids.device)
+        if allowed is None:
+            if context_lengths is None:
+                raise ValueError("pass context_lengths (the GLM context length of each sample) or allowed")
+            allowed = attention_allowed(length, context_lengths, device=input_ids.device)
+        h = shrink_embedding_gradient(self.word_embeddings(input_ids), self.config.emb_grad_shrink)
+        hidden_states = []
+        for block in self.layers:
+            h = block(h, position_ids, allowed, kv_cache)
+            if output_hidden_states:
+                hidden_states.append(h)
+        if kv_cache is not None:
+            kv_cache.advance(length)
+        h = self.final_layernorm(h)
+        head = self.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(h, head)
+        return (logits, hidden_states) if output_hidden_states else logits
+
+    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.word_embeddings.weight
+        cfg = self.config
+        return KVCache(cfg.num_layers, batch, cfg.num_heads, max_len, cfg.head_dim, p.dtype, p.device)
+
+    def set_attention_impl(self, impl: str) -> None:
+        """"sdpa" (fast, default) or "reference" (the official step-by-step math)."""
+        if impl not in ("sdpa", "reference"):
+            raise ValueError(f"attention impl must be 'sdpa' or 'reference', got {impl!r}")
+        for block in self.layers:
+            block.attention.use_sdpa = impl == "sdpa"
+
+
+def default_position_ids(batch: int, length: int, two_d: bool, device=None) -> torch.Tensor:
+    pos = torch.arange(length, device=device).expand(batch, length)
+    if two_d:
+        return torch.stack((pos, torch.zeros_like(pos)), dim=1)
+    return pos
+
+
+def glm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (in FP32) over the positions where loss_mask is 1."""
+    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    mask = loss_mask.flatten().float()
+    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def build_model(config: GLMConfig, device: str | torch.device = "cpu") -> GLMModel:
+    """Build a model; on the "meta" device no memory is used (for counting and planning)."""
+    with torch.device(device):
+        return GLMModel(config)
