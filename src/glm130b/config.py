@@ -11,8 +11,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from glm130b.errors import GLMError
 
-class ConfigError(ValueError):
+
+class ConfigError(GLMError, ValueError):
     """A configuration that cannot describe a valid model."""
 
 

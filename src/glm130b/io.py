@@ -11,8 +11,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from glm130b.errors import GLMError
 
-class SaveError(OSError):
+
+class SaveError(GLMError, OSError):
     """Saving failed (disk full, permission denied); the previous file, if any, is untouched."""
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import torch
 
 from glm130b.config import GLMConfig
+from glm130b.errors import GLMError
 
 PREFIX = "transformer."
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GLMError, ValueError):
     """A checkpoint that does not fit the model it is loaded into."""
 
 

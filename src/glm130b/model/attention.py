@@ -121,8 +121,10 @@ class SelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        # A plain FP32 attribute, not a buffer: `.half()`/`.to(dtype)` must not round the
+        # frequencies, and building on the meta device must not lose them.
         rotary_dim = self.head_dim if config.rotary == "1d" else self.head_dim // 2
-        self.register_buffer("inv_freq", rotary_inv_freq(rotary_dim, config.rotary_base), persistent=False)
+        self.inv_freq = rotary_inv_freq(rotary_dim, config.rotary_base, device="cpu")
         self.use_sdpa = True
 
     def forward(
@@ -135,6 +137,8 @@ class SelfAttention(nn.Module):
         b, length, _ = x.shape
         qkv = self.query_key_value(x).view(b, length, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv.transpose(1, 2).split(self.head_dim, dim=-1)  # each [B, nh, L, d]
+        if self.inv_freq.device != x.device:
+            self.inv_freq = self.inv_freq.to(x.device)
         q, k = apply_position_encoding(q, k, position_ids, self.inv_freq)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_id, k, v)
