@@ -1,0 +1,5 @@
+import sys
+
+from glm130b.cli import main
+
+sys.exit(main())

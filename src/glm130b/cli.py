@@ -1,0 +1,194 @@
+"""`glm130b` command: each verb is one thin function over the library.
+
+User errors (GLMError) print one line and exit with status 2; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from glm130b.errors import GLMError
+
+SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "glm-small"
+
+
+def resolve_model_dir(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    if (SHIPPED_MODEL / "model.safetensors").is_file():
+        return SHIPPED_MODEL
+    raise GLMError("no --model given and no shipped model found; train one first: glm130b train --preset tiny --out runs/tiny")
+
+
+# ---------------------------------------------------------------------------------------------
+def cmd_info(args) -> int:
+    from glm130b.config import GLMConfig
+    from glm130b.model.glm import build_model
+
+    cfg = GLMConfig.from_preset(args.preset) if args.preset else _load_config_of(args.model)
+    model = build_model(cfg, "meta")
+    info = {
+        "preset": cfg.name, "parameters": model.num_parameters(), "layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size, "heads": cfg.num_heads, "head_dim": cfg.head_dim,
+        "ffn_hidden_size": cfg.ffn_hidden_size, "ffn_type": cfg.ffn_type, "vocab_size": cfg.vocab_size,
+        "max_seq_len": cfg.max_seq_len, "rotary": cfg.rotary, "norm": cfg.norm,
+        "deepnorm_alpha": cfg.deepnorm_alpha, "deepnorm_beta": cfg.deepnorm_beta,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _load_config_of(model_arg):
+    from glm130b.checkpoint import load_config
+
+    return load_config(resolve_model_dir(model_arg))
+
+
+def cmd_train(args) -> int:
+    from glm130b.tokenizer import GLMTokenizer, default_tokenizer
+    from glm130b.train.trainer import TrainConfig, train
+
+    values: dict = {}
+    if args.config:
+        values.update(_read_yaml(args.config))
+    for key in ("preset", "out", "steps", "batch_size", "seq_len", "lr", "warmup_steps", "precision", "seed",
+                "instructions", "gmask_prob", "instruction_share"):
+        value = getattr(args, key)
+        if value is not None:
+            values[key] = value
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise GLMError(f"unknown training option(s): {', '.join(unknown)}")
+    if "sources" in values:
+        values["sources"] = tuple(values["sources"])
+    cfg = TrainConfig(**values)
+    tokenizer = GLMTokenizer.load(args.tokenizer) if args.tokenizer else default_tokenizer()
+    summary = train(cfg, tokenizer)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise GLMError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise GLMError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise GLMError(f"config file {path} must hold a mapping of option: value")
+    return data
+
+
+def _load(args):
+    from glm130b.checkpoint import load_model
+
+    return load_model(resolve_model_dir(args.model))
+
+
+def cmd_generate(args) -> int:
+    from glm130b.infer.generate import generate
+
+    model, tokenizer = _load(args)
+    if args.stream:
+        generate(model, tokenizer, args.prompt, args.max_new_tokens,
+                 on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        print()
+    else:
+        print(generate(model, tokenizer, args.prompt, args.max_new_tokens))
+    return 0
+
+
+def cmd_infill(args) -> int:
+    from glm130b.infer.generate import infill
+
+    model, tokenizer = _load(args)
+    result = infill(model, tokenizer, args.text, args.max_new_tokens)
+    if args.json:
+        print(json.dumps({"text": result.text, "spans": result.spans}, ensure_ascii=False, indent=2))
+    else:
+        print(result.text)
+        for i, span in enumerate(result.spans):
+            print(f"  blank {i + 1}: {span!r}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from glm130b.demo import run_demo
+
+    return run_demo(steps=args.steps, out=args.out)
+
+
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glm130b", description="GLM-130B in plain PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="print a model's shape and exact parameter count as JSON")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--preset", help="glm-130b, chatglm-6b, small or tiny")
+    g.add_argument("--model", help="a model folder")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="train a model with the GLM objective on the shipped corpus")
+    p.add_argument("--config", help="YAML file of training options (command-line flags override it)")
+    p.add_argument("--preset")
+    p.add_argument("--out", help="run folder: model, metrics.jsonl")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--seq-len", dest="seq_len", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup-steps", dest="warmup_steps", type=int)
+    p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--gmask-prob", dest="gmask_prob", type=float)
+    p.add_argument("--instructions", help="JSONL of {prompt, answer} pairs mixed into training")
+    p.add_argument("--instruction-share", dest="instruction_share", type=float)
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the shipped one)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="continue a prompt (greedy)")
+    p.add_argument("prompt")
+    p.add_argument("--model", help="model folder (default: the shipped model)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--stream", action="store_true", help="print tokens as they come")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("infill", help="fill [MASK]/[sMASK]/[gMASK] blanks left to right")
+    p.add_argument("text")
+    p.add_argument("--model", help="model folder (default: the shipped model)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print the filled text and spans as JSON")
+    p.set_defaults(func=cmd_infill)
+
+    p = sub.add_parser("demo", help="train a tiny model on the shipped corpus, then generate and fill blanks")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        return args.func(args)
+    except GLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted after {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

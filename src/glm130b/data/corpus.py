@@ -1,0 +1,105 @@
+"""Reading the shipped bilingual corpus (JSON Lines, optionally gzipped).
+
+The corpus lives in `data/corpus/` of the repository (or `$GLM130B_DATA/corpus/`):
+  en_kjv, en_wordnet, zh_cuv, zh_classics   one document per line: {"id", "lang", "text"}
+  parallel_kjv_cuv                          one verse per line: {"book", "chapter", "verse", "en", "zh"}
+Everything here streams line by line, so no file is ever held in memory whole.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from glm130b.errors import GLMError
+
+SOURCES = ("en_kjv", "en_wordnet", "zh_cuv", "zh_classics")
+PARALLEL = "parallel_kjv_cuv"
+
+
+class CorpusError(GLMError, ValueError):
+    """The corpus is missing or a file in it is malformed."""
+
+
+@dataclass
+class Document:
+    id: str
+    lang: str
+    text: str
+
+
+def read_jsonl(path: str | Path) -> Iterator[dict]:
+    """Yield one dict per non-blank line of a `.jsonl` or `.jsonl.gz` file (gzip chosen by suffix)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"{path}: file not found")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise CorpusError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+                if not isinstance(obj, dict):
+                    raise CorpusError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                yield obj
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        # a truncated gzip stream, a file that is not gzip at all, or bytes that are not UTF-8
+        raise CorpusError(f"{path}: cannot read ({e})") from None
+
+
+def corpus_dir() -> Path:
+    """The folder holding the corpus files: `$GLM130B_DATA/corpus` if set, else the repo's `data/corpus`."""
+    env = os.environ.get("GLM130B_DATA")
+    root = Path(env) if env else Path(__file__).resolve().parents[3] / "data"
+    corpus = root / "corpus"
+    if not corpus.is_dir():
+        hint = "GLM130B_DATA" if env else "the repository's data/ folder (or set GLM130B_DATA)"
+        raise CorpusError(f"corpus folder not found: {corpus} (check {hint})")
+    return corpus
+
+
+def _source_file(root: Path, source: str) -> Path:
+    for suffix in (".jsonl", ".jsonl.gz"):
+        p = root / f"{source}{suffix}"
+        if p.is_file():
+            return p
+    raise CorpusError(f"corpus source {source!r} not found in {root} (expected {source}.jsonl or .jsonl.gz)")
+
+
+def _field(obj: dict, key: str, path: Path, n: int):
+    if key not in obj:
+        raise CorpusError(f"{path}: record {n} has no field {key!r}")
+    return obj[key]
+
+
+def iter_documents(sources=SOURCES, root: str | Path | None = None) -> Iterator[Document]:
+    """Yield the documents of each source in turn, in file order (deterministic)."""
+    root = Path(root) if root is not None else corpus_dir()
+    if isinstance(sources, str):
+        sources = (sources,)
+    for source in sources:
+        path = _source_file(root, source)
+        for n, obj in enumerate(read_jsonl(path), start=1):
+            yield Document(
+                id=str(_field(obj, "id", path, n)),
+                lang=str(_field(obj, "lang", path, n)),
+                text=str(_field(obj, "text", path, n)),
+            )
+
+
+def iter_parallel_verses(root: str | Path | None = None) -> Iterator[dict]:
+    """Yield aligned KJV/CUV verses: dicts with book, chapter, verse, en, zh."""
+    root = Path(root) if root is not None else corpus_dir()
+    path = _source_file(root, PARALLEL)
+    for n, obj in enumerate(read_jsonl(path), start=1):
+        for key in ("book", "chapter", "verse", "en", "zh"):
+            _field(obj, key, path, n)
+        yield obj
