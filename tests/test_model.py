@@ -174,3 +174,20 @@ def test_chatglm_6b_shapes_on_meta():
     assert model.layers[0].mlp.dense_h_to_4h.weight.shape == (16384, 4096)
     # 2D rotary: each half of the 128-dim head rotates over 64 dims -> 32 frequencies.
     assert model.layers[0].attention.inv_freq.shape == (32,)
+
+
+def test_model_can_overfit_one_batch():
+    """The whole forward/backward path learns: one fixed GLM batch is memorised quickly."""
+    torch.manual_seed(0)
+    model = GLMModel(GLMConfig.from_preset("tiny", vocab_size=256))
+    ids = torch.randint(8, 256, (4, 32))
+    ctx = torch.tensor([10, 12, 14, 16])
+    targets = torch.roll(ids, -1, dims=1)
+    loss_mask = (torch.arange(32).unsqueeze(0) >= ctx.unsqueeze(1)).float()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(80):
+        loss = glm_loss(model(ids, context_lengths=ctx), targets, loss_mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5

@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_infill)
 
     p = sub.add_parser("demo", help="train a tiny model on the shipped corpus, then generate and fill blanks")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
     return parser

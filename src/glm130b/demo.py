@@ -17,9 +17,9 @@ PROMPTS = ["In the beginning God created", "起初，神创造"]
 BLANKS = ["And God said, Let there be [MASK]: and there was light.", "子曰：“学而时习之，不亦[MASK]乎？”"]
 
 
-def run_demo(steps: int = 300, out: str = "runs/demo") -> int:
+def run_demo(steps: int = 500, out: str = "runs/demo") -> int:
     print(f"== training the tiny preset for {steps} steps on the shipped corpus -> {out}")
-    summary = train(TrainConfig(preset="tiny", out=out, steps=steps, batch_size=8, seq_len=128), default_tokenizer())
+    summary = train(TrainConfig(preset="tiny", out=out, steps=steps, batch_size=8, seq_len=128, lr=3e-3), default_tokenizer())
     print(f"   loss {summary['first_loss']:.2f} -> {summary['final_loss']:.2f} in {summary['seconds']:.0f}s "
           f"({summary['tokens_per_s']:.0f} tokens/s, {summary['parameters']:,} parameters)")
     model, tokenizer = load_model(out)
