@@ -58,7 +58,7 @@ def cmd_train(args) -> int:
     if args.config:
         values.update(_read_yaml(args.config))
     for key in ("preset", "out", "steps", "batch_size", "seq_len", "lr", "warmup_steps", "precision", "seed",
-                "instructions", "gmask_prob", "instruction_share"):
+                "instructions", "gmask_prob", "instruction_share", "save_every"):
         value = getattr(args, key)
         if value is not None:
             values[key] = value
@@ -151,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16"])
     p.add_argument("--seed", type=int)
     p.add_argument("--gmask-prob", dest="gmask_prob", type=float)
-    p.add_argument("--instructions", help="JSONL of {prompt, answer} pairs mixed into training")
+    p.add_argument("--instructions", help='JSONL of {"prompt", "answer"} pairs mixed into training, or "builtin"')
     p.add_argument("--instruction-share", dest="instruction_share", type=float)
+    p.add_argument("--save-every", dest="save_every", type=int, help="also save the model every N steps")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the shipped one)")
     p.set_defaults(func=cmd_train)
 

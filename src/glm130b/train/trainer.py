@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from glm130b.checkpoint import save_model
 from glm130b.config import ConfigError, GLMConfig
-from glm130b.data.corpus import iter_documents
+from glm130b.data.heldout import training_documents
+from glm130b.data.instructions import builtin_instructions, cycle
 from glm130b.data.objective import GLMSampleBuilder, ObjectiveConfig, collate, read_instructions
 from glm130b.model.glm import GLMModel, glm_loss
 
@@ -43,9 +44,9 @@ class TrainConfig:
     seed: int = 1234
     gmask_prob: float = 0.7
     instruction_share: float = 0.05
-    instructions: str | None = None  # JSONL of {"prompt", "answer"}; without it the share is 0
+    instructions: str | None = None  # JSONL of {"prompt", "answer"}, or "builtin"; None: share 0
     sources: tuple[str, ...] = DEFAULT_SOURCES
-    log_every: int = 10
+    save_every: int = 0  # also save the model folder every N steps (0: only at the end)
     model_overrides: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -67,8 +68,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def token_documents(tokenizer, sources, seed: int) -> Iterator[list[int]]:
-    """Shuffled documents of all sources, tokenised lazily, repeated epoch after epoch."""
-    texts = [doc.text for doc in iter_documents(sources)]
+    """Shuffled training documents (dev items and the perplexity slice removed, see
+    data/heldout.py), tokenised lazily, repeated epoch after epoch."""
+    texts = [doc.text for doc in training_documents(sources)]
     gen = torch.Generator().manual_seed(seed)
     epoch = 0
     while True:
@@ -80,10 +82,10 @@ def token_documents(tokenizer, sources, seed: int) -> Iterator[list[int]]:
         epoch += 1
 
 
-def instruction_pairs(path: str, tokenizer) -> Iterator[tuple[list[int], list[int]]]:
-    pairs = [(tokenizer.encode(r["prompt"]), tokenizer.encode(r["answer"])) for r in read_instructions(path)]
-    while True:
-        yield from pairs
+def instruction_pairs(source: str, tokenizer, seed: int) -> Iterator[tuple[list[int], list[int]]]:
+    """"builtin" (translation and definition pairs from the corpus) or a JSONL file."""
+    pairs = builtin_instructions(seed) if source == "builtin" else list(read_instructions(source))
+    return cycle(pairs, tokenizer.encode)
 
 
 def parameter_groups(model: GLMModel, weight_decay: float) -> list[dict]:
@@ -110,7 +112,7 @@ def train(cfg: TrainConfig, tokenizer, progress: bool = True) -> dict:
     objective = ObjectiveConfig(seq_len=cfg.seq_len, gmask_prob=cfg.gmask_prob, instruction_share=share,
                                 two_d=model_cfg.rotary == "2d")
     builder = GLMSampleBuilder(objective, tokenizer, seed=cfg.seed)
-    instructions = instruction_pairs(cfg.instructions, tokenizer) if cfg.instructions else None
+    instructions = instruction_pairs(cfg.instructions, tokenizer, cfg.seed) if cfg.instructions else None
     samples = builder.samples(token_documents(tokenizer, cfg.sources, cfg.seed), instructions)
 
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
@@ -143,6 +145,8 @@ def train(cfg: TrainConfig, tokenizer, progress: bool = True) -> dict:
                   "tokens_per_s": n_tokens / dt, "tokens": tokens_seen, "time_s": time.perf_counter() - start}
         metrics.write(json.dumps(record) + "\n")
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{n_tokens / dt:.0f}", lr=f"{lr:.1e}", gnorm=f"{grad_norm:.2f}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save_model(out, model, tokenizer, extra={"trained_steps": step + 1, "train_config": dataclasses.asdict(cfg)})
     metrics.close()
     elapsed = time.perf_counter() - start
     save_model(out, model, tokenizer, extra={"trained_steps": cfg.steps, "train_config": dataclasses.asdict(cfg)})

@@ -1,0 +1,127 @@
+"""What training must never see: the dev tasks' items and a held-out perplexity slice.
+
+* `bilingual_verse_match_dev`: each item's verse (English and its Chinese answer) is located in
+  the parallel corpus (Genesis-Deuteronomy) and removed from its KJV and CUV chapters and from
+  the parallel pairs. Identical wording elsewhere in the Bible (refrains) stays, as the data
+  README warns it will.
+* `zh_classics_cloze_dev`: every classics document that contains an item's context tail plus
+  its answer line is dropped.
+* Perplexity slice: every 100th document of each source (index 50, 150, ...), by file order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from functools import lru_cache
+from pathlib import Path
+
+from glm130b.data.corpus import (
+    SOURCES,
+    Document,
+    corpus_dir,
+    iter_documents,
+    iter_parallel_verses,
+    read_jsonl,
+)
+
+HELDOUT_EVERY = 100
+HELDOUT_OFFSET = 50
+DEV_BOOKS = ("Genesis", "Exodus", "Leviticus", "Numbers", "Deuteronomy")
+
+
+def eval_dir(root: Path | None = None) -> Path:
+    return (Path(root) if root else corpus_dir().parent) / "eval"
+
+
+def is_ppl_heldout(index: int) -> bool:
+    return index % HELDOUT_EVERY == HELDOUT_OFFSET
+
+
+@lru_cache(maxsize=4)
+def dev_verses(root: Path | None = None) -> dict[tuple[str, int, int], tuple[str, str]]:
+    """(book, chapter, verse) -> (en, zh) of every bilingual_verse_match dev target."""
+    wanted = {}
+    for item in read_jsonl(_eval_file(root, "bilingual_verse_match_dev")):
+        wanted[(item["en"], item["choices"][item["answer"]])] = True
+    found = {}
+    for row in iter_parallel_verses(root / "corpus" if root else None):
+        if row["book"] in DEV_BOOKS and (row["en"], row["zh"]) in wanted:
+            found[(row["book"], row["chapter"], row["verse"])] = (row["en"], row["zh"])
+    return found
+
+
+@lru_cache(maxsize=4)
+def cloze_signatures(root: Path | None = None) -> tuple[str, ...]:
+    """Context tail + answer of every cloze item: a document containing one is held out."""
+    sigs = []
+    for item in read_jsonl(_eval_file(root, "zh_classics_cloze_dev")):
+        sigs.append(item["context"][-6:] + item["choices"][item["answer"]])
+    return tuple(sigs)
+
+
+def _eval_file(root: Path | None, name: str) -> Path:
+    directory = eval_dir(root)
+    gz = directory / f"{name}.jsonl.gz"
+    return gz if gz.exists() else directory / f"{name}.jsonl"
+
+
+def _chapter_key(doc_id: str) -> tuple[str, int] | None:
+    parts = doc_id.split("/")  # kjv/1_Samuel/3, cuv/Genesis/1
+    if len(parts) != 3 or parts[0] not in ("kjv", "cuv"):
+        return None
+    return parts[1].replace("_", " "), int(parts[2])
+
+
+def _strip_dev_verses(doc: Document, by_chapter: dict[tuple[str, int], list[tuple[str, str]]]) -> Document:
+    key = _chapter_key(doc.id)
+    if key is None or key not in by_chapter:
+        return doc
+    text = doc.text
+    for en, zh in by_chapter[key]:
+        if doc.lang == "en":
+            text = text.replace(en + " ", "", 1) if (en + " ") in text else text.replace(en, "", 1)
+        else:
+            text = text.replace(zh, "", 1)
+    return Document(doc.id, doc.lang, text)
+
+
+def training_documents(sources: Iterable[str] = SOURCES, root: Path | None = None) -> Iterator[Document]:
+    """The corpus minus the dev items and the perplexity slice."""
+    by_chapter: dict[tuple[str, int], list[tuple[str, str]]] = {}
+    for (book, chapter, _), pair in dev_verses(root).items():
+        by_chapter.setdefault((book, chapter), []).append(pair)
+    sigs = cloze_signatures(root)
+    for source in sources:
+        for i, doc in enumerate(iter_documents((source,), root / "corpus" if root else None)):
+            if is_ppl_heldout(i):
+                continue
+            if source == "zh_classics":
+                flat = doc.text.replace("\n", "")
+                if any(sig in flat for sig in sigs):
+                    continue
+            yield _strip_dev_verses(doc, by_chapter)
+
+
+def heldout_ppl_documents(sources: Iterable[str] = SOURCES, root: Path | None = None) -> Iterator[Document]:
+    """The perplexity slice: every 100th document of each source."""
+    for source in sources:
+        for i, doc in enumerate(iter_documents((source,), root / "corpus" if root else None)):
+            if is_ppl_heldout(i):
+                yield doc
+
+
+def training_verse_pairs(root: Path | None = None) -> Iterator[dict]:
+    """Parallel KJV/CUV verses minus the chapters of the perplexity slice and any verse whose
+    English or Chinese equals a dev target's (so refrains cannot teach a dev answer)."""
+    dev = dev_verses(root)
+    dev_en = {en for en, _ in dev.values()}
+    dev_zh = {zh for _, zh in dev.values()}
+    heldout_chapters = {
+        _chapter_key(doc.id) for doc in heldout_ppl_documents(("en_kjv", "zh_cuv"), root)
+    }
+    for row in iter_parallel_verses(root / "corpus" if root else None):
+        if row["en"] in dev_en or row["zh"] in dev_zh:
+            continue
+        if (row["book"], row["chapter"]) in heldout_chapters:
+            continue
+        yield row

@@ -1,0 +1,61 @@
+"""Training data never contains the dev tasks' items or the perplexity slice."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from glm130b.data.corpus import iter_documents
+from glm130b.data.heldout import dev_verses, heldout_ppl_documents, training_documents
+from glm130b.data.instructions import EN_TO_ZH, _GLOSS_SPLIT, verse_pairs
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.fixture(scope="module")
+def bible_docs():
+    original = {d.id: d.text for d in iter_documents(("en_kjv", "zh_cuv"))}
+    training = {d.id: d.text for d in training_documents(("en_kjv", "zh_cuv"))}
+    return original, training
+
+
+def test_every_dev_item_is_located(bible_docs):
+    items = [json.loads(line) for line in gzip.open(DATA / "eval" / "bilingual_verse_match_dev.jsonl.gz", "rt")]
+    located = {(en, zh) for en, zh in dev_verses().values()}
+    assert all((it["en"], it["choices"][it["answer"]]) in located for it in items)
+
+
+def test_dev_verses_are_removed_from_their_chapters(bible_docs):
+    original, training = bible_docs
+    for (book, chapter, _), (en, zh) in dev_verses().items():
+        for prefix, text in (("kjv", en), ("cuv", zh)):
+            doc_id = f"{prefix}/{book.replace(' ', '_')}/{chapter}"
+            if doc_id not in training:  # the whole chapter is in the perplexity slice
+                continue
+            assert training[doc_id].count(text) < original[doc_id].count(text), (doc_id, text)
+
+
+def test_perplexity_slice_is_disjoint_from_training(bible_docs):
+    _, training = bible_docs
+    held = {d.id for d in heldout_ppl_documents(("en_kjv", "zh_cuv"))}
+    assert held and not held & set(training)
+    shipped = [json.loads(line)["id"] for line in gzip.open(DATA / "eval" / "heldout_ppl.jsonl.gz", "rt")]
+    assert set(shipped) == {d.id for d in heldout_ppl_documents()}
+
+
+def test_instruction_pairs_exclude_dev_verses():
+    dev_en = {en for en, _ in dev_verses().values()}
+    pairs = verse_pairs(seed=0)
+    prompts = {p["prompt"] for p in pairs}
+    for en in dev_en:
+        for template in EN_TO_ZH:
+            assert template.format(en=en) not in prompts
+    assert len(pairs) > 50_000
+
+
+def test_wordnet_gloss_split():
+    text = 'thing: an action; "how could you do such a thing?". kindness: a kind act. gift tax: a tax.'
+    assert [s.partition(": ")[0] for s in _GLOSS_SPLIT.split(text)] == ["thing", "kindness", "gift tax"]
