@@ -58,7 +58,7 @@ def cmd_train(args) -> int:
     if args.config:
         values.update(_read_yaml(args.config))
     for key in ("preset", "out", "steps", "batch_size", "seq_len", "lr", "warmup_steps", "precision", "seed",
-                "instructions", "gmask_prob", "instruction_share", "save_every"):
+                "instructions", "gmask_prob", "instruction_share", "checkpoint_every", "grad_accum", "resume"):
         value = getattr(args, key)
         if value is not None:
             values[key] = value
@@ -92,7 +92,34 @@ def _read_yaml(path: str) -> dict:
 def _load(args):
     from glm130b.checkpoint import load_model
 
-    return load_model(resolve_model_dir(args.model))
+    directory = resolve_model_dir(args.model)
+    bits, group_size = getattr(args, "bits", None), getattr(args, "group_size", None)
+    if bits is not None or group_size is not None or _is_quantized(directory):
+        from glm130b.quant import load_model_quantized
+
+        if group_size is not None and bits is None and not _is_quantized(directory):
+            raise GLMError("--group-size needs --bits 8 or --bits 4")
+        return load_model_quantized(directory, bits, group_size)
+    return load_model(directory)
+
+
+def _is_quantized(directory) -> bool:
+    from glm130b.checkpoint import load_config
+
+    return bool(load_config(directory).extra.get("quantization"))
+
+
+def cmd_quantize(args) -> int:
+    from glm130b.quant import load_model_quantized, quantization_info, save_quantized, weight_bytes
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model_quantized(resolve_model_dir(args.model), args.bits, args.group_size)
+    out = save_quantized(args.out, model, tokenizer)
+    info = {**quantization_info(model), "out": str(out), "weight_bytes": weight_bytes(model),
+            "file_bytes": (Path(out) / "model.safetensors").stat().st_size,
+            "seconds": round(time.perf_counter() - t0, 2)}
+    print(json.dumps(info, indent=2))
+    return 0
 
 
 def cmd_generate(args) -> int:
@@ -122,10 +149,30 @@ def cmd_infill(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from glm130b.train.metrics import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from glm130b.demo import run_demo
 
     return run_demo(steps=args.steps, out=args.out)
+
+
+def cmd_eval(args) -> int:
+    from glm130b.eval.runner import run_command
+
+    run_command(resolve_model_dir(args.model), args.tasks, limit=args.limit, output=args.output, bits=args.bits,
+                compare=args.compare, progress=not args.no_progress, with_samples=args.samples)
+    return 0
+
+
+def _add_quant_flags(p) -> None:
+    p.add_argument("--bits", type=int, choices=[8, 4], help="quantize the weights to INT8/INT4 while loading")
+    p.add_argument("--group-size", dest="group_size", type=int, help="with --bits: one scale per this many inputs")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,12 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", dest="seq_len", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--warmup-steps", dest="warmup_steps", type=int)
-    p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--seed", type=int)
     p.add_argument("--gmask-prob", dest="gmask_prob", type=float)
     p.add_argument("--instructions", help='JSONL of {"prompt", "answer"} pairs mixed into training, or "builtin"')
     p.add_argument("--instruction-share", dest="instruction_share", type=float)
-    p.add_argument("--save-every", dest="save_every", type=int, help="also save the model every N steps")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
+                   help="save a resumable checkpoint (and the model folder) every N steps")
+    p.add_argument("--grad-accum", dest="grad_accum", type=int, help="micro-batches per optimizer step")
+    p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out from its last good checkpoint")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the shipped one)")
     p.set_defaults(func=cmd_train)
 
@@ -162,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder (default: the shipped model)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
+    _add_quant_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("infill", help="fill [MASK]/[sMASK]/[gMASK] blanks left to right")
@@ -169,12 +220,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder (default: the shipped model)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print the filled text and spans as JSON")
+    _add_quant_flags(p)
     p.set_defaults(func=cmd_infill)
+
+    p = sub.add_parser("quantize", help="write an INT8/INT4 weight-only quantized copy of a model folder")
+    p.add_argument("--model", help="model folder (default: the shipped model)")
+    p.add_argument("--bits", type=int, choices=[8, 4], required=True)
+    p.add_argument("--group-size", dest="group_size", type=int,
+                   help="one scale per this many inputs of a row (default: one per row, as GLM-130B)")
+    p.add_argument("--out", required=True, help="folder for the quantized model")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("plot", help="write PNG curves (loss, gradient norm, lr, loss scale) of a training run")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("demo", help="train a tiny model on the shipped corpus, then generate and fill blanks")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="zero-shot evaluation: results table, JSON with --output (see docs/eval.md)")
+    p.add_argument("tasks", nargs="+", metavar="TASK_OR_YAML", help="task names (tasks/*.yaml) or task YAML files")
+    p.add_argument("--model", help="model folder (default: the shipped model)")
+    p.add_argument("--limit", type=int, help="first N items of each task (of each subject for MMLU)")
+    p.add_argument("--output", help="write the results as JSON to this file")
+    p.add_argument("--bits", type=int, choices=[4, 8], help="quantize the weights first (glm130b.quant)")
+    p.add_argument("--compare", help="comma-separated precisions to compare, e.g. fp32,int8,int4 (also bf16, fp16)")
+    p.add_argument("--samples", action="store_true", help="include per-item predictions in the JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -1,0 +1,138 @@
+"""Training checkpoints: everything needed to continue a run exactly.
+
+`RUN/checkpoints/step_000100/` holds `model.safetensors` (FP32 master weights),
+`optimizer.pt` (AdamW states), `state.json` (step, objective/data position, spike guard, loss
+scaler, and the RNG states) and `manifest.json` (size and sha256 of every file), written last.
+A checkpoint is written in a temporary folder and renamed into place, so a crash never leaves a
+half-written one under a real name; a torn or corrupt one (bad size or checksum) is skipped
+with a message and the previous good one is used. Only the last `keep` are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from glm130b.errors import GLMError
+from glm130b.io import SaveError
+
+MANIFEST = "manifest.json"
+
+
+class TrainCheckpointError(GLMError):
+    """No usable training checkpoint."""
+
+
+@dataclass
+class TrainState:
+    step: int
+    model: dict
+    optimizer: dict
+    extra: dict  # JSON-safe: objective state, spike guard, scaler, events
+    rng: dict
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def save_checkpoint(run_dir: str | Path, state: TrainState, keep: int = 3) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{state.step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.model.items()}, str(tmp / "model.safetensors"))
+        torch.save({"optimizer": state.optimizer, "rng": state.rng}, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": state.step, **state.extra}) + "\n")
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"step": state.step, "files": files}, indent=1) + "\n")
+        for p in tmp.iterdir():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SaveError(f"could not save checkpoint {final}: {e.strerror or e}") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint is complete and intact, else what is wrong with it."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return "no manifest (torn write)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return "unreadable manifest"
+    for name, meta in files.items():
+        p = path / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != meta["bytes"]:
+            return f"{name} has {p.stat().st_size} bytes, expected {meta['bytes']}"
+        if _sha256(p) != meta["sha256"]:
+            return f"{name} fails its checksum"
+    return None
+
+
+def load_latest(run_dir: str | Path, log=print) -> TrainState:
+    """The newest intact checkpoint of a run; corrupt ones are reported and skipped."""
+    candidates = list_checkpoints(run_dir)
+    if not candidates:
+        raise TrainCheckpointError(f"no checkpoint to resume from in {Path(run_dir) / 'checkpoints'}")
+    for path in reversed(candidates):
+        problem = verify(path)
+        if problem:
+            log(f"warning: checkpoint {path} is corrupt ({problem}); trying the previous one")
+            continue
+        blob = torch.load(path / "optimizer.pt", weights_only=False)
+        extra = json.loads((path / "state.json").read_text())
+        step = extra.pop("step")
+        return TrainState(step, load_file(str(path / "model.safetensors")), blob["optimizer"], extra, blob["rng"])
+    raise TrainCheckpointError(f"every checkpoint in {Path(run_dir) / 'checkpoints'} is corrupt")
