@@ -110,7 +110,8 @@ class GLMModel(nn.Module):
     def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.word_embeddings.weight
         cfg = self.config
-        return KVCache(cfg.num_layers, batch, cfg.num_heads, max_len, cfg.head_dim, p.dtype, p.device)
+        heads = self.layers[0].attention.num_heads  # the local head count under tensor parallelism
+        return KVCache(cfg.num_layers, batch, heads, max_len, cfg.head_dim, p.dtype, p.device)
 
     def set_attention_impl(self, impl: str) -> None:
         """"sdpa" (fast, default) or "reference" (the official step-by-step math)."""

@@ -23,19 +23,19 @@ official `convert_tp` does, so each rank's contiguous slice is `[a_r; b_r]` and 
 DCP checkpoint stores the weight in the canonical (un-permuted) layout as a `[2, F, H]` view, so a
 checkpoint saved with one `tp` loads under another.
 
-Tied output head under TP. The embedding's weight is sharded on the vocabulary (`RowwiseParallel`
-on `nn.Embedding`: Shard(0)). The model computes `F.linear(final_layernorm(h), embedding.weight)`;
+Tied output head under TP. The embedding's weight is sharded on the vocabulary (Shard(0),
+`VocabParallelEmbedding`). The model computes `F.linear(final_layernorm(h), embedding.weight)`;
 making the final LayerNorm's output a *Replicate DTensor* (`PrepareModuleOutput`) turns that
 very line into a column-parallel projection: Replicate x Shard(0)-weight -> logits sharded on the
 vocabulary (Shard(-1)), which `loss_parallel` consumes without ever gathering the logits. The
-weight stays one Parameter, so both uses accumulate into one (sharded) gradient.
+weight stays one Parameter, so both uses accumulate into one (sharded) gradient. Under pipeline
+parallelism the first and last stage each hold the embedding and `sync_tied_embedding_grads`
+sums their gradients.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -58,14 +58,17 @@ _TP_ATTR = "_glm_tp_size"  # set on a module by apply_tensor_parallel: the GeGLU
 __all__ = [
     "IGNORE_INDEX",
     "GLMStage",
+    "VocabParallelEmbedding",
     "PipelineParts",
     "apply_fsdp",
     "apply_tensor_parallel",
     "build_mesh",
     "build_schedule",
     "checkpoint_state_dict",
+    "clip_grad_norm_",
     "from_tp_layout",
     "full_grads",
+    "full_optimizer_state",
     "full_state_dict",
     "geglu_tp_permutation",
     "glm_130b_plan_shapes",
@@ -76,6 +79,7 @@ __all__ = [
     "loss_targets",
     "parallelize_glm",
     "pipeline_stages",
+    "pipeline_step",
     "save_checkpoint",
     "split_stage",
     "stage_layer_ranges",
@@ -389,6 +393,41 @@ def loss_context(module: nn.Module | None = None):
     return loss_parallel()
 
 
+def clip_grad_norm_(module: nn.Module, max_norm: float, mesh: DeviceMesh | None = None) -> torch.Tensor:
+    """Clip the gradients of a parallelised model (or stage) to a global L2 norm; returns that norm.
+
+    `torch.nn.utils.clip_grad_norm_` cannot mix gradients living on different meshes (TP
+    DTensors on ("dp", "tp"), LayerNorms on ("dp",) only, plain tensors), nor see other pipeline
+    stages. Here `torch.nn.utils.get_total_norm` runs per mesh, each partial norm is made whole
+    with `full_tensor()`, the stages' squares are summed over mesh["pp"] (the tied embedding's
+    second copy on the last stage is left out), and `clip_grads_with_norm_`-style scaling applies.
+    """
+    groups: dict = {}
+    skip_tied = isinstance(module, GLMStage) and module.is_last and not module.is_first and module.tied
+    for name, p in module.named_parameters():
+        if p.grad is None or (skip_tied and name.startswith("word_embeddings.")):
+            continue
+        key = (p.grad.device_mesh, p.grad.placements) if isinstance(p.grad, DTensor) else None
+        groups.setdefault(key, []).append(p.grad)
+    square = torch.zeros((), dtype=torch.float32)
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        norm = _full(norm).float().cpu()
+        square = square + norm**2
+    if mesh is not None and mesh.mesh_dim_names and "pp" in mesh.mesh_dim_names and mesh["pp"].size() > 1:
+        square = square.to(torch.device(mesh.device_type))
+        dist.all_reduce(square, group=mesh["pp"].get_group())
+        square = square.cpu()
+    total = square.sqrt()
+    coef = max_norm / (float(total) + 1e-6)
+    if coef < 1.0:
+        with torch.no_grad():
+            for p in module.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+    return total
+
+
 # ============================================================================================
 # Pipeline parallelism
 # ============================================================================================
@@ -424,7 +463,7 @@ class GLMStage(nn.Module):
         self.stage_index, self.num_stages = stage_index, num_stages
         self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
         self.layer_range = stage_layer_ranges(len(model.layers), num_stages)[stage_index]
-        tied = model.lm_head is None
+        self.tied = tied = model.lm_head is None
         self.word_embeddings = model.word_embeddings if (self.is_first or (self.is_last and tied)) else None
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in self.layer_range})
         self.final_layernorm = model.final_layernorm if self.is_last else None
@@ -493,6 +532,8 @@ def pipeline_stages(
         parallelize_glm(module, mesh, **parallel_kwargs)
     if device is None:
         device = torch.device(mesh.device_type)
+        if mesh.device_type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
     stage = PipelineStage(module, stage_index, num_stages, torch.device(device), group=pp_mesh.get_group())
     return PipelineParts(module=module, stage=stage, mesh=mesh)
 
@@ -500,13 +541,13 @@ def pipeline_stages(
 def build_schedule(stage, n_microbatches: int, schedule: str = "1f1b"):
     """`ScheduleGPipe` ("gpipe") or `Schedule1F1B` ("1f1b") with the GLM token loss.
 
-    Call it as, on every rank of the pipeline (kwargs reach every stage, split on dim 0):
+    Run it with `pipeline_step` (on every rank of the pipeline), which amounts to:
 
-        losses = []
         with loss_context(parts.module):
-            schedule.step(input_ids if first else (nothing), target=loss_targets(...) if last else None,
-                          losses=losses, loss_kwargs={"num_tokens": n}, position_ids=pos,
-                          context_lengths=ctx)
+            schedule.step(*((input_ids,) if first stage else ()),
+                          target=loss_targets(targets, loss_mask) if last stage else None,
+                          losses=losses, loss_kwargs={"num_tokens": n},
+                          position_ids=pos, context_lengths=ctx)  # kwargs: split, to every stage
         sync_tied_embedding_grads(parts)
 
     `loss_kwargs` is passed unchanged to every microbatch's loss, so `num_tokens` (the global
@@ -519,6 +560,41 @@ def build_schedule(stage, n_microbatches: int, schedule: str = "1f1b"):
     if schedule.lower() not in classes:
         raise ValueError(f"schedule must be one of {sorted(classes)}, got {schedule!r}")
     return classes[schedule.lower()](stage, n_microbatches, loss_fn=glm_token_loss, scale_grads=False)
+
+
+def pipeline_step(
+    parts: PipelineParts,
+    schedule,
+    input_ids: torch.Tensor,
+    targets: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    context_lengths: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
+    num_tokens=None,
+) -> torch.Tensor | None:
+    """One forward/backward of this rank's data-parallel batch through the pipeline.
+
+    Every rank of the pipeline passes the same batch (only the first stage reads input_ids,
+    only the last reads targets/loss_mask). The mask inputs (position_ids, context_lengths or
+    allowed) are keyword tensors split into microbatches and given to every stage. num_tokens
+    defaults to the local loss-token count (pass `global_num_tokens(loss_mask, mesh["dp"])`
+    under dp). Ends with the tied-embedding gradient sum. Returns the loss on the last stage
+    (the sum of its microbatch losses), None elsewhere.
+    """
+    module = parts.module
+    if num_tokens is None:
+        num_tokens = global_num_tokens(loss_mask)
+    kwargs = {k: v for k, v in (("position_ids", position_ids), ("context_lengths", context_lengths),
+                                ("allowed", allowed)) if v is not None}
+    losses: list[torch.Tensor] = []
+    args = (input_ids,) if module.is_first else ()
+    target = loss_targets(targets, loss_mask) if module.is_last else None
+    with loss_context(module):
+        schedule.step(*args, target=target, losses=losses, loss_kwargs={"num_tokens": num_tokens}, **kwargs)
+    sync_tied_embedding_grads(parts)
+    return torch.stack(losses).sum() if module.is_last else None
 
 
 _TIED_GROUPS: dict = {}
@@ -546,7 +622,7 @@ def _tied_embedding_group(mesh: DeviceMesh):
 def sync_tied_embedding_grads(parts: PipelineParts) -> None:
     """Sum the tied embedding's gradient between the first and last stage (call on every rank)."""
     module, mesh = parts.module, parts.mesh
-    if module.num_stages == 1 or module.lm_head is not None:
+    if module.num_stages == 1 or not module.tied:
         return
     group = _tied_embedding_group(mesh)
     if not (module.is_first or module.is_last):
@@ -578,6 +654,23 @@ def full_grads(module: nn.Module) -> dict[str, torch.Tensor]:
     return from_tp_layout(state, module.config, tp_size_of(module))
 
 
+def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Full, canonical optimizer states as {"<param fqn>.<state name>": tensor}. A collective."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    config: GLMConfig = module.config
+    tp = tp_size_of(module)
+    out = {}
+    for fqn, entry in get_optimizer_state_dict(module, optimizer)["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                full = _full(value)
+                if _is_geglu_key(fqn) and full.dim() > 0:
+                    full = from_tp_layout({fqn: full}, config, tp)[fqn]
+                out[f"{fqn}.{name}"] = full
+    return out
+
+
 # ============================================================================================
 # Distributed checkpoint (re-layoutable)
 # ============================================================================================
@@ -590,7 +683,8 @@ def _geglu_halves_view(t: torch.Tensor, ffn: int) -> torch.Tensor:
     if not isinstance(t, DTensor):
         return t.view(2, ffn, t.shape[1])
     placements = []
-    for name, p in zip(t.device_mesh.mesh_dim_names or (), t.placements, strict=True):
+    names = t.device_mesh.mesh_dim_names or (None,) * t.device_mesh.ndim
+    for name, p in zip(names, t.placements, strict=True):
         if isinstance(p, Replicate):
             placements.append(p)
         elif name == "tp" and p == Shard(0):
@@ -614,6 +708,8 @@ def _to_checkpoint(key: str, value, config: GLMConfig, tp: int):
     """One state entry in the layout-independent checkpoint form (see checkpoint_state_dict)."""
     if config.ffn_type != "geglu" or not isinstance(value, torch.Tensor) or not _is_geglu_key(key):
         return value
+    if value.dim() == 0:  # e.g. Adam's step counter
+        return value
     ffn = config.ffn_hidden_size
     if value.dim() == 2:  # the weight (or an optimizer state shaped like it)
         return _geglu_halves_view(value, ffn)
@@ -625,7 +721,7 @@ def _to_checkpoint(key: str, value, config: GLMConfig, tp: int):
 @torch.no_grad()
 def _from_checkpoint_(key: str, loaded, target, config: GLMConfig, tp: int) -> None:
     """Write a loaded checkpoint-form entry back into `target` (the live tensor), in place."""
-    if loaded is target or not isinstance(target, torch.Tensor):
+    if loaded is target or not isinstance(target, torch.Tensor) or target.dim() == 0:
         return
     local_target = target.to_local() if isinstance(target, DTensor) else target
     if target.dim() == 2:  # GeGLU weight: normally a zero-copy view, already loaded in place
@@ -755,8 +851,3 @@ def glm_130b_plan_shapes(tp: int = 4, pp: int = 8, dp: int = 2, config: GLMConfi
     finally:
         dist.destroy_process_group()
     return shapes
-
-
-def _describe(shapes: dict[str, tuple]) -> Iterable[str]:  # pragma: no cover - a debugging aid
-    for name, shape in shapes.items():
-        yield f"{name}: {shape} ({math.prod(shape):,})"
