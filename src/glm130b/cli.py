@@ -159,14 +159,15 @@ def cmd_plot(args) -> int:
 def cmd_demo(args) -> int:
     from glm130b.demo import run_demo
 
-    return run_demo(steps=args.steps, out=args.out)
+    return run_demo(steps=args.steps, out=args.out, model_dir=args.model)
 
 
 def cmd_eval(args) -> int:
     from glm130b.eval.runner import run_command
 
     run_command(resolve_model_dir(args.model), args.tasks, limit=args.limit, output=args.output, bits=args.bits,
-                compare=args.compare, progress=not args.no_progress, with_samples=args.samples)
+                compare=args.compare, progress=not args.no_progress, with_samples=args.samples,
+                precision=args.precision)
     return 0
 
 
@@ -236,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("demo", help="train a tiny model on the shipped corpus, then generate and fill blanks")
+    p = sub.add_parser("demo", help="fill blanks, continue and translate with the shipped model in fp32 and int4")
+    p.add_argument("--model", help="model folder (default: the shipped model)")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
@@ -247,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="first N items of each task (of each subject for MMLU)")
     p.add_argument("--output", help="write the results as JSON to this file")
     p.add_argument("--bits", type=int, choices=[4, 8], help="quantize the weights first (glm130b.quant)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8", "int4"],
+                   help="evaluate at this precision (default fp32; bf16 is several times faster on CPUs with AVX512-BF16)")
     p.add_argument("--compare", help="comma-separated precisions to compare, e.g. fp32,int8,int4 (also bf16, fp16)")
     p.add_argument("--samples", action="store_true", help="include per-item predictions in the JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,36 +1,80 @@
 """`glm130b demo`: the main job of `make run`.
 
-Until the shipped model exists, it trains the `tiny` preset on the shipped corpus (a couple of
-minutes on a laptop CPU), then continues prompts and fills blanks in English and Chinese.
+With the shipped model (models/glm-small): fill blanks in English and Chinese, continue a
+prompt, translate a verse, then the same in INT4, with tokens/s and weight memory of both.
+Without it (a checkout that predates the model), train the `tiny` preset for a couple of
+minutes first and show what it learned.
 """
 
 from __future__ import annotations
 
+import resource
 import time
+from pathlib import Path
 
 from glm130b.checkpoint import load_model
-from glm130b.infer.generate import generate, infill
-from glm130b.tokenizer import default_tokenizer
-from glm130b.train.trainer import TrainConfig, train
 
-PROMPTS = ["In the beginning God created", "起初，神创造"]
-BLANKS = ["And God said, Let there be [MASK]: and there was light.", "子曰：“学而时习之，不亦[MASK]乎？”"]
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "glm-small"
+BLANKS = [
+    "And God said, Let there be [MASK]: and there was light.",
+    "In the beginning God created the [MASK] and the earth.",
+    "起初，神创造[MASK]。",
+    "子曰：“学而时习之，不亦[MASK]乎？”",
+]
+PROMPTS = ["And the LORD said unto Moses,", "耶稣对他们说："]
+TRANSLATE = "Translate into Chinese: Blessed are the meek: for they shall inherit the earth."
 
 
-def run_demo(steps: int = 500, out: str = "runs/demo") -> int:
-    print(f"== training the tiny preset for {steps} steps on the shipped corpus -> {out}")
-    summary = train(TrainConfig(preset="tiny", out=out, steps=steps, batch_size=8, seq_len=128, lr=3e-3), default_tokenizer())
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _show(model, tokenizer, label: str) -> None:
+    from glm130b.infer.engine import GenerationConfig
+    from glm130b.infer.generate import generate, infill
+    from glm130b.quant.weights import weight_bytes
+
+    print(f"== {label}: {weight_bytes(model)['total'] / 2**20:.1f} MiB of weights")
+    for text in BLANKS:
+        result = infill(model, tokenizer, text, max_new_tokens=12)
+        print(f"   {text}\n     -> {result.text}")
+    for prompt in PROMPTS + [TRANSLATE]:
+        print(f"   {prompt}\n     -> {generate(model, tokenizer, prompt, max_new_tokens=40)}")
+    n = 32
+    cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n)
+    t0 = time.perf_counter()
+    generate(model, tokenizer, PROMPTS[0], config=cfg)
+    dt = time.perf_counter() - t0
+    print(f"   speed: {n / dt:.0f} tokens/s (batch 1, greedy, {n} tokens); peak RSS so far {_peak_rss_mb():.0f} MiB")
+
+
+def run_demo(steps: int = 500, out: str = "runs/demo", model_dir: str | None = None) -> int:
+    directory = Path(model_dir) if model_dir else SHIPPED
+    if not (directory / "model.safetensors").is_file():
+        return _train_tiny_demo(steps, out)
+    from glm130b.quant.weights import quantize_model
+
+    model, tokenizer = load_model(directory)
+    print(f"model: {directory} ({model.num_parameters():,} parameters)")
+    _show(model, tokenizer, "fp32")
+    quantize_model(model, bits=4)
+    _show(model, tokenizer, "int4 (per-row absmax, packed two per byte)")
+    return 0
+
+
+def _train_tiny_demo(steps: int, out: str) -> int:
+    from glm130b.infer.generate import generate, infill
+    from glm130b.tokenizer import default_tokenizer
+    from glm130b.train.trainer import TrainConfig, train
+
+    print(f"== no shipped model found; training the tiny preset for {steps} steps -> {out}")
+    summary = train(TrainConfig(preset="tiny", out=out, steps=steps, batch_size=8, seq_len=128, lr=3e-3),
+                    default_tokenizer())
     print(f"   loss {summary['first_loss']:.2f} -> {summary['final_loss']:.2f} in {summary['seconds']:.0f}s "
           f"({summary['tokens_per_s']:.0f} tokens/s, {summary['parameters']:,} parameters)")
     model, tokenizer = load_model(out)
-    print("== continuing prompts ([gMASK], greedy)")
     for prompt in PROMPTS:
-        t0 = time.perf_counter()
-        text = generate(model, tokenizer, prompt, max_new_tokens=24)
-        print(f"   {prompt!r} -> {text!r}  ({time.perf_counter() - t0:.2f}s)")
-    print("== filling blanks ([MASK], greedy)")
-    for text in BLANKS:
-        result = infill(model, tokenizer, text, max_new_tokens=8)
-        print(f"   {text!r}\n     -> {result.text!r} (span {result.spans[0]!r})")
-    print(f"== done: try `glm130b generate --model {out} \"your prompt\"`")
+        print(f"   {prompt!r} -> {generate(model, tokenizer, prompt, max_new_tokens=24)!r}")
+    for text in BLANKS[::2]:
+        print(f"   {text!r}\n     -> {infill(model, tokenizer, text, max_new_tokens=8).text!r}")
     return 0
