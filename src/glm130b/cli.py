@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,7 +59,8 @@ def cmd_train(args) -> int:
     if args.config:
         values.update(_read_yaml(args.config))
     for key in ("preset", "out", "steps", "batch_size", "seq_len", "lr", "warmup_steps", "precision", "seed",
-                "instructions", "gmask_prob", "instruction_share", "checkpoint_every", "grad_accum", "resume"):
+                "instructions", "gmask_prob", "instruction_share", "checkpoint_every", "grad_accum", "resume",
+                "keep_checkpoints", "tp", "pp", "dp", "pipeline_schedule", "microbatches"):
         value = getattr(args, key)
         if value is not None:
             values[key] = value
@@ -68,10 +70,18 @@ def cmd_train(args) -> int:
         raise GLMError(f"unknown training option(s): {', '.join(unknown)}")
     if "sources" in values:
         values["sources"] = tuple(values["sources"])
-    cfg = TrainConfig(**values)
-    tokenizer = GLMTokenizer.load(args.tokenizer) if args.tokenizer else default_tokenizer()
-    summary = train(cfg, tokenizer)
-    print(json.dumps(summary, indent=2))
+    # Under torchrun every rank runs this; only rank 0 prints (errors and the summary).
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        cfg = TrainConfig(**values)
+        tokenizer = GLMTokenizer.load(args.tokenizer) if args.tokenizer else default_tokenizer()
+        summary = train(cfg, tokenizer)
+    except GLMError:
+        if not rank0:
+            return 2
+        raise
+    if rank0:
+        print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -122,24 +132,42 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _generation_config(args):
+    from glm130b.infer.engine import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, strategy=args.strategy,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
+        length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram, seed=args.seed,
+        stop_strings=tuple(args.stop or ()))
+
+
+def _load_for_generation(args):
+    from glm130b.quant import use_fast_linears
+
+    config = _generation_config(args)  # bad settings fail before the model is loaded
+    model, tokenizer = _load(args)
+    return use_fast_linears(model), tokenizer, config  # same weights; the fast CPU GEMV at batch 1
+
+
 def cmd_generate(args) -> int:
     from glm130b.infer.generate import generate
 
-    model, tokenizer = _load(args)
+    model, tokenizer, config = _load_for_generation(args)
     if args.stream:
-        generate(model, tokenizer, args.prompt, args.max_new_tokens,
-                 on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        generate(model, tokenizer, args.prompt, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()),
+                 config=config)
         print()
     else:
-        print(generate(model, tokenizer, args.prompt, args.max_new_tokens))
+        print(generate(model, tokenizer, args.prompt, config=config))
     return 0
 
 
 def cmd_infill(args) -> int:
     from glm130b.infer.generate import infill
 
-    model, tokenizer = _load(args)
-    result = infill(model, tokenizer, args.text, args.max_new_tokens)
+    model, tokenizer, config = _load_for_generation(args)
+    result = infill(model, tokenizer, args.text, config=config, reuse_cache=not args.reencode)
     if args.json:
         print(json.dumps({"text": result.text, "spans": result.spans}, ensure_ascii=False, indent=2))
     else:
@@ -169,6 +197,22 @@ def cmd_eval(args) -> int:
                 compare=args.compare, progress=not args.no_progress, with_samples=args.samples,
                 precision=args.precision)
     return 0
+
+
+def _add_sampling_flags(p) -> None:
+    g = p.add_argument_group("decoding (default: greedy)")
+    g.add_argument("--strategy", choices=["greedy", "sample", "beam"], default="greedy")
+    g.add_argument("--temperature", type=float, default=1.0, help="sample: divide the logits by this")
+    g.add_argument("--top-k", dest="top_k", type=int, default=0, help="sample: keep the k most likely tokens (0: all)")
+    g.add_argument("--top-p", dest="top_p", type=float, default=1.0, help="sample: nucleus mass (1: off)")
+    g.add_argument("--seed", type=int, help="sample: seed for a reproducible run")
+    g.add_argument("--num-beams", dest="num_beams", type=int, default=4, help="beam: hypotheses kept")
+    g.add_argument("--length-penalty", dest="length_penalty", type=float, default=1.0,
+                   help="beam: alpha in ((5 + length) / 6) ** alpha")
+    g.add_argument("--no-repeat-ngram", dest="no_repeat_ngram", type=int, default=0,
+                   help="forbid repeating any n-gram of this size (0: off)")
+    g.add_argument("--min-new-tokens", dest="min_new_tokens", type=int, default=0)
+    g.add_argument("--stop", action="append", metavar="TEXT", help="stop when the text contains TEXT (repeatable)")
 
 
 def _add_quant_flags(p) -> None:
@@ -205,14 +249,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save a resumable checkpoint (and the model folder) every N steps")
     p.add_argument("--grad-accum", dest="grad_accum", type=int, help="micro-batches per optimizer step")
     p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out from its last good checkpoint")
+    p.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=int, help="keep the last K checkpoints (default 3)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the shipped one)")
+    g = p.add_argument_group("parallelism (under torchrun; tp x pp x dp must equal the number of processes)")
+    g.add_argument("--tp", type=int, help="tensor-parallel degree (default 1)")
+    g.add_argument("--pp", type=int, help="pipeline stages (default 1)")
+    g.add_argument("--dp", type=int, help="data-parallel (FSDP2) degree (default 1); --batch-size is the global batch")
+    g.add_argument("--pipeline-schedule", dest="pipeline_schedule", choices=["gpipe", "1f1b"],
+                   help="pipeline schedule when --pp > 1 (default 1f1b)")
+    g.add_argument("--microbatches", type=int, help="pipeline microbatches per dp rank and step (default: --pp)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="continue a prompt (greedy)")
+    p = sub.add_parser("generate", help="continue a prompt (greedy by default; sampling, beam search)")
     p.add_argument("prompt")
     p.add_argument("--model", help="model folder (default: the shipped model)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
+    _add_sampling_flags(p)
     _add_quant_flags(p)
     p.set_defaults(func=cmd_generate)
 
@@ -221,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder (default: the shipped model)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print the filled text and spans as JSON")
+    p.add_argument("--reencode", action="store_true",
+                   help="re-encode the text with the earlier blanks filled before each blank (GLM-130B's "
+                        "generate.py) instead of generating every blank in one KV cache")
+    _add_sampling_flags(p)
     _add_quant_flags(p)
     p.set_defaults(func=cmd_infill)
 

@@ -1,21 +1,43 @@
-"""Greedy GLM decoding with a KV cache: continuation ([gMASK]) and blank infilling ([MASK]/[sMASK]).
+"""GLM generation and infilling on top of the engine (glm130b.infer.engine).
 
-The context (Part A) is encoded once, bidirectionally, into the cache; then `<sop>` and each
-generated token are fed one at a time, causally, at the positions masks.py assigns. Sampling,
-beam search and batching come with the inference engine; this is the first cut that every
-command can already use.
+* `generate`: continue a prompt -- a [gMASK] is appended (GLM-130B's convention) and its block
+  generated; `generate_batch` does many prompts of different lengths in one batch.
+* `infill` / `infill_ids`: fill every [MASK] / [sMASK] / [gMASK] left to right. By default the
+  prompt is encoded once and the blanks' blocks follow each other in the same KV cache, each
+  seeing the context and the earlier blocks (GLM's multi-span pretraining layout);
+  `reuse_cache=False` re-encodes the prompt with the earlier blanks filled in before each blank
+  (what GLM-130B's generate.py does). Beam search always re-encodes.
+* `generate_block`: one Part-B block for a blank, the primitive the evaluation code uses.
+
+Every function takes a GenerationConfig (greedy by default): sampling, beam search, lengths,
+no-repeat n-grams and stop strings. Streaming: `on_text` receives text as it is generated.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from glm130b.errors import GLMError
+from glm130b.infer.engine import (
+    GREEDY,
+    Batch,
+    Engine,
+    GenerationConfig,
+    GenerationError,
+    Row,
+    beam_search,
+    feed_last,
+    generate_rows,
+    make_generator,
+)
 from glm130b.model.glm import GLMModel
-from glm130b.model.masks import Block, generation_position, position_ids
+from glm130b.model.masks import Block
+
+__all__ = ["GenerationConfig", "GenerationError", "InfillResult", "PromptError", "generate", "generate_batch",
+           "generate_block", "infill", "infill_ids"]
 
 
 class PromptError(GLMError, ValueError):
@@ -29,6 +51,41 @@ class InfillResult:
     tokens: list[list[int]] = field(default_factory=list)
 
 
+def _config(config: GenerationConfig | None, max_new_tokens: int | None, default: int = 64) -> GenerationConfig:
+    config = config or replace(GREEDY, max_new_tokens=default)
+    if max_new_tokens is not None and max_new_tokens != config.max_new_tokens:
+        if max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        config = replace(config, max_new_tokens=max_new_tokens,
+                         min_new_tokens=min(config.min_new_tokens, max_new_tokens))
+    return config
+
+
+def _room(model: GLMModel, used: int) -> int:
+    """Tokens that may still be generated after `used` cache slots (the model's context)."""
+    room = model.config.max_seq_len - used - 1
+    if room < 1:
+        raise PromptError(f"prompt is {used} tokens; the model's context is {model.config.max_seq_len} "
+                          "(leave room to generate)")
+    return room
+
+
+def _stop_ids(tokenizer) -> set[int]:
+    return {tokenizer.eop_id, tokenizer.eos_id}
+
+
+def blank_ids(tokenizer) -> tuple[int, ...]:
+    return (tokenizer.mask_id, tokenizer.smask_id, tokenizer.gmask_id)
+
+
+def _span(tokenizer, row: Row) -> tuple[str, list[int]]:
+    text = tokenizer.decode(row.tokens)
+    if row.text_end is not None:
+        text = text[: row.text_end]
+    return text, list(row.tokens)
+
+
+# --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def generate_block(
     model: GLMModel,
@@ -38,84 +95,186 @@ def generate_block(
     stop_ids: set[int],
     max_new_tokens: int,
     on_token: Callable[[int], None] | None = None,
+    config: GenerationConfig | None = None,
 ) -> list[int]:
-    """Greedily generate the Part-B block for the blank at `block_start.mask_position`."""
-    cfg = model.config
-    two_d = cfg.rotary == "2d"
-    ctx = len(context)
-    room = cfg.max_seq_len - ctx - 1
-    if room < 1:
-        raise PromptError(f"prompt is {ctx} tokens; the model's context is {cfg.max_seq_len} (leave room to generate)")
-    max_new_tokens = min(max_new_tokens, room)
-    device = model.word_embeddings.weight.device
-    cache = model.new_kv_cache(1, ctx + max_new_tokens + 1)
-    ids = torch.tensor([context], device=device)
-    model(ids, position_ids(ctx, two_d=two_d).unsqueeze(0).to(device),
-          context_lengths=torch.tensor([ctx], device=device), kv_cache=cache)
-    token, out = sop_id, []
-    for step in range(max_new_tokens):
-        pos = generation_position(ctx, block_start, step, two_d).unsqueeze(0).to(device)
-        allowed = torch.ones(1, 1, 1, cache.seen + 1, dtype=torch.bool, device=device)
-        logits = model(torch.tensor([[token]], device=device), pos, allowed=allowed, kv_cache=cache)
-        token = int(logits[0, -1].float().argmax())
-        if token in stop_ids:
-            break
-        out.append(token)
+    """Generate the Part-B block for the blank at `block_start.mask_position` (greedy by default)."""
+    cfg = _config(config, max_new_tokens)
+    cfg = replace(cfg, max_new_tokens=min(cfg.max_new_tokens, _room(model, len(context))),
+                  min_new_tokens=min(cfg.min_new_tokens, _room(model, len(context))))
+    engine = Engine(model)
+    row = Row(list(context), block_start)
+    if cfg.strategy == "beam":
+        best = beam_search(engine, row, cfg, sop_id, set(stop_ids))
         if on_token is not None:
-            on_token(token)
-    return out
+            for t in best.tokens:
+                on_token(t)
+        return best.tokens
+    callback = None if on_token is None else (lambda _i, t: on_token(t))
+    generate_rows(engine, [row], cfg, sop_id, set(stop_ids), on_token=callback)
+    return row.tokens
 
 
-def blank_ids(tokenizer) -> tuple[int, ...]:
-    return (tokenizer.mask_id, tokenizer.smask_id, tokenizer.gmask_id)
+# --------------------------------------------------------------------------------------------
+class _TextStream:
+    """Turns streamed tokens into text pieces: whole UTF-8 characters only, and text that could
+    be the start of a stop string is held back until it is known not to be one."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None], stop_strings: Sequence[str] = ()):
+        self.tokenizer, self.on_text, self.stops = tokenizer, on_text, tuple(stop_strings)
+        self.tokens: list[int] = []
+        self.printed = 0
+
+    def _holdback(self, text: str) -> int:
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return hold
+
+    def token(self, token: int) -> None:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):  # wait for whole UTF-8 characters
+            return
+        cuts = [c for c in (text.find(s) for s in self.stops) if c >= 0]
+        end = min(cuts) if cuts else len(text) - self._holdback(text)
+        if end > self.printed:
+            self.on_text(text[self.printed : end])
+            self.printed = end
+
+    def finish(self, final_text: str) -> None:
+        if len(final_text) > self.printed:
+            self.on_text(final_text[self.printed :])
+            self.printed = len(final_text)
 
 
-def infill_ids(model: GLMModel, tokenizer, ids: list[int], max_new_tokens: int = 64) -> InfillResult:
-    """Fill every blank of `ids` left to right; each fill sees the earlier ones filled."""
+def generate(model: GLMModel, tokenizer, prompt: str, max_new_tokens: int | None = None,
+             on_text: Callable[[str], None] | None = None, config: GenerationConfig | None = None) -> str:
+    """Continue `prompt`: a [gMASK] is appended (GLM-130B's convention) and its block generated.
+
+    A prompt that already holds blanks is filled instead (the filled text is returned).
+    """
+    cfg = _config(config, max_new_tokens)
+    ids = tokenizer.encode(prompt)
+    if any(t in blank_ids(tokenizer) for t in ids):
+        return infill_ids(model, tokenizer, ids, config=cfg).text
+    ids = ids + [tokenizer.gmask_id]
+    stream = _TextStream(tokenizer, on_text, cfg.stop_strings) if on_text is not None else None
+    text, _ = _generate_one(model, tokenizer, ids, Block(len(ids) - 1, 0, continues=True), cfg,
+                            None if stream is None else stream.token)
+    if stream is not None:
+        stream.finish(text)
+    return text
+
+
+def _generate_one(model, tokenizer, ids, block, cfg, on_token=None) -> tuple[str, list[int]]:
+    room = _room(model, len(ids))
+    cfg = replace(cfg, max_new_tokens=min(cfg.max_new_tokens, room), min_new_tokens=min(cfg.min_new_tokens, room))
+    engine = Engine(model)
+    row = Row(list(ids), block)
+    stop = _stop_ids(tokenizer)
+    if cfg.strategy == "beam":
+        row = beam_search(engine, row, cfg, tokenizer.sop_id, stop, decode=tokenizer.decode,
+                          pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size)
+        if on_token is not None:
+            for t in row.tokens:
+                on_token(t)
+    else:
+        callback = None if on_token is None else (lambda _i, t: on_token(t))
+        generate_rows(engine, [row], cfg, tokenizer.sop_id, stop, on_token=callback, decode=tokenizer.decode,
+                      pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size)
+    return _span(tokenizer, row)
+
+
+@torch.no_grad()
+def generate_batch(model: GLMModel, tokenizer, prompts: Sequence[str], config: GenerationConfig | None = None,
+                   on_token: Callable[[int, int], None] | None = None) -> list[str]:
+    """Continue several prompts (of any lengths) in one batch; `on_token(prompt index, token)`
+    streams. Beam search runs the prompts one after another."""
+    cfg = _config(config, None)
+    ids = [tokenizer.encode(p) + [tokenizer.gmask_id] for p in prompts]
+    if not ids:
+        return []
+    if cfg.strategy == "beam":
+        out = []
+        for i, x in enumerate(ids):
+            cb = None if on_token is None else (lambda t, i=i: on_token(i, t))
+            out.append(_generate_one(model, tokenizer, x, Block(len(x) - 1, 0, continues=True), cfg, cb)[0])
+        return out
+    longest = max(len(x) for x in ids)
+    room = _room(model, longest)
+    cfg = replace(cfg, max_new_tokens=min(cfg.max_new_tokens, room), min_new_tokens=min(cfg.min_new_tokens, room))
+    rows = [Row(x, Block(len(x) - 1, 0, continues=True)) for x in ids]
+    generate_rows(Engine(model), rows, cfg, tokenizer.sop_id, _stop_ids(tokenizer), on_token=on_token,
+                  decode=tokenizer.decode, pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size)
+    return [_span(tokenizer, r)[0] for r in rows]
+
+
+# --------------------------------------------------------------------------------------------
+def infill_ids(model: GLMModel, tokenizer, ids: list[int], max_new_tokens: int | None = None,
+               config: GenerationConfig | None = None, reuse_cache: bool = True) -> InfillResult:
+    """Fill every blank of `ids` left to right (see the module docstring for the two layouts)."""
+    cfg = _config(config, max_new_tokens)
     blanks = blank_ids(tokenizer)
-    if not any(t in blanks for t in ids):
+    where = [i for i, t in enumerate(ids) if t in blanks]
+    if not where:
         raise PromptError("the text has no [MASK], [sMASK] or [gMASK] blank to fill")
-    stop = {tokenizer.eop_id, tokenizer.eos_id}
+    if reuse_cache and cfg.strategy != "beam":
+        return _infill_one_cache(model, tokenizer, list(ids), where, cfg)
     result = InfillResult(text="")
+    ids = list(ids)
     while True:
-        where = next((i for i, t in enumerate(ids) if t in blanks), None)
-        if where is None:
+        pos = next((i for i, t in enumerate(ids) if t in blanks), None)
+        if pos is None:
             break
-        block = Block(where, 0, continues=ids[where] == tokenizer.gmask_id)
-        span = generate_block(model, ids, block, tokenizer.sop_id, stop, max_new_tokens)
-        result.tokens.append(span)
-        result.spans.append(tokenizer.decode(span))
-        ids = ids[:where] + span + ids[where + 1 :]
+        block = Block(pos, 0, continues=ids[pos] == tokenizer.gmask_id)
+        span, tokens = _generate_one(model, tokenizer, ids, block, cfg)
+        result.tokens.append(tokens)
+        result.spans.append(span)
+        filled = tokens if span == tokenizer.decode(tokens) else tokenizer.encode(span)  # cut by a stop string
+        ids = ids[:pos] + filled + ids[pos + 1 :]
     result.text = tokenizer.decode(ids)
     return result
 
 
-def infill(model: GLMModel, tokenizer, text: str, max_new_tokens: int = 64) -> InfillResult:
-    return infill_ids(model, tokenizer, tokenizer.encode(text), max_new_tokens)
+@torch.no_grad()
+def _infill_one_cache(model, tokenizer, ids: list[int], where: list[int], cfg: GenerationConfig) -> InfillResult:
+    """Encode the prompt once; generate the blanks' blocks one after another in the same cache."""
+    room = _room(model, len(ids))
+    engine = Engine(model)
+    first = Row(ids, Block(where[0], 0, continues=ids[where[0]] == tokenizer.gmask_id))
+    batch = Batch(engine, [first], room, tokenizer.pad_id)
+    stop = _stop_ids(tokenizer)
+    generator = make_generator(cfg.seed) if cfg.strategy == "sample" else None
+    result = InfillResult(text="")
+    generated = 0  # Part-B tokens already in the cache (for a [gMASK] block's positions)
+    pieces, last = [], 0
+    for k, pos in enumerate(where):
+        left = batch.room() - 1
+        if left < 1:
+            raise PromptError(f"prompt is {len(ids)} tokens and {k} blanks are filled; the model's context is "
+                              f"{model.config.max_seq_len} (leave room to generate)")
+        block_cfg = replace(cfg, max_new_tokens=min(cfg.max_new_tokens, left),
+                            min_new_tokens=min(cfg.min_new_tokens, left))
+        row = first if k == 0 else Row(ids, Block(pos, 0, continues=ids[pos] == tokenizer.gmask_id))
+        generate_rows(engine, [row], block_cfg, tokenizer.sop_id, stop, decode=tokenizer.decode,
+                      pad_id=tokenizer.pad_id, first_position=[len(ids) + generated],
+                      vocab_limit=tokenizer.vocab_size, batch=batch, generator=generator)
+        if k + 1 < len(where):
+            feed_last(batch, [row], tokenizer.pad_id)
+        generated = batch.cache.seen - len(ids)
+        span, tokens = _span(tokenizer, row)
+        result.spans.append(span)
+        result.tokens.append(tokens)
+        pieces += [tokenizer.decode(ids[last:pos]), span]
+        last = pos + 1
+    pieces.append(tokenizer.decode(ids[last:]))
+    result.text = "".join(pieces)
+    return result
 
 
-def generate(model: GLMModel, tokenizer, prompt: str, max_new_tokens: int = 64,
-             on_text: Callable[[str], None] | None = None) -> str:
-    """Continue `prompt`: a [gMASK] is appended (GLM-130B's convention) and its block generated."""
-    ids = tokenizer.encode(prompt)
-    if any(t in blank_ids(tokenizer) for t in ids):
-        return infill_ids(model, tokenizer, ids, max_new_tokens).text
-    ids = ids + [tokenizer.gmask_id]
-    block = Block(len(ids) - 1, 0, continues=True)
-    stop = {tokenizer.eop_id, tokenizer.eos_id}
-    emitted: list[int] = []
-    printed = ""
-
-    def stream(token: int) -> None:
-        nonlocal printed
-        emitted.append(token)
-        text = tokenizer.decode(emitted)
-        if on_text is not None and not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
-            on_text(text[len(printed):])
-            printed = text
-
-    out = generate_block(model, ids, block, tokenizer.sop_id, stop, max_new_tokens, on_token=stream)
-    text = tokenizer.decode(out)
-    if on_text is not None and len(text) > len(printed):
-        on_text(text[len(printed):])
-    return text
+def infill(model: GLMModel, tokenizer, text: str, max_new_tokens: int | None = None,
+           config: GenerationConfig | None = None, reuse_cache: bool = True) -> InfillResult:
+    return infill_ids(model, tokenizer, tokenizer.encode(text), max_new_tokens, config, reuse_cache)

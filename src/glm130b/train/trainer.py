@@ -2,7 +2,10 @@
 mixed precision, the loss-spike guard, checkpoints and exact resume.
 
 Each piece lives in its own module (precision.py, spike.py, state.py, metrics.py); this file
-only wires them together in the order a step happens.
+only wires them together in the order a step happens. The loop is the same in one process and
+in a (pp, dp, tp) run under torchrun: what differs (the model's forward/backward, clipping,
+checkpoints, the final model folder) sits behind an engine, `SingleEngine` here or
+`distributed.ParallelEngine` (see docs/training.md).
 """
 
 from __future__ import annotations
@@ -26,16 +29,18 @@ from glm130b.data.heldout import training_documents
 from glm130b.data.instructions import builtin_instructions, cycle
 from glm130b.data.objective import GLMSampleBuilder, ObjectiveConfig, collate, read_instructions
 from glm130b.model.glm import GLMModel, glm_loss
+from glm130b.train import distributed
 from glm130b.train.metrics import MetricsLog
 from glm130b.train.precision import PRECISIONS, Precision
 from glm130b.train.spike import SpikeGuard
 from glm130b.train.state import (
+    TrainCheckpointError,
     TrainState,
     list_checkpoints,
-    load_latest,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    verify,
 )
 
 DEFAULT_SOURCES = ("en_kjv", "en_wordnet", "zh_cuv", "zh_classics")
@@ -69,6 +74,12 @@ class TrainConfig:
     spike_window: int = 50
     max_consecutive_spikes: int = 3
     model_overrides: dict = field(default_factory=dict)
+    # Parallelism (torchrun): pp * dp * tp must equal WORLD_SIZE. batch_size is the global batch.
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    pipeline_schedule: str = "1f1b"  # "gpipe" or "1f1b" (pp > 1)
+    microbatches: int = 0  # pipeline microbatches per dp rank and step; 0: one per stage
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.seq_len < 16:
@@ -79,6 +90,15 @@ class TrainConfig:
             raise ConfigError("lr must be positive")
         if not 0 <= self.instruction_share <= 1 or not 0 <= self.gmask_prob <= 1:
             raise ConfigError("instruction_share and gmask_prob must be in [0, 1]")
+        for name in ("tp", "pp", "dp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.pipeline_schedule not in distributed.SCHEDULES:
+            raise ConfigError(f"pipeline_schedule must be one of {', '.join(distributed.SCHEDULES)}, "
+                              f"got {self.pipeline_schedule!r}")
+        if not isinstance(self.microbatches, int) or self.microbatches < 0:
+            raise ConfigError(f"microbatches must be a non-negative integer, got {self.microbatches!r}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -116,8 +136,107 @@ def parameter_groups(model: GLMModel, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with FP32 states over `parameter_groups`. Under TP the parameters mix DTensors and
+    plain tensors (replicated LayerNorms), which the multi-tensor (foreach) kernels refuse: the
+    per-parameter loop is used then (it is also what CPU runs use by default)."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(module.parameters())
+    mixed = any(isinstance(p, DTensor) for p in params) and not all(isinstance(p, DTensor) for p in params)
+    meshes = {p.device_mesh for p in params if isinstance(p, DTensor)}
+    foreach = False if mixed or len(meshes) > 1 else None
+    return torch.optim.AdamW(parameter_groups(module, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+                             foreach=foreach)
+
+
+class SingleEngine:
+    """One process: the model, its optimizer and the single-process checkpoint format (state.py)."""
+
+    is_main = True
+
+    def __init__(self, model: GLMModel, cfg: TrainConfig):
+        self.module = model
+        self.optimizer = make_optimizer(model, cfg)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def forward_backward(self, batch: dict, precision: Precision, grad_accum: int) -> float:
+        with precision.autocast():
+            logits = self.module(batch["input_ids"], batch["position_ids"], context_lengths=batch["context_lengths"])
+        loss = glm_loss(logits, batch["targets"], batch["loss_mask"]) / grad_accum
+        precision.backward(loss)
+        return loss.item()
+
+    def reduce_loss(self, value: float) -> float:
+        return value
+
+    def unscale_and_clip(self, precision: Precision, max_norm: float) -> float:
+        precision.unscale(self.optimizer)
+        return float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
+
+    def optimizer_step(self, precision: Precision) -> None:
+        precision.step(self.optimizer)  # GradScaler skips the update if fp16 gradients overflowed
+
+    def barrier(self) -> None:
+        pass
+
+    def save_checkpoint(self, out: Path, step: int, extra: dict, keep: int) -> None:
+        save_checkpoint(out, TrainState(step, self.module.state_dict(), self.optimizer.state_dict(), extra, rng_state()),
+                        keep=keep)
+
+    def load_latest(self, out: Path, log=print) -> tuple[int, dict, dict]:
+        """The newest intact checkpoint (corrupt ones reported and skipped), in either format:
+        a single-process one, or a DCP one written by a parallel run (any layout)."""
+        from safetensors.torch import load_file
+
+        candidates = list_checkpoints(out)
+        if not candidates:
+            raise TrainCheckpointError(f"no checkpoint to resume from in {Path(out) / 'checkpoints'}")
+        for path in reversed(candidates):
+            problem = verify(path)
+            if problem:
+                log(f"warning: checkpoint {path} is corrupt ({problem}); trying the previous one")
+                continue
+            if distributed.is_dcp_checkpoint(path):
+                return distributed.load_into_plain(path, self.module, self.optimizer)
+            blob = torch.load(path / "optimizer.pt", weights_only=False)
+            extra = json.loads((path / "state.json").read_text())
+            self.module.load_state_dict(load_file(str(path / "model.safetensors")))
+            self.optimizer.load_state_dict(blob["optimizer"])
+            return extra.pop("step"), extra, blob["rng"]
+        raise TrainCheckpointError(f"every checkpoint in {Path(out) / 'checkpoints'} is corrupt")
+
+    def save_model(self, out: Path, tokenizer, extra: dict) -> None:
+        save_model(out, self.module, tokenizer, extra=extra)
+
+
+class _NoMetrics:
+    """Ranks other than 0 log nothing."""
+
+    def step(self, record: dict) -> None:
+        pass
+
+    def event(self, step: int, kind: str, **detail) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def train(cfg: TrainConfig, tokenizer, progress: bool = True, log=print) -> dict:
-    """Train (or resume) and save the model folder to cfg.out; returns a summary dict."""
+    """Train (or resume) and save the model folder to cfg.out; returns a summary dict.
+
+    In one process unless started by torchrun (WORLD_SIZE set) or inside an initialised
+    process group: then this process is one rank of a cfg.pp x cfg.dp x cfg.tp run (every rank
+    calls train with the same cfg) and the process group is created here from torchrun's
+    environment when none exists (and destroyed again at the end).
+    """
     cfg.validate()
     torch.manual_seed(cfg.seed)
     model_cfg = GLMConfig.from_preset(cfg.preset, **cfg.model_overrides)
@@ -125,12 +244,36 @@ def train(cfg: TrainConfig, tokenizer, progress: bool = True, log=print) -> dict
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens; preset {cfg.preset} only {model_cfg.vocab_size}")
     if cfg.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
+    layout = distributed.layout_from(cfg, model_cfg)
+    if not distributed.wants_distributed(cfg):
+        return _train(cfg, tokenizer, model_cfg, progress, log, None)
+    device, created = distributed.join_process_group()
+    summary = _train(cfg, tokenizer, model_cfg, progress, log, (layout, device))
+    if created:
+        distributed.leave_process_group()
+    return summary
+
+
+def _train(cfg: TrainConfig, tokenizer, model_cfg: GLMConfig, progress: bool, log, parallel) -> dict:
     model = GLMModel(model_cfg)
     model.train()
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-    precision = Precision(cfg.precision, growth_interval=cfg.loss_scale_growth_interval)
+    n_parameters = model.num_parameters()
+    if parallel is None:
+        engine = SingleEngine(model, cfg)
+        device_type = "cpu"
+    else:
+        layout, device = parallel
+        engine = distributed.ParallelEngine(
+            model, layout, device, lambda module: make_optimizer(module, cfg),
+            schedule=cfg.pipeline_schedule, microbatches=distributed.microbatches_of(cfg),
+        )
+        device_type = device.type
+        if not engine.is_main:
+            log = distributed._NullLog()
+    precision = Precision(cfg.precision, device_type=device_type, growth_interval=cfg.loss_scale_growth_interval)
     guard = SpikeGuard(cfg.spike_factor, cfg.spike_window, max_consecutive=cfg.max_consecutive_spikes)
     share = cfg.instruction_share if cfg.instructions else 0.0
+    # One global sample stream on every rank; a parallel engine keeps its dp rank's rows of each batch.
     builder = GLMSampleBuilder(
         ObjectiveConfig(seq_len=cfg.seq_len, gmask_prob=cfg.gmask_prob, instruction_share=share,
                         two_d=model_cfg.rotary == "2d"),
@@ -139,78 +282,79 @@ def train(cfg: TrainConfig, tokenizer, progress: bool = True, log=print) -> dict
     out = Path(cfg.out)
     step, tokens_seen = 0, 0
 
-    def restore(state: TrainState, data_too: bool) -> None:
-        model.load_state_dict(state.model)
-        optimizer.load_state_dict(state.optimizer)
-        precision.load_state_dict(state.extra.get("scaler", {}))
+    def restore(data_too: bool) -> tuple[int, dict]:
+        state_step, extra, rng = engine.load_latest(out, log=log)
+        precision.load_state_dict(extra.get("scaler", {}))
         if data_too:  # a rollback keeps the data position, so the bad batches are skipped
-            builder.load_state_dict(state.extra["objective"])
-            guard.load_state_dict(state.extra.get("guard", {}))
-            set_rng_state(state.rng)
+            builder.load_state_dict(extra["objective"])
+            guard.load_state_dict(extra.get("guard", {}))
+            set_rng_state(rng)
+        return state_step, extra
 
     if cfg.resume:
-        state = load_latest(out, log=log)
-        restore(state, data_too=True)
-        step, tokens_seen = state.step, state.extra.get("tokens", 0)
+        step, extra = restore(data_too=True)
+        tokens_seen = extra.get("tokens", 0)
         log(f"resuming {out} from step {step}")
+        saved = extra.get("layout")
+        if parallel is not None and saved and saved != {"pp": cfg.pp, "dp": cfg.dp, "tp": cfg.tp}:
+            log(f"note: checkpoint written with pp={saved['pp']} dp={saved['dp']} tp={saved['tp']}, "
+                f"continuing with {parallel[0]}")
     elif list_checkpoints(out):
         raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue it, or choose another --out")
+    engine.barrier()
 
     def checkpoint() -> None:
         extra = {"objective": builder.state_dict(), "guard": guard.state_dict(), "scaler": precision.state_dict(),
                  "tokens": tokens_seen, "config": dataclasses.asdict(cfg)}
-        save_checkpoint(out, TrainState(step, model.state_dict(), optimizer.state_dict(), extra, rng_state()),
-                        keep=cfg.keep_checkpoints)
-        save_model(out, model, tokenizer, extra={"trained_steps": step, "train_config": dataclasses.asdict(cfg)})
+        engine.save_checkpoint(out, step, extra, keep=cfg.keep_checkpoints)
+        engine.save_model(out, tokenizer, extra={"trained_steps": step, "train_config": dataclasses.asdict(cfg)})
         metrics.event(step, "checkpoint")
 
     instructions = instruction_pairs(cfg.instructions, tokenizer, cfg.seed) if cfg.instructions else None
     samples = builder.samples(token_documents(tokenizer, cfg.sources, cfg.seed), instructions)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    metrics = MetricsLog(out, resume_step=step)
+    if engine.is_main:
+        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        metrics = MetricsLog(out, resume_step=step)
+    else:
+        metrics = _NoMetrics()
     fault_step = int(os.environ.get(FAULT_ENV, "0"))
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not (progress and engine.is_main), unit="step",
+               dynamic_ncols=True)
     start, losses, first_loss = time.perf_counter(), [], None
     while step < cfg.steps:
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
+        engine.set_lr(lr)
+        engine.zero_grad()
         loss_value, n_tokens = 0.0, 0
         for _ in range(cfg.grad_accum):
             batch = collate([next(samples) for _ in range(cfg.batch_size)])
-            with precision.autocast():
-                logits = model(batch["input_ids"], batch["position_ids"], context_lengths=batch["context_lengths"])
-            loss = glm_loss(logits, batch["targets"], batch["loss_mask"]) / cfg.grad_accum
-            precision.backward(loss)
-            loss_value += loss.item()
+            loss_value += engine.forward_backward(batch, precision, cfg.grad_accum)
             n_tokens += int(batch["input_ids"].numel())
-        precision.unscale(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        loss_value = engine.reduce_loss(loss_value)
+        grad_norm = engine.unscale_and_clip(precision, cfg.grad_clip)
         tokens_seen += n_tokens
         if cfg.precision == "fp16" and not math.isfinite(grad_norm):
-            precision.step(optimizer)  # GradScaler skips the update and backs the scale off
+            engine.optimizer_step(precision)  # skipped: the scaler backs the scale off
             action = "overflow"
             metrics.event(step + 1, "overflow", loss_scale=precision.scale)
         else:
             action = guard.check(loss_value, grad_norm)
             if action == "ok":
-                precision.step(optimizer)
+                engine.optimizer_step(precision)
             else:
                 precision.scaler.update()
                 metrics.event(step + 1, "spike", loss=loss_value, grad_norm=grad_norm,
                               reason=guard.reason(loss_value, grad_norm) or "repeated spikes")
         if action == "rollback":
             if list_checkpoints(out):
-                state = load_latest(out, log=log)
-                restore(state, data_too=False)
-                metrics.event(step + 1, "rollback", to_step=state.step)
+                state_step, _ = restore(data_too=False)
+                metrics.event(step + 1, "rollback", to_step=state_step)
                 log(f"warning: {cfg.max_consecutive_spikes} spikes in a row at step {step + 1}; rolled back "
-                    f"to step {state.step} and skipped the data since")
-                bar.update(state.step - step)
-                step = state.step
+                    f"to step {state_step} and skipped the data since")
+                bar.update(state_step - step)
+                step = state_step
                 continue
             metrics.event(step + 1, "rollback-impossible", reason="no checkpoint yet")
         step += 1
@@ -235,4 +379,4 @@ def train(cfg: TrainConfig, tokenizer, progress: bool = True, log=print) -> dict
     run_tokens = len(losses) * cfg.batch_size * cfg.grad_accum * cfg.seq_len
     return {"out": str(out), "steps": step, "first_loss": first_loss, "final_loss": sum(tail) / len(tail),
             "tokens": tokens_seen, "seconds": elapsed, "tokens_per_s": run_tokens / elapsed,
-            "parameters": model.num_parameters()}
+            "parameters": n_parameters}

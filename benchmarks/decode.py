@@ -1,0 +1,304 @@
+"""Batch-1 and batch-8 greedy decoding: FP32 / BF16 / INT8 / INT4 weights, against the roofline.
+
+A GLM of about 118M parameters (8 layers, hidden 1024, GeGLU inner 2730, vocabulary 16384,
+random weights: its FP32 weights, 470 MB, are far bigger than the CPU caches) decodes greedily
+through the inference engine (glm130b.infer.engine) with
+
+* `fp32_torch`: nn.Linear and PyTorch's own products everywhere (the baseline),
+* `fp32`: FP32 weights through our GEMV kernel,
+* `bf16`: BF16 weights (FP32 activations),
+* `int8` / `int4`: GLM-130B's weight-only quantization of the four matrices of every layer,
+  the unquantized rest (embeddings = the tied output head) in BF16, as GLM-130B keeps it in FP16.
+
+For each: weight bytes read per decoded token (every matrix and the output head), prefill
+tokens/s, decode tokens/s at batch 1 and batch 8, and the fraction of the memory-bandwidth
+roofline (bytes per step / read bandwidth measured in the same run) achieved. Also a
+4096 x 4096 matrix-vector micro-benchmark of each kernel against PyTorch's (the issue's case),
+with the weights streamed from DRAM.
+
+Timings are the best of `--rounds` rounds, run round-robin over the variants so that load from
+other processes hits all of them alike; ratios are measured side by side. `--json` prints one
+JSON object. The default run takes about 1-3 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+
+from glm130b.config import GLMConfig
+from glm130b.infer.engine import Batch, Engine, Row
+from glm130b.model.glm import build_model
+from glm130b.model.masks import Block
+from glm130b.quant import QuantizedLinear, quantize_model, use_fast_linears
+from glm130b.quant import kernels as K
+from glm130b.quant.weights import DenseLinear, dequantize_weight, pack_int4, quantize_weight
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def read_bandwidth(mb: int = 512, repeats: int = 5) -> dict:
+    """Bytes/s of a sum over a buffer far bigger than the caches: torch on every core, torch on
+    one thread, numpy; the best is the roofline's bandwidth (a strict one)."""
+    buf = torch.ones(mb * 2**20 // 4)
+    nbytes = buf.numel() * 4
+    threads = torch.get_num_threads()
+    out = {}
+    try:
+        for name, n in (("torch_sum_all_cores", os.cpu_count() or 1), ("torch_sum_1_thread", 1)):
+            torch.set_num_threads(n)
+            out[name] = nbytes / best_time(lambda: buf.sum(), repeats)
+    finally:
+        torch.set_num_threads(threads)
+    arr = buf.numpy()
+    out["numpy_sum"] = nbytes / best_time(lambda: arr.sum(), repeats)
+    out["best"] = max(out.values())
+    return out
+
+
+def bytes_per_token(model) -> int:
+    """Weight bytes one decode step reads: every matrix, and the output head (the embedding row
+    lookups are negligible)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            total += m.weight_bytes()
+        elif isinstance(m, (DenseLinear, torch.nn.Linear)):
+            total += m.weight.numel() * m.weight.element_size()
+    head = model.word_embeddings.weight if model.lm_head is None else model.lm_head.weight
+    return total + head.numel() * head.element_size()
+
+
+def quantized_vs_fp16(model) -> float:
+    q = sum(m.weight_bytes() for m in model.modules() if isinstance(m, QuantizedLinear))
+    fp16 = sum(m.in_features * m.out_features * 2 for m in model.modules() if isinstance(m, QuantizedLinear))
+    return q / fp16
+
+
+# --------------------------------------------------------------------------------------------
+def make_rows(batch: int, prompt: int) -> list[Row]:
+    rows = []
+    for i in range(batch):
+        n = prompt - (i * prompt) // (2 * max(1, batch))  # different lengths: prompt .. prompt/2
+        ids = [8 + (7 * j + i) % 16000 for j in range(n - 1)] + [6]  # ... [gMASK]
+        rows.append(Row(ids, Block(n - 1, 0, continues=True)))
+    return rows
+
+
+def prefill_time(engine: Engine, prompt: int) -> float:
+    def run():
+        Batch(engine, make_rows(1, prompt), 2)
+
+    return best_time(run, 1)
+
+
+def decode_time(engine: Engine, batch: int, prompt: int, steps: int) -> float:
+    """Seconds for `steps` greedy decode steps of `batch` rows (after the prefill)."""
+    b = Batch(engine, make_rows(batch, prompt), steps + 2)
+    tokens = torch.full((batch,), 3, dtype=torch.long)
+    b.feed(tokens)  # <sop>; the first step also warms up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tokens = b.feed(tokens).argmax(dim=-1)
+    return time.perf_counter() - t0
+
+
+def gemv_microbench(repeats: int, stream_mb: int = 96) -> dict:
+    """One 4096-vector times a 4096 x 4096 matrix, each kernel vs torch's FP32 F.linear.
+
+    Each case cycles over enough distinct copies of its matrix to read at least `stream_mb` MB
+    (3x this CPU's L3), so the weights come from DRAM as in decoding; the time is per matrix.
+    """
+    torch.manual_seed(0)
+    n = k = 4096
+    w = torch.randn(n, k)
+    x = torch.randn(1, k)
+    q8, s8 = quantize_weight(w, 8)
+    q4, s4 = quantize_weight(w, 4)
+    p4 = pack_int4(q4)
+    # PyTorch's own INT4 CPU kernel (group size 128, values 0..15 = q + 8, zero 0)
+    q4g, s4g = quantize_weight(w, 4, 128)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q4g.to(torch.int32) + 8).contiguous(), 2)
+    sz = torch.stack((s4g.t().contiguous(), torch.zeros_like(s4g.t())), dim=-1).contiguous()
+    err = (torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 128, sz) - x @ dequantize_weight(q4g, s4g, 128).t())
+    assert err.abs().max().item() < 1e-2
+
+    def copies(nbytes: int) -> int:
+        return max(1, -(-stream_mb * 2**20 // nbytes))
+
+    def quantized(qw, scales, bits):
+        layer = QuantizedLinear(k, n, bits, None, bias=False)
+        layer.qweight, layer.scales = qw.clone(), scales
+        return layer
+
+    def case(make, nbytes, call):
+        items = [make() for _ in range(copies(nbytes))]
+
+        def run():
+            for item in items:
+                call(item)
+
+        return run, nbytes, len(items)
+
+    cases = {
+        "torch_fp32": case(lambda: w.clone(), n * k * 4, lambda m: torch.nn.functional.linear(x, m)),
+        "torch_bf16": case(lambda: w.bfloat16(), n * k * 2, lambda m: torch.nn.functional.linear(x.bfloat16(), m)),
+        "torch_int4pack": case(lambda: packed.clone(), n * k // 2,
+                               lambda m: torch.ops.aten._weight_int4pack_mm_for_cpu(x, m, 128, sz)),
+        "ours_fp32": case(lambda: w.clone(), n * k * 4, lambda m: K.dense_linear(x, m, None)),
+        "ours_bf16": case(lambda: w.bfloat16(), n * k * 2, lambda m: K.dense_linear(x, m, None)),
+        "ours_int8": case(lambda: quantized(q8, s8, 8), n * k + 4 * n, lambda m: m(x)),
+        "ours_int4": case(lambda: quantized(p4, s4, 4), n * k // 2 + 4 * n, lambda m: m(x)),
+    }
+    out = {}
+    for name, (fn, nbytes, count) in cases.items():
+        t = best_time(fn, repeats) / count
+        out[name] = {"ms": t * 1e3, "gb_s": nbytes / t / 1e9}
+    base = out["torch_fp32"]["ms"]
+    for v in out.values():
+        v["speedup_vs_torch_fp32"] = base / v["ms"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+def build_variants(base, names: list[str], group_size: int | None) -> dict:
+    variants = {}
+    for name in names:
+        if name == "fp32_torch":
+            variants[name] = (base, Engine(base, fast_head=False))
+            continue
+        m = copy.deepcopy(base)
+        if name == "fp32":
+            use_fast_linears(m)
+        elif name == "bf16":
+            use_fast_linears(m, torch.bfloat16)
+        elif name in ("int8", "int4"):
+            quantize_model(m, 8 if name == "int8" else 4, group_size)
+            use_fast_linears(m, torch.bfloat16)  # the unquantized rest (embeddings, head) in BF16
+        else:
+            raise ValueError(name)
+        variants[name] = (m, Engine(m))
+    return variants
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--ffn", type=int, default=2730)
+    parser.add_argument("--vocab", type=int, default=16384)
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill; batch rows vary down to half)")
+    parser.add_argument("--new-tokens", type=int, default=48, help="decode steps timed per round")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--group-size", type=int, default=None, help="INT8/INT4 group size (default per row)")
+    parser.add_argument("--threads", type=int, default=None, help="torch and kernel threads (default: torch's)")
+    parser.add_argument("--variants", default="fp32_torch,fp32,bf16,int8,int4")
+    parser.add_argument("--quick", action="store_true", help="a smaller model and fewer steps (a smoke test)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.layers, args.hidden, args.heads, args.ffn, args.vocab = 2, 256, 4, 682, 4096
+        args.new_tokens, args.prompt, args.rounds = 8, 32, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    K.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    cfg = GLMConfig(name="bench", vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
+                    num_heads=args.heads, ffn_hidden_size=args.ffn, max_seq_len=args.prompt + args.new_tokens + 8)
+    with torch.no_grad():
+        base = build_model(cfg).eval()
+        names = [v for v in args.variants.split(",") if v]
+        variants = build_variants(base, names, args.group_size)
+        bw = read_bandwidth()
+        results = {n: {"bytes_per_token": bytes_per_token(m), "decode_b1": float("inf"), "decode_bn": float("inf"),
+                       "prefill": float("inf")} for n, (m, _) in variants.items()}
+        for _ in range(args.rounds):
+            for n, (_m, engine) in variants.items():
+                r = results[n]
+                r["prefill"] = min(r["prefill"], prefill_time(engine, args.prompt))
+                r["decode_b1"] = min(r["decode_b1"], decode_time(engine, 1, args.prompt, args.new_tokens))
+                r["decode_bn"] = min(r["decode_bn"], decode_time(engine, args.batch, args.prompt, args.new_tokens))
+        micro = gemv_microbench(repeats=5 if not args.quick else 2, stream_mb=96 if not args.quick else 8)
+
+    out: dict = {
+        "model": {"parameters": base.num_parameters(), "layers": cfg.num_layers, "hidden": cfg.hidden_size,
+                  "ffn": cfg.ffn_hidden_size, "vocab": cfg.vocab_size},
+        "threads": {"torch": torch.get_num_threads(), "kernels": K.num_threads()},
+        "kernel_backend": K.backend_info()["cpu"],
+        "read_bw_gbs": bw["best"] / 1e9, "read_bw_sources_gbs": {k: v / 1e9 for k, v in bw.items() if k != "best"},
+        "prompt_tokens": args.prompt, "new_tokens": args.new_tokens, "batch": args.batch,
+        "variants": {},
+    }
+    for n, r in results.items():
+        b1 = args.new_tokens / r["decode_b1"]
+        bn = args.batch * args.new_tokens / r["decode_bn"]
+        roof1 = bw["best"] / r["bytes_per_token"]
+        out["variants"][n] = {
+            "weight_bytes_per_token": r["bytes_per_token"], "prefill_tok_s": args.prompt / r["prefill"],
+            "tok_s": b1, f"batch{args.batch}_tok_s": bn, "roofline_tok_s": roof1, "roofline_fraction": b1 / roof1,
+            f"batch{args.batch}_roofline_fraction": bn / (args.batch * roof1),
+        }
+        out[f"{n}_tok_s"] = b1
+        out[f"{n}_batch{args.batch}_tok_s"] = bn
+        out[f"{n}_roofline_fraction"] = b1 / roof1
+    v = out["variants"]
+    if "fp32" in v and "int4" in v:
+        out["int4_vs_fp32"] = v["int4"]["tok_s"] / v["fp32"]["tok_s"]
+    if "fp32" in v and "fp32_torch" in v:
+        out["fp32_vs_fp32_torch"] = v["fp32"]["tok_s"] / v["fp32_torch"]["tok_s"]
+    if "int4" in v and "fp32_torch" in v:
+        out["int4_vs_fp32_torch"] = v["int4"]["tok_s"] / v["fp32_torch"]["tok_s"]
+    for bits in ("int8", "int4"):
+        if bits in variants:
+            out[f"{bits}_weight_bytes_vs_fp16"] = quantized_vs_fp16(variants[bits][0])
+    out["gemv_4096"] = micro
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["seconds"] = time.perf_counter() - t_start
+
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    print(f"GLM {out['model']['parameters'] / 1e6:.0f}M parameters ({cfg.num_layers} layers, hidden {cfg.hidden_size}), "
+          f"threads torch={out['threads']['torch']} kernels={out['threads']['kernels']}, {out['kernel_backend']}")
+    sources = ", ".join(f"{k} {v:.1f}" for k, v in out["read_bw_sources_gbs"].items())
+    print(f"read bandwidth {out['read_bw_gbs']:.1f} GB/s (best of {sources}); "
+          f"prompt {args.prompt}, {args.new_tokens} new tokens")
+    hdr = (f"{'weights':<11}{'MB/token':>9}{'prefill tok/s':>14}{'b1 tok/s':>10}{'b1 roofline':>12}"
+           f"{f'b{args.batch} tok/s':>11}{f'b{args.batch} roofline':>12}")
+    print(hdr)
+    for n, r in v.items():
+        print(f"{n:<11}{r['weight_bytes_per_token'] / 1e6:>9.1f}{r['prefill_tok_s']:>14.0f}{r['tok_s']:>10.1f}"
+              f"{r['roofline_fraction']:>11.0%} {r[f'batch{args.batch}_tok_s']:>10.1f}"
+              f"{r[f'batch{args.batch}_roofline_fraction']:>11.0%}")
+    for key in ("int4_vs_fp32", "fp32_vs_fp32_torch", "int4_vs_fp32_torch", "int8_weight_bytes_vs_fp16",
+                "int4_weight_bytes_vs_fp16"):
+        if key in out:
+            print(f"{key}: {out[key]:.2f}")
+    print("4096x4096 matrix-vector product (batch 1, weights streamed from DRAM):")
+    for n, r in micro.items():
+        print(f"  {n:<16}{r['ms']:>8.3f} ms {r['gb_s']:>7.1f} GB/s  {r['speedup_vs_torch_fp32']:>5.2f}x torch fp32")
+    print(f"peak RSS {out['peak_rss_mb']:.0f} MB, {out['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""Batched GLM scoring: context once, then one causal Part-B block per choice.
+
+A scoring row is Part A (the context, with one blank: the mask token) followed by blocks
+`<sop> + c[:-1]` for one or more continuations c. Block k's tokens see the whole context and,
+causally, their own block, never another block; the context sees only itself (GLM's
+bidirectional Part A). That is `masks.attention_allowed`'s rule applied to each block on its own,
+so packing all choices of an item into one row gives exactly the scores of scoring each choice in
+a row of its own (tested), while the context is computed once.
+
+Positions (1D): the context takes 0..P-1; a [MASK]/[sMASK] block repeats the blank's position
+for every token, a [gMASK] block continues after the context (P, P+1, ... for each block). 2D
+models add block positions 1..n inside each block.
+
+The forward pass skips the output head for every position that is not scored: the head is a
+third of a small model's compute and most of a row is context (`hidden_states` + `logits_at`;
+tested equal to the model's own forward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from glm130b.model.masks import attention_allowed
+
+
+@dataclass
+class Row:
+    """One scoring sequence.
+
+    `ids`: Part A (context, `context_length` tokens) then the Part-B blocks back to back.
+    `block_lengths`: the length of each block, in order. `continues`: gMASK-style positions.
+    `pairs`: (index, token) — the log-probability of `token` from the logits at `index` is
+    wanted (the logits at a block's `<sop>` predict its first token). `owners[k]`: which
+    continuation pair k belongs to.
+    """
+
+    ids: list[int]
+    context_length: int
+    mask_position: int
+    block_lengths: list[int]
+    continues: bool
+    pairs: list[tuple[int, int]]
+    owners: list[int]
+    tag: object = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class RowScore:
+    """Per continuation (owner): summed log-probability, token count, whether every token was the
+    argmax (greedy) prediction."""
+
+    logprob: list[float] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    greedy: list[bool] = field(default_factory=list)
+    token_logprobs: list[list[float]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------------------------
+def choice_row(context: Sequence[int], mask_position: int, continues: bool, continuations: Sequence[Sequence[int]],
+               sop_id: int, owners: Sequence[int] | None = None, tag=None) -> Row:
+    """Context + one causal block `<sop> + c[:-1]` per continuation c (targets c)."""
+    ids = list(context)
+    pairs, owner_list, lengths = [], [], []
+    owners = list(range(len(continuations))) if owners is None else list(owners)
+    for owner, cont in zip(owners, continuations, strict=True):
+        if not cont:
+            raise ValueError("a continuation needs at least one token")
+        start = len(ids)
+        ids += [sop_id] + list(cont[:-1])
+        lengths.append(len(cont))
+        pairs += [(start + i, int(t)) for i, t in enumerate(cont)]
+        owner_list += [owner] * len(cont)
+    return Row(ids, len(context), mask_position, lengths, continues, pairs, owner_list, tag)
+
+
+def single_token_row(context: Sequence[int], mask_position: int, continues: bool, tokens: Sequence[int],
+                     sop_id: int, tag=None) -> Row:
+    """The fast path when every choice is one token: one `<sop>` whose logits score them all."""
+    p = len(context)
+    return Row(list(context) + [sop_id], p, mask_position, [1], continues,
+               [(p, int(t)) for t in tokens], list(range(len(tokens))), tag)
+
+
+def block_ids(context_length: int, block_lengths: Sequence[int], total_length: int | None = None) -> torch.Tensor:
+    """0 for context tokens, k (1-based) for block k, -1 for padding."""
+    parts = [torch.zeros(context_length, dtype=torch.long)]
+    parts += [torch.full((n,), k + 1, dtype=torch.long) for k, n in enumerate(block_lengths)]
+    ids = torch.cat(parts)
+    if total_length is not None and total_length > len(ids):
+        ids = torch.cat((ids, torch.full((total_length - len(ids),), -1, dtype=torch.long)))
+    return ids
+
+
+def choice_block_allowed(context_length: int, block_lengths: Sequence[int], total_length: int | None = None) -> torch.Tensor:
+    """Attention mask [L, L] (True = may attend) for a context followed by independent causal blocks.
+
+    Each block follows masks.attention_allowed's rule, `(j < context_length) or (j <= i)`,
+    restricted to its own block; the context sees only the context; padding rows (when
+    `total_length` exceeds the content) see only themselves so that softmax stays defined.
+    """
+    bid = block_ids(context_length, block_lengths, total_length)
+    length = len(bid)
+    i = torch.arange(length).view(-1, 1)
+    j = torch.arange(length).view(1, -1)
+    real_row = (bid >= 0).view(-1, 1)
+    same_block = (bid.view(-1, 1) == bid.view(1, -1)) & (bid.view(-1, 1) > 0)
+    allowed = real_row & ((j < context_length) | (same_block & (j <= i)))
+    pad_row = (bid < 0).view(-1, 1)
+    return allowed | (pad_row & (i == j))
+
+
+def row_position_ids(row: Row, two_d: bool, total_length: int | None = None) -> torch.Tensor:
+    """[L] (1D) or [2, L] (2D) positions of a row, padded with 0."""
+    p = row.context_length
+    pos = list(range(p))
+    block_pos = [0] * p
+    for n in row.block_lengths:
+        pos += list(range(p, p + n)) if row.continues else [row.mask_position] * n
+        block_pos += list(range(1, n + 1))
+    pad = (total_length or len(pos)) - len(pos)
+    pos += [0] * pad
+    block_pos += [0] * pad
+    if two_d:
+        return torch.tensor([pos, block_pos], dtype=torch.long)
+    return torch.tensor(pos, dtype=torch.long)
+
+
+def collate(rows: Sequence[Row], two_d: bool, pad_id: int, device=None):
+    """ids [B, L], position ids [B, L] or [B, 2, L], allowed [B, 1, L, L] for a batch of rows."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = torch.tensor(r.ids, dtype=torch.long)
+    pos = torch.stack([row_position_ids(r, two_d, length) for r in rows])
+    if all(len(r.block_lengths) <= 1 and len(r) == length for r in rows):
+        # the plain GLM layout: build it with masks.py itself
+        allowed = attention_allowed(length, torch.tensor([r.context_length for r in rows]))
+    else:
+        allowed = torch.stack([choice_block_allowed(r.context_length, r.block_lengths, length) for r in rows]).unsqueeze(1)
+    return ids.to(device), pos.to(device), allowed.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward with logits only where needed
+# ---------------------------------------------------------------------------------------------
+def _is_plain_glm(model) -> bool:
+    return all(hasattr(model, a) for a in ("word_embeddings", "layers", "final_layernorm", "lm_head"))
+
+
+def hidden_states(model, ids: torch.Tensor, pos: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Final hidden states [B, L, H] (after the final LayerNorm): GLMModel.forward without the head."""
+    h = model.word_embeddings(ids)  # Embedding Gradient Shrink is the identity in the forward pass
+    for block in model.layers:
+        h = block(h, pos, allowed, None)
+    return model.final_layernorm(h)
+
+
+def head_logits(model, h: torch.Tensor) -> torch.Tensor:
+    if model.lm_head is not None:
+        return model.lm_head(h)
+    return F.linear(h, model.word_embeddings.weight)
+
+
+@torch.no_grad()
+def score_batch(model, rows: Sequence[Row], pad_id: int, keep_token_logprobs: bool = False,
+                head_chunk: int = 2048) -> list[RowScore]:
+    """Score one batch of rows with one forward pass."""
+    two_d = model.config.rotary == "2d"
+    device = next(model.parameters()).device
+    ids, pos, allowed = collate(rows, two_d, pad_id, device)
+    b_index, p_index, targets = [], [], []
+    for b, r in enumerate(rows):
+        for p, t in r.pairs:
+            b_index.append(b)
+            p_index.append(p)
+            targets.append(t)
+    b_index = torch.tensor(b_index, device=device)
+    p_index = torch.tensor(p_index, device=device)
+    targets = torch.tensor(targets, device=device)
+    # unique (row, position) pairs: the single-token path asks for one position many times
+    flat = b_index * ids.shape[1] + p_index
+    uniq, inverse = torch.unique(flat, return_inverse=True)
+    if _is_plain_glm(model):
+        h = hidden_states(model, ids, pos, allowed)
+        h_sel = h.reshape(-1, h.shape[-1])[uniq]
+        logp_parts = []
+        for s in range(0, len(uniq), head_chunk):
+            lp = torch.log_softmax(head_logits(model, h_sel[s : s + head_chunk]).float(), dim=-1)
+            logp_parts.append(lp)
+        logp = torch.cat(logp_parts) if logp_parts else torch.empty(0)
+    else:  # anything else that is called like GLMModel
+        logits = model(ids, pos, allowed=allowed)
+        logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1])[uniq].float(), dim=-1)
+    argmax = logp.argmax(dim=-1)
+    token_lp = logp[inverse, targets]
+    is_greedy = argmax[inverse] == targets
+    token_lp, is_greedy = token_lp.tolist(), is_greedy.tolist()
+
+    out, k = [], 0
+    for r in rows:
+        n_owner = max(r.owners) + 1 if r.owners else 0
+        score = RowScore([0.0] * n_owner, [0] * n_owner, [True] * n_owner,
+                         [[] for _ in range(n_owner)] if keep_token_logprobs else [])
+        for owner in r.owners:
+            score.logprob[owner] += token_lp[k]
+            score.num_tokens[owner] += 1
+            score.greedy[owner] = score.greedy[owner] and is_greedy[k]
+            if keep_token_logprobs:
+                score.token_logprobs[owner].append(token_lp[k])
+            k += 1
+        out.append(score)
+    return out
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int, max_rows: int) -> list[list[int]]:
+    """Indices grouped into batches: sorted by length (longest first, so memory peaks at once),
+    each batch's padded size rows * max_len <= batch_tokens (a single row may exceed it)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, current, current_max = [], [], 0
+    for i in order:
+        new_max = max(current_max, lengths[i])
+        if current and (new_max * (len(current) + 1) > batch_tokens or len(current) >= max_rows):
+            batches.append(current)
+            current, new_max = [], lengths[i]
+        current.append(i)
+        current_max = new_max
+    if current:
+        batches.append(current)
+    return batches
+
+
+def score_rows(model, rows: Sequence[Row], pad_id: int, batch_tokens: int = 8192, max_rows: int = 64,
+               keep_token_logprobs: bool = False, on_batch: Callable[[Sequence[Row]], None] | None = None) -> list[RowScore]:
+    """Score every row, batched by length; results in the order of `rows`."""
+    results: list[RowScore | None] = [None] * len(rows)
+    for batch in plan_batches([len(r) for r in rows], batch_tokens, max_rows):
+        batch_rows = [rows[i] for i in batch]
+        for i, s in zip(batch, score_batch(model, batch_rows, pad_id, keep_token_logprobs), strict=True):
+            results[i] = s
+        if on_batch is not None:
+            on_batch(batch_rows)
+    return results  # type: ignore[return-value]

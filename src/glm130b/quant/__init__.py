@@ -1,0 +1,36 @@
+"""Weight-only INT8 / INT4 quantization (GLM-130B's scheme) and fast kernels. See docs/inference.md.
+
+    from glm130b.quant import quantize_model, save_quantized, load_model_quantized
+    quantize_model(model, bits=4, group_size=128)      # swaps the four matrices of every layer
+    save_quantized("runs/tiny-int4", model, tokenizer)
+    model, tokenizer = load_model_quantized("runs/tiny-int4")   # never builds FP32 weights
+"""
+
+from glm130b.quant.checkpoint import (
+    is_quantized_folder,
+    load_model_quantized,
+    read_safetensors,
+    save_quantized,
+)
+from glm130b.quant.weights import (
+    QUANTIZED_MODULES,
+    SCHEME,
+    DenseLinear,
+    QuantizationError,
+    QuantizedLinear,
+    check_settings,
+    dequantize_weight,
+    pack_int4,
+    quantization_info,
+    quantize_model,
+    quantize_weight,
+    unpack_int4,
+    use_fast_linears,
+    weight_bytes,
+)
+
+__all__ = [
+    "QUANTIZED_MODULES", "SCHEME", "DenseLinear", "QuantizationError", "QuantizedLinear", "check_settings",
+    "dequantize_weight", "is_quantized_folder", "load_model_quantized", "pack_int4", "quantization_info",
+    "quantize_model", "quantize_weight", "read_safetensors", "save_quantized", "unpack_int4", "use_fast_linears", "weight_bytes",
+]

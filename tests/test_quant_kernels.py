@@ -1,0 +1,187 @@
+"""Every weight kernel against the plain dequantize-then-matmul reference.
+
+CPU: the C++ kernels (built at first use; GLM130B_NO_KERNELS=1 skips them), FP32 / BF16 / INT8 /
+INT4, per-row and group scales, batch 1 and larger, odd shapes, 1 and 2 threads. CUDA tests run
+only where a GPU is present.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glm130b.quant import QuantizedLinear
+from glm130b.quant import kernels as K
+from glm130b.quant.kernels import cpu as cpu_build
+
+needs_kernels = pytest.mark.skipif(bool(os.environ.get("GLM130B_NO_KERNELS")), reason="GLM130B_NO_KERNELS is set")
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = cpu_build.get()
+    assert module is not None, f"the C++ kernels did not build: {cpu_build.error()}"
+    return module
+
+
+def _layer(n, k, bits, group, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.mul_(torch.linspace(0.1, 3.0, k))  # uneven columns: groups matter
+    return QuantizedLinear.from_linear(lin, bits, group)
+
+
+SHAPES = [  # (out, in): tiny, odd inputs, not a multiple of any vector width, GLM-like
+    (1, 1), (7, 5), (33, 1365), (64, 128), (130, 344), (96, 1000), (256, 2048),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group", [None, 32, 64, 6])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantized_kernel_matches_reference(ext, bits, group, shape):
+    n, k = shape
+    layer = _layer(n, k, bits, group)
+    for batch in (1, 2, 3, 8, 13):
+        x = torch.randn(batch, k)
+        ref = K.reference_linear(x, layer)
+        for threads in (1, 2):
+            K.set_num_threads(threads)
+            try:
+                y = K.quantized_linear(x, layer)
+            finally:
+                K.set_num_threads(None)
+            tol = 2e-6 * (k ** 0.5) * ref.abs().max().item() + 1e-6
+            assert (y - ref).abs().max().item() <= tol, (shape, batch, threads)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dense_kernel_matches_reference(ext, dtype, shape):
+    n, k = shape
+    torch.manual_seed(0)
+    w = torch.randn(n, k).to(dtype)
+    b = torch.randn(n)
+    for batch in (1, 4, 9):
+        x = torch.randn(batch, k)
+        ref = F.linear(x, w.float(), b)
+        y = K.dense_linear(x, w, b)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * k ** 0.5)
+
+
+@needs_kernels
+def test_kernel_does_not_touch_its_inputs(ext):
+    layer = _layer(64, 256, 4, 32)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(1, 256)
+    x0 = x.clone()
+    K.quantized_linear(x, layer)
+    K.quantized_linear(x, layer)
+    assert torch.equal(x, x0)
+    for name, t in layer.state_dict().items():
+        assert torch.equal(t, state[name]), name
+
+
+@needs_kernels
+def test_non_contiguous_and_3d_inputs(ext):
+    layer = _layer(48, 96, 8, None)
+    x = torch.randn(2, 96, 5).transpose(1, 2)  # [2, 5, 96], not contiguous
+    torch.testing.assert_close(layer(x), K.reference_linear(x, layer), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group", [None, 6, 64])
+def test_dequantize_kernel_is_exact(ext, bits, group):
+    layer = _layer(37, 301, bits, group)
+    full = layer.dequantized_weight()
+    fmt = K.FMT[f"int{bits}"]
+    assert torch.equal(ext.dequantize(layer.qweight, layer.scales, group or 0, fmt, 301, 0, 37, 2), full)
+    assert torch.equal(ext.dequantize(layer.qweight, layer.scales, group or 0, fmt, 301, 5, 9, 1), full[5:9])
+
+
+def test_long_prefill_uses_blas_blocks_and_matches():
+    layer = _layer(200, 300, 4, 64)
+    x = torch.randn(K.BLAS_MIN_ROWS + 3, 300)
+    torch.testing.assert_close(K.quantized_linear(x, layer), K.reference_linear(x, layer), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(K._blocked_blas_linear(x, layer, block_elems=7 * 300), K.reference_linear(x, layer),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_fallback_when_the_build_fails(monkeypatch):
+    """No compiler: a warning once, then the PyTorch reference path gives the same results."""
+    monkeypatch.setattr(cpu_build, "_state", {})
+    monkeypatch.setattr(cpu_build, "_build", lambda: (_ for _ in ()).throw(RuntimeError("no compiler here")))
+    layer = _layer(16, 40, 4, None)
+    x = torch.randn(2, 40)
+    with pytest.warns(RuntimeWarning, match="could not compile"):
+        y = K.quantized_linear(x, layer)
+    torch.testing.assert_close(y, K.reference_linear(x, layer))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        K.quantized_linear(x, layer)  # warned once only
+    assert "no compiler" in K.backend_info()["cpu"]
+    monkeypatch.setattr(cpu_build, "_state", {})  # let later tests build again
+
+
+def test_build_key_changes_with_flags(monkeypatch):
+    key = cpu_build.build_key()
+    monkeypatch.setattr(cpu_build, "FLAGS", [*cpu_build.FLAGS, "-DEXTRA"])
+    assert cpu_build.build_key() != key
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+# --------------------------------------------------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group", [None, 64, 128])
+@pytest.mark.parametrize("shape", [(256, 1024), (4096, 4096), (96, 1000)])
+def test_cuda_kernels_match_reference(bits, group, shape):
+    n, k = shape
+    layer = _layer(n, k, bits, group).cuda()
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for batch in (1, 8, 40):
+            x = torch.randn(batch, k, device="cuda", dtype=dtype)
+            ref = K.reference_linear(x.float(), layer)
+            y = K.quantized_linear(x, layer)
+            assert y.dtype == dtype and y.shape == (batch, n)
+            err = (y.float() - ref).abs().max().item() / ref.abs().max().item()
+            assert err < 2e-2, (dtype, batch, err)
+
+
+@cuda
+def test_cuda_int4_uses_tinygemm_where_it_can():
+    layer = _layer(256, 1024, 4, 128).cuda()
+    layer(torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16))
+    assert layer._cache.get("tinygemm"), "tinygemm path was not taken for a supported shape"
+
+
+def test_decode_benchmark_quick_run_has_the_keys():
+    """benchmarks/decode.py --quick --json runs end to end (timings are not asserted)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "decode.py"
+    out = subprocess.run([sys.executable, str(script), "--quick", "--json", "--threads", "1"], capture_output=True,
+                         text=True, check=True, timeout=600).stdout
+    result = json.loads(out)
+    for key in ("fp32_tok_s", "bf16_tok_s", "int8_tok_s", "int4_tok_s", "int4_vs_fp32", "fp32_roofline_fraction",
+                "int4_roofline_fraction", "int4_weight_bytes_vs_fp16", "fp32_batch8_tok_s", "read_bw_gbs",
+                "peak_rss_mb", "gemv_4096"):
+        assert key in result, key
+    assert result["int4_weight_bytes_vs_fp16"] <= 0.3
+    assert all(v["tok_s"] > 0 for v in result["variants"].values())
