@@ -10,7 +10,7 @@ import pytest
 
 from glm130b.data.corpus import iter_documents
 from glm130b.data.heldout import dev_verses, heldout_ppl_documents, training_documents
-from glm130b.data.instructions import EN_TO_ZH, _GLOSS_SPLIT, verse_pairs
+from glm130b.data.instructions import _GLOSS_SPLIT, EN_TO_ZH, verse_pairs
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
