@@ -323,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     except GLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `glm130b ... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"\ninterrupted after {time.perf_counter() - t0:.0f}s", file=sys.stderr)
         return 130
