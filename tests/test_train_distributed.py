@@ -9,6 +9,7 @@ gloo can abort during interpreter teardown.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -26,8 +27,10 @@ from glm130b.data.objective import GLMSampleBuilder, ObjectiveConfig, collate
 from glm130b.model.glm import GLMModel
 from glm130b.tokenizer import default_tokenizer
 from glm130b.train import parallel as P
+from glm130b.train import trainer as trainer_module
 from glm130b.train.distributed import export_checkpoint
 from glm130b.train.metrics import read_jsonl
+from glm130b.train.precision import Precision
 from glm130b.train.state import list_checkpoints
 from glm130b.train.trainer import TrainConfig, token_documents, train
 
@@ -121,6 +124,61 @@ def test_gradient_accumulation_and_microbatches_match(tmp_path):
     out = run_parallel(tmp_path, "run", 2, pp=2, batch_size=2, grad_accum=2, microbatches=2,
                        pipeline_schedule="gpipe")
     torch.testing.assert_close(losses(out), losses(ref), **TOL)
+
+
+def _overflow_worker(rank: int, cfg: TrainConfig) -> None:
+    trainer_module.Precision = functools.partial(Precision, init_scale=2.0**40)
+    _train_worker(rank, cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dims", [dict(tp=2), dict(pp=2)], ids=["tp2", "pp2"])
+def test_fp16_overflow_is_skipped_everywhere_like_one_process(tmp_path, monkeypatch, dims):
+    # A loss scale of 2^40 overflows fp16 gradients: steps are skipped and the scale backed off,
+    # on every rank alike (GradScaler cannot unscale mixed DTensor/plain gradients itself).
+    monkeypatch.setattr(trainer_module, "Precision", functools.partial(Precision, init_scale=2.0**40))
+    ref = tmp_path / "ref"
+    train(config(ref, 3, precision="fp16"), default_tokenizer(), progress=False)
+    out = tmp_path / "run"
+    launch(_overflow_worker, 2, tmp_path, config(out, 3, precision="fp16", **dims))
+    want, got = read_jsonl(ref / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl")
+    assert [r["loss_scale"] for r in got] == [r["loss_scale"] for r in want] == [2.0**39, 2.0**38, 2.0**37]
+    assert [r["skipped"] for r in got] == [True] * 3
+    torch.testing.assert_close([r["loss"] for r in got], [r["loss"] for r in want], **TOL)
+    assert [e["event"] for e in read_jsonl(out / "events.jsonl")].count("overflow") == 3
+
+
+def _poisoned(loss_fn, calls: range):
+    count = {"n": 0}
+
+    def poisoned(*args):
+        count["n"] += 1
+        loss = loss_fn(*args)
+        return loss * float("nan") if count["n"] in calls else loss
+
+    return poisoned
+
+
+def _spiky_worker(rank: int, cfg: TrainConfig, calls: range) -> None:
+    P.glm_token_loss = _poisoned(P.glm_token_loss, calls)
+    _train_worker(rank, cfg)
+
+
+@pytest.mark.slow
+def test_repeated_spikes_roll_back_every_rank(tmp_path, monkeypatch):
+    # Steps 5-7 have a non-finite loss: three skips, then every rank rolls back to the step-4
+    # checkpoint (DCP) and carries on with the data after the bad batches, as one process does.
+    calls = range(5, 8)
+    kwargs = dict(checkpoint_every=4, warmup_steps=10)
+    monkeypatch.setattr(trainer_module, "glm_loss", _poisoned(trainer_module.glm_loss, calls))
+    ref = tmp_path / "ref"
+    train(config(ref, 8, **kwargs), default_tokenizer(), progress=False)
+    out = tmp_path / "run"
+    launch(_spiky_worker, 2, tmp_path, config(out, 8, tp=2, **kwargs), calls)
+    events = [(e["step"], e["event"]) for e in read_jsonl(out / "events.jsonl")]
+    assert events == [(e["step"], e["event"]) for e in read_jsonl(ref / "events.jsonl")]
+    assert events == [(4, "checkpoint"), (5, "spike"), (6, "spike"), (7, "spike"), (7, "rollback"), (8, "checkpoint")]
+    torch.testing.assert_close(losses(out), losses(ref), **TOL, equal_nan=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -80,6 +80,10 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
 
     directory = _model_dir(directory)
     config = load_config(directory)
+    if config.extra.get("quantization"):
+        from glm130b.quant import load_model_quantized
+
+        return load_model_quantized(directory, device=device, dtype=dtype)
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{directory} has no {WEIGHTS}")

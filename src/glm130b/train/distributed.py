@@ -80,7 +80,7 @@ def env_world_size() -> int | None:
     return int(value) if value else None
 
 
-def wants_distributed(cfg) -> bool:
+def wants_distributed() -> bool:
     """True under torchrun (WORLD_SIZE set) or inside an initialised process group."""
     return dist.is_available() and (dist.is_initialized() or env_world_size() is not None)
 

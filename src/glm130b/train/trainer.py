@@ -245,7 +245,7 @@ def train(cfg: TrainConfig, tokenizer, progress: bool = True, log=print) -> dict
     if cfg.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
     layout = distributed.layout_from(cfg, model_cfg)
-    if not distributed.wants_distributed(cfg):
+    if not distributed.wants_distributed():
         return _train(cfg, tokenizer, model_cfg, progress, log, None)
     device, created = distributed.join_process_group()
     summary = _train(cfg, tokenizer, model_cfg, progress, log, (layout, device))
