@@ -76,8 +76,6 @@ def load_config(directory: str | Path) -> GLMConfig:
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """Load (model, tokenizer) from a model folder, with one-line errors for bad folders."""
-    from glm130b.tokenizer import GLMTokenizer, TokenizerError
-
     directory = _model_dir(directory)
     config = load_config(directory)
     if config.extra.get("quantization"):
@@ -98,6 +96,13 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     model.load_state_dict(state, strict=True)
     model = model.to(dtype)
     model.eval()
+    return model, load_folder_tokenizer(directory, config)
+
+
+def load_folder_tokenizer(directory: Path, config: GLMConfig):
+    """The tokenizer of a model folder, checked to fit the model's vocabulary."""
+    from glm130b.tokenizer import GLMTokenizer, TokenizerError
+
     try:
         tokenizer = GLMTokenizer.load(directory / TOKENIZER)
     except TokenizerError as e:
@@ -106,7 +111,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
         raise CheckpointError(
             f"{directory}: tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}"
         )
-    return model, tokenizer
+    return tokenizer
 
 
 def _model_dir(directory: str | Path) -> Path:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from glm130b.checkpoint import CONFIG, TOKENIZER, WEIGHTS, _model_dir, load_config, save_model
+from glm130b.checkpoint import CONFIG, WEIGHTS, _model_dir, load_config, load_folder_tokenizer, save_model
 from glm130b.interop.sat import CheckpointError
 from glm130b.model.glm import GLMModel
 from glm130b.quant.weights import (
@@ -133,8 +133,6 @@ def load_model_quantized(directory: str | Path, bits: int | None = None, group_s
     * A full-precision folder without `bits` loads as glm130b.checkpoint.load_model would.
     `dtype` applies to the tensors that are not quantized (embeddings, norms, biases).
     """
-    from glm130b.tokenizer import GLMTokenizer, TokenizerError
-
     if bits is not None or group_size is not None:
         check_settings(bits, group_size)
     directory = _model_dir(directory)
@@ -213,12 +211,4 @@ def load_model_quantized(directory: str | Path, bits: int | None = None, group_s
     model.eval()
     if bits is not None:
         with_quantization_entry(model)
-    try:
-        tokenizer = GLMTokenizer.load(directory / TOKENIZER)
-    except TokenizerError as e:
-        raise CheckpointError(str(e)) from None
-    if tokenizer.vocab_size > config.vocab_size:
-        raise CheckpointError(
-            f"{directory}: tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}"
-        )
-    return model, tokenizer
+    return model, load_folder_tokenizer(directory, config)

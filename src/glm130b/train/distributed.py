@@ -34,7 +34,6 @@ The run folder must be on a file system every rank sees (a shared one across nod
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -49,7 +48,14 @@ import torch.distributed as dist
 from glm130b.config import ConfigError, GLMConfig
 from glm130b.io import SaveError
 from glm130b.train import parallel as P
-from glm130b.train.state import MANIFEST, TrainCheckpointError, list_checkpoints, rng_state
+from glm130b.train.state import (
+    MANIFEST,
+    TrainCheckpointError,
+    check_files,
+    list_checkpoints,
+    rng_state,
+    sha256_file,
+)
 
 DCP_DIR = "dcp"
 RNG_DIR = "rng"
@@ -160,16 +166,8 @@ def leave_process_group() -> None:
 # ============================================================================================
 # Checkpoint helpers
 # ============================================================================================
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _describe(root: Path, paths) -> dict:
-    return {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in paths}
+    return {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths}
 
 
 def _fsync(path: Path) -> None:
@@ -179,18 +177,6 @@ def _fsync(path: Path) -> None:
 
 def is_dcp_checkpoint(path: Path) -> bool:
     return (Path(path) / DCP_DIR).is_dir()
-
-
-def _check_files(path: Path, files: dict) -> str | None:
-    for name, meta in files.items():
-        p = path / name
-        if not p.is_file():
-            return f"{name} is missing"
-        if p.stat().st_size != meta["bytes"]:
-            return f"{name} has {p.stat().st_size} bytes, expected {meta['bytes']}"
-        if _sha256(p) != meta["sha256"]:
-            return f"{name} fails its checksum"
-    return None
 
 
 def _read_manifest(path: Path) -> tuple[dict | None, str | None]:
@@ -444,7 +430,7 @@ class ParallelEngine:
         files, problem = _read_manifest(path)
         if problem is None:
             names = sorted(files)[self.rank :: self.world]
-            problem = _check_files(path, {n: files[n] for n in names})
+            problem = check_files(path, {n: files[n] for n in names})
         problems = [None] * self.world
         dist.all_gather_object(problems, problem)
         return next((p for p in problems if p), None)

@@ -40,7 +40,7 @@ class TrainState:
     rng: dict
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -75,7 +75,7 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, keep: int = 3) -> Pa
         save_file({k: v.detach().cpu().contiguous() for k, v in state.model.items()}, str(tmp / "model.safetensors"))
         torch.save({"optimizer": state.optimizer, "rng": state.rng}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": state.step, **state.extra}) + "\n")
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"step": state.step, "files": files}, indent=1) + "\n")
         for p in tmp.iterdir():
             with open(p, "rb") as f:
@@ -110,13 +110,18 @@ def verify(path: Path) -> str | None:
         files = json.loads(manifest.read_text())["files"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return "unreadable manifest"
+    return check_files(path, files)
+
+
+def check_files(path: Path, files: dict) -> str | None:
+    """None if every file of a manifest (`{name: {"bytes", "sha256"}}`) is intact under `path`."""
     for name, meta in files.items():
         p = path / name
         if not p.is_file():
             return f"{name} is missing"
         if p.stat().st_size != meta["bytes"]:
             return f"{name} has {p.stat().st_size} bytes, expected {meta['bytes']}"
-        if _sha256(p) != meta["sha256"]:
+        if sha256_file(p) != meta["sha256"]:
             return f"{name} fails its checksum"
     return None
 
