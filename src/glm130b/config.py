@@ -25,7 +25,7 @@ class GLMConfig:
     hidden_size: int = 512
     num_layers: int = 6
     num_heads: int = 8
-    ffn_hidden_size: int = 1365  # GeGLU inner size F: the first projection has 2F outputs
+    ffn_hidden_size: int = 1368  # GeGLU inner size F: the first projection has 2F outputs
     ffn_type: str = "geglu"  # "geglu" (GLM-130B) or "gelu" (ChatGLM-6B)
     gelu_approximate: str = "none"  # "none" = exact erf GELU (GLM-130B); "tanh" (ChatGLM-6B)
     max_seq_len: int = 512
@@ -122,7 +122,7 @@ PRESETS: dict[str, GLMConfig] = {
     # The model this project trains and ships (about 27M parameters).
     "small": GLMConfig(
         name="small", vocab_size=16384, hidden_size=512, num_layers=6, num_heads=8,
-        ffn_hidden_size=1365, max_seq_len=512,
+        ffn_hidden_size=1368, max_seq_len=512,  # 1368 = 8 x 171: tensor-parallel up to 8
     ),
     # For tests and the first-cut demo: trains in seconds on a laptop CPU.
     "tiny": GLMConfig(
