@@ -126,18 +126,27 @@ def check_files(path: Path, files: dict) -> str | None:
     return None
 
 
-def load_latest(run_dir: str | Path, log=print) -> TrainState:
-    """The newest intact checkpoint of a run; corrupt ones are reported and skipped."""
+def latest_intact(run_dir: str | Path, log=print) -> Path:
+    """The newest intact checkpoint folder of a run; corrupt ones are reported and skipped."""
     candidates = list_checkpoints(run_dir)
     if not candidates:
         raise TrainCheckpointError(f"no checkpoint to resume from in {Path(run_dir) / 'checkpoints'}")
     for path in reversed(candidates):
         problem = verify(path)
-        if problem:
-            log(f"warning: checkpoint {path} is corrupt ({problem}); trying the previous one")
-            continue
-        blob = torch.load(path / "optimizer.pt", weights_only=False)
-        extra = json.loads((path / "state.json").read_text())
-        step = extra.pop("step")
-        return TrainState(step, load_file(str(path / "model.safetensors")), blob["optimizer"], extra, blob["rng"])
+        if problem is None:
+            return path
+        log(f"warning: checkpoint {path} is corrupt ({problem}); trying the previous one")
     raise TrainCheckpointError(f"every checkpoint in {Path(run_dir) / 'checkpoints'} is corrupt")
+
+
+def read_checkpoint(path: Path) -> TrainState:
+    """A single-process checkpoint folder (see save_checkpoint)."""
+    blob = torch.load(path / "optimizer.pt", weights_only=False)
+    extra = json.loads((path / "state.json").read_text())
+    step = extra.pop("step")
+    return TrainState(step, load_file(str(path / "model.safetensors")), blob["optimizer"], extra, blob["rng"])
+
+
+def load_latest(run_dir: str | Path, log=print) -> TrainState:
+    """The newest intact checkpoint of a run; corrupt ones are reported and skipped."""
+    return read_checkpoint(latest_intact(run_dir, log))

@@ -34,13 +34,13 @@ from glm130b.train.metrics import MetricsLog
 from glm130b.train.precision import PRECISIONS, Precision
 from glm130b.train.spike import SpikeGuard
 from glm130b.train.state import (
-    TrainCheckpointError,
     TrainState,
+    latest_intact,
     list_checkpoints,
+    read_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
-    verify,
 )
 
 DEFAULT_SOURCES = ("en_kjv", "en_wordnet", "zh_cuv", "zh_classics")
@@ -193,24 +193,13 @@ class SingleEngine:
     def load_latest(self, out: Path, log=print) -> tuple[int, dict, dict]:
         """The newest intact checkpoint (corrupt ones reported and skipped), in either format:
         a single-process one, or a DCP one written by a parallel run (any layout)."""
-        from safetensors.torch import load_file
-
-        candidates = list_checkpoints(out)
-        if not candidates:
-            raise TrainCheckpointError(f"no checkpoint to resume from in {Path(out) / 'checkpoints'}")
-        for path in reversed(candidates):
-            problem = verify(path)
-            if problem:
-                log(f"warning: checkpoint {path} is corrupt ({problem}); trying the previous one")
-                continue
-            if distributed.is_dcp_checkpoint(path):
-                return distributed.load_into_plain(path, self.module, self.optimizer)
-            blob = torch.load(path / "optimizer.pt", weights_only=False)
-            extra = json.loads((path / "state.json").read_text())
-            self.module.load_state_dict(load_file(str(path / "model.safetensors")))
-            self.optimizer.load_state_dict(blob["optimizer"])
-            return extra.pop("step"), extra, blob["rng"]
-        raise TrainCheckpointError(f"every checkpoint in {Path(out) / 'checkpoints'} is corrupt")
+        path = latest_intact(out, log)
+        if distributed.is_dcp_checkpoint(path):
+            return distributed.load_into_plain(path, self.module, self.optimizer)
+        state = read_checkpoint(path)
+        self.module.load_state_dict(state.model)
+        self.optimizer.load_state_dict(state.optimizer)
+        return state.step, state.extra, state.rng
 
     def save_model(self, out: Path, tokenizer, extra: dict) -> None:
         save_model(out, self.module, tokenizer, extra=extra)
