@@ -9,9 +9,9 @@ from collections import Counter
 
 import pytest
 import torch
+from helpers import varied_model
 
 from glm130b.cli import main
-from glm130b.config import GLMConfig
 from glm130b.infer.engine import (
     Batch,
     Engine,
@@ -24,7 +24,6 @@ from glm130b.infer.engine import (
     sample_next,
 )
 from glm130b.infer.generate import PromptError, generate, generate_batch, generate_block, infill, infill_ids
-from glm130b.model.glm import build_model
 from glm130b.model.masks import Block, attention_allowed, position_ids
 from glm130b.quant import quantize_model, use_fast_linears
 from glm130b.tokenizer import default_tokenizer
@@ -36,15 +35,7 @@ def tokenizer():
 
 
 def _model(rotary="1d", seed=0):
-    """A random tiny GLM whose untied head makes varied, context-dependent choices."""
-    torch.manual_seed(seed)
-    cfg = GLMConfig.from_preset("tiny", rotary=rotary, tie_word_embeddings=False, max_seq_len=128)
-    model = build_model(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight.normal_(std=1.0)
-        for block in model.layers:  # stronger attention so the context matters
-            block.attention.query_key_value.weight.mul_(3.0)
-    return model
+    return varied_model(rotary, seed)
 
 
 @pytest.fixture(scope="module", params=["1d", "2d"])

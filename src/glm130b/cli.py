@@ -215,6 +215,26 @@ def _add_sampling_flags(p) -> None:
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop when the text contains TEXT (repeatable)")
 
 
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from glm130b.quant import use_fast_linears
+    from glm130b.serve.app import create_app
+
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise GLMError("--max-batch must be >= 1 and --max-queue >= 0")
+    directory = resolve_model_dir(args.model)
+    model, tokenizer = _load(args)
+    model = use_fast_linears(model)
+    name = args.served_model_name or directory.resolve().name
+    app = create_app(model, tokenizer, model_name=name, api_key=args.api_key or os.environ.get("GLM130B_API_KEY"),
+                     max_batch=args.max_batch, max_queue=args.max_queue)
+    print(f"serving {name} from {directory} on http://{args.host}:{args.port} (max batch {args.max_batch}, "
+          f"queue {args.max_queue})", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def _add_quant_flags(p) -> None:
     p.add_argument("--bits", type=int, choices=[8, 4], help="quantize the weights to INT8/INT4 while loading")
     p.add_argument("--group-size", dest="group_size", type=int, help="with --bits: one scale per this many inputs")
@@ -299,6 +319,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with GLM blank infilling (docs/serving.md)")
+    p.add_argument("--model", help="model folder (default: the shipped model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", dest="api_key",
+                   help="require `Authorization: Bearer KEY` on /v1 (default: $GLM130B_API_KEY, else none)")
+    p.add_argument("--served-model-name", help="the model id clients send (default: the folder's name)")
+    p.add_argument("--max-batch", type=int, default=16, help="most sequences decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=128,
+                   help="requests that may wait for a batch slot; more get 503 + Retry-After (default 128)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_quant_flags(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("eval", help="zero-shot evaluation: results table, JSON with --output (see docs/eval.md)")
     p.add_argument("tasks", nargs="+", metavar="TASK_OR_YAML", help="task names (tasks/*.yaml) or task YAML files")

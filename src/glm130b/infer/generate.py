@@ -115,7 +115,7 @@ def generate_block(
 
 
 # --------------------------------------------------------------------------------------------
-class _TextStream:
+class TextStream:
     """Turns streamed tokens into text pieces: whole UTF-8 characters only, and text that could
     be the start of a stop string is held back until it is known not to be one."""
 
@@ -161,7 +161,7 @@ def generate(model: GLMModel, tokenizer, prompt: str, max_new_tokens: int | None
     if any(t in blank_ids(tokenizer) for t in ids):
         return infill_ids(model, tokenizer, ids, config=cfg).text
     ids = ids + [tokenizer.gmask_id]
-    stream = _TextStream(tokenizer, on_text, cfg.stop_strings) if on_text is not None else None
+    stream = TextStream(tokenizer, on_text, cfg.stop_strings) if on_text is not None else None
     text, _ = _generate_one(model, tokenizer, ids, Block(len(ids) - 1, 0, continues=True), cfg,
                             None if stream is None else stream.token)
     if stream is not None:

@@ -1,0 +1,478 @@
+"""The HTTP server: OpenAI's completions API and GLM blank infilling over one continuous batcher.
+
+    GET  /                 a page to try completion and infilling by hand
+    GET  /health           liveness, with the running and waiting request counts
+    GET  /metrics          Prometheus text: requests, tokens, queue depth, latency
+    GET  /v1/models        the served model
+    POST /v1/completions   OpenAI completions (string or list prompt, n, stop, seed, stream)
+    POST /v1/infill        fill [MASK]/[sMASK]/[gMASK] blanks; the filled text and the spans
+
+Every request becomes one or more batcher jobs (glm130b.serve.batcher); their events come back
+to the request's asyncio task through a queue. Errors have OpenAI's body
+`{"error": {"message", "type", "param", "code"}}`: 400 for bad input, 401 for a missing or
+wrong key, 503 with Retry-After when the queue is full. A client that disconnects cancels its
+jobs. Decisions and limits: docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from glm130b.infer.engine import GenerationConfig
+from glm130b.infer.generate import TextStream, blank_ids
+from glm130b.model.masks import Block
+from glm130b.serve.batcher import Batcher, Event, Job, QueueFull
+from glm130b.serve.protocol import (
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ErrorBody,
+    Health,
+    Infill,
+    InfillRequest,
+    InfillSpan,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+ERRORS = {400: {"model": ErrorBody, "description": "invalid request"},
+          401: {"model": ErrorBody, "description": "missing or wrong API key"},
+          404: {"model": ErrorBody, "description": "no such model"},
+          503: {"model": ErrorBody, "description": "queue full; retry after the Retry-After seconds"}}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+
+def _error(status: int, message: str, type: str = "invalid_request_error", param=None, code=None, headers=None):
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# --------------------------------------------------------------------------------------------
+class Metrics:
+    """Prometheus series of one server (its own registry, so several apps can live in a process)."""
+
+    def __init__(self, batcher: Batcher):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("glm130b_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=r)
+        self.latency = Histogram("glm130b_request_latency_seconds", "request latency, to the last byte",
+                                 ["endpoint"], registry=r,
+                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.first_token = Histogram("glm130b_time_to_first_token_seconds", "submission to first generated token",
+                                     registry=r, buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.prompt_tokens = Counter("glm130b_prompt_tokens", "prompt tokens encoded", registry=r)
+        self.generated_tokens = Counter("glm130b_generation_tokens", "tokens generated", registry=r)
+        self.cancelled = Counter("glm130b_cancelled_jobs", "jobs cancelled by a client going away", registry=r)
+        Gauge("glm130b_queue_depth", "requests waiting to join the batch", registry=r).set_function(
+            lambda: batcher.queue_depth)
+        Gauge("glm130b_running_requests", "sequences in the decoding batch", registry=r).set_function(
+            lambda: batcher.running)
+        Gauge("glm130b_batch_capacity", "most sequences decoded together", registry=r).set(batcher.max_batch)
+
+
+class MetricsMiddleware:
+    """Counts every /v1 request by status and times it to its last byte (streams included)."""
+
+    def __init__(self, app, metrics: Callable[[], Metrics | None]):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            m = self.metrics()
+            if m is not None:
+                endpoint = scope["path"] if scope["path"] in ("/v1/completions", "/v1/infill", "/v1/models") else "other"
+                m.requests.labels(endpoint, str(status[0])).inc()
+                m.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Choice:
+    """What the request side gathers of one job: tokens per blank, finish reasons, text."""
+
+    index: int
+    prefix: str = ""
+    spans: list[list[int]] = field(default_factory=list)
+    text_end: list[int | None] = field(default_factory=list)
+    reasons: list[str | None] = field(default_factory=list)
+    done: bool = False
+    reason: str | None = None
+    stream: TextStream | None = None
+
+    def on(self, ev: Event) -> None:
+        while len(self.spans) <= ev.block:
+            self.spans.append([])
+            self.text_end.append(None)
+            self.reasons.append(None)
+        if ev.kind == "token":
+            self.spans[ev.block].append(ev.token)
+        elif ev.kind == "block_end":
+            self.reasons[ev.block], self.text_end[ev.block] = ev.reason, ev.text_end
+        elif ev.kind == "done":
+            self.done, self.reason = True, ev.reason
+
+    def span_text(self, tokenizer, k: int) -> str:
+        text = tokenizer.decode(self.spans[k]) if k < len(self.spans) else ""
+        end = self.text_end[k] if k < len(self.text_end) else None
+        return text if end is None else text[:end]
+
+    def tokens(self) -> int:
+        return sum(len(s) for s in self.spans)
+
+
+class Server:
+    """The model, its batcher and the request handlers of one app."""
+
+    def __init__(self, model, tokenizer, model_name: str, max_batch: int, max_queue: int):
+        self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
+        self.max_len = model.config.max_seq_len
+        self.batcher = Batcher(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+        self.metrics = Metrics(self.batcher)
+        self.created = int(time.time())
+
+    # -- building jobs ---------------------------------------------------------------------------
+    def config(self, req, max_tokens: int, index: int) -> GenerationConfig:
+        stop = req.stop_strings()
+        if req.temperature == 0.0:
+            return GenerationConfig(max_new_tokens=max_tokens, strategy="greedy", stop_strings=stop)
+        seed = None if req.seed is None else req.seed + index
+        return GenerationConfig(max_new_tokens=max_tokens, strategy="sample", temperature=req.temperature,
+                                top_p=req.top_p, seed=seed, stop_strings=stop)
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.model_name}`",
+                           param="model", code="model_not_found")
+
+    def check_room(self, n_prompt: int, max_tokens: int, what: str = "prompt") -> None:
+        room = self.max_len - 1 - n_prompt
+        if max_tokens > room:
+            raise APIError(400, f"This model's maximum context length is {self.max_len} tokens. However, you "
+                                f"requested {n_prompt + max_tokens} tokens ({n_prompt} in the {what}, {max_tokens} "
+                                f"for the completion). Please reduce the {what} or max_tokens.",
+                           param="max_tokens" if room > 0 else what, code="context_length_exceeded")
+
+    def submit(self, jobs: list[Job]) -> None:
+        try:
+            self.batcher.submit(jobs)
+        except QueueFull as e:
+            raise APIError(503, str(e), type="server_error", code="server_busy", headers={"Retry-After": "1"}) from None
+
+    def run(self, jobs_of: Callable[[Callable[[int], Callable[[Event], None]]], list[Job]]):
+        """Make jobs whose events land on one asyncio queue as (job index, event)."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emitter(i: int):
+            def emit(ev: Event) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
+            return emit
+
+        jobs = jobs_of(emitter)
+        self.submit(jobs)
+        return jobs, queue
+
+    async def events(self, request: Request, jobs: list[Job], queue: asyncio.Queue, stream: bool
+                     ) -> AsyncIterator[tuple[int, Event]]:
+        """Events until every job is done; a gone client cancels the jobs (streams are cancelled by
+        Starlette, which raises here; a plain request is polled)."""
+        left, t0, first = len(jobs), time.perf_counter(), True
+        try:
+            while left:
+                try:
+                    i, ev = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_POLL_S)
+                except TimeoutError:
+                    if not stream and await request.is_disconnected():
+                        return
+                    continue
+                if ev.kind == "token":
+                    self.metrics.generated_tokens.inc()
+                    if first:
+                        self.metrics.first_token.observe(time.perf_counter() - t0)
+                        first = False
+                elif ev.kind == "error":
+                    raise APIError(500, f"generation failed: {ev.message}", type="server_error")
+                elif ev.kind == "done":
+                    left -= 1
+                yield i, ev
+        finally:
+            for job in jobs:
+                if not job.cancelled and left:
+                    job.cancel()
+                    self.metrics.cancelled.inc()
+
+    # -- /v1/completions -----------------------------------------------------------------------
+    def completion_jobs(self, req: CompletionRequest) -> tuple[list[list[int]], Callable]:
+        for name, value, neutral in (("logprobs", req.logprobs, None), ("suffix", req.suffix, None),
+                                     ("presence_penalty", req.presence_penalty, 0.0),
+                                     ("frequency_penalty", req.frequency_penalty, 0.0)):
+            if value != neutral:
+                raise APIError(400, f"`{name}` is not supported by this server", param=name, code="unsupported")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "`best_of` other than n is not supported", param="best_of", code="unsupported")
+        tok, blanks = self.tokenizer, blank_ids(self.tokenizer)
+        contexts = []
+        for p in req.prompts():
+            ids = tok.encode(p)
+            if any(t in blanks for t in ids[:-1]) or (ids and ids[-1] in blanks and ids[-1] != tok.gmask_id):
+                raise APIError(400, "the prompt holds [MASK]/[sMASK]/[gMASK] blanks: /v1/completions continues "
+                                    "text; fill blanks with POST /v1/infill", param="prompt")
+            if not ids or ids[-1] != tok.gmask_id:
+                ids = ids + [tok.gmask_id]
+            self.check_room(len(ids), req.max_tokens)
+            contexts.append(ids)
+
+        def jobs_of(emitter):
+            jobs = []
+            for p, ids in enumerate(contexts):
+                for j in range(req.n):
+                    index = p * req.n + j
+                    jobs.append(Job(ids, [Block(len(ids) - 1, 0, continues=True)],
+                                    self.config(req, req.max_tokens, index), emitter(index)))
+            return jobs
+
+        return contexts, jobs_of
+
+    async def completions(self, req: CompletionRequest, request: Request):
+        self.check_model(req.model)
+        contexts, jobs_of = self.completion_jobs(req)
+        prompts = req.prompts()
+        prompt_tokens = sum(len(c) for c in contexts) * req.n
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        jobs, queue = self.run(jobs_of)
+        choices = [_Choice(i, prefix=prompts[i // req.n] if req.echo else "") for i in range(len(jobs))]
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def usage() -> Usage:
+            gen = sum(c.tokens() for c in choices)
+            return Usage(prompt_tokens=prompt_tokens, completion_tokens=gen, total_tokens=prompt_tokens + gen)
+
+        if not req.stream:
+            async for i, ev in self.events(request, jobs, queue, stream=False):
+                choices[i].on(ev)
+            out = [CompletionChoice(index=c.index, text=c.prefix + c.span_text(self.tokenizer, 0),
+                                    finish_reason=_finish(c.reason)) for c in choices]
+            return Completion(id=rid, created=created, model=self.model_name, choices=out, usage=usage())
+
+        def chunk(index: int, text: str, reason: str | None = None) -> str:
+            body = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                    "choices": [{"index": index, "text": text, "finish_reason": reason, "logprobs": None}]}
+            return _sse(body)
+
+        async def stream() -> AsyncIterator[str]:
+            async for item in _or_error(stream_body()):
+                yield item
+
+        async def stream_body() -> AsyncIterator[str]:
+            pieces: list[str] = []
+            for c in choices:
+                c.stream = TextStream(self.tokenizer, pieces.append, req.stop_strings())
+                if c.prefix:
+                    yield chunk(c.index, c.prefix)
+            async for i, ev in self.events(request, jobs, queue, stream=True):
+                c = choices[i]
+                c.on(ev)
+                if ev.kind == "token":
+                    c.stream.token(ev.token)
+                elif ev.kind == "done":
+                    c.stream.finish(c.span_text(self.tokenizer, 0))
+                for piece in pieces:
+                    yield chunk(i, piece)
+                pieces.clear()
+                if ev.kind == "done":
+                    yield chunk(i, "", _finish(c.reason))
+            if req.stream_options is not None and req.stream_options.include_usage:
+                yield _sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                            "choices": [], "usage": usage().model_dump()})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # -- /v1/infill ------------------------------------------------------------------------------
+    async def infill(self, req: InfillRequest, request: Request):
+        self.check_model(req.model)
+        tok, blanks = self.tokenizer, blank_ids(self.tokenizer)
+        ids = tok.encode(req.text)
+        where = [i for i, t in enumerate(ids) if t in blanks]
+        if not where:
+            raise APIError(400, "the text has no [MASK], [sMASK] or [gMASK] blank to fill", param="text")
+        self.check_room(len(ids), req.max_tokens, what="text")
+        self.metrics.prompt_tokens.inc(len(ids))
+        block_list = [Block(w, 0, continues=ids[w] == tok.gmask_id) for w in where]
+        jobs, queue = self.run(lambda emitter: [Job(ids, block_list, self.config(req, req.max_tokens, 0), emitter(0))])
+        choice = _Choice(0)
+        rid, created = f"infill-{uuid.uuid4().hex}", int(time.time())
+
+        def result() -> Infill:
+            pieces, last = [], 0
+            for k, pos in enumerate(where):
+                pieces += [tok.decode(ids[last:pos]), choice.span_text(tok, k)]
+                last = pos + 1
+            pieces.append(tok.decode(ids[last:]))
+            spans = [InfillSpan(index=k, text=choice.span_text(tok, k),
+                                finish_reason=_finish(choice.reasons[k] if k < len(choice.reasons) else None))
+                     for k in range(len(where))]
+            gen = choice.tokens()
+            return Infill(id=rid, created=created, model=self.model_name, text="".join(pieces), spans=spans,
+                          usage=Usage(prompt_tokens=len(ids), completion_tokens=gen, total_tokens=len(ids) + gen))
+
+        if not req.stream:
+            async for _i, ev in self.events(request, jobs, queue, stream=False):
+                choice.on(ev)
+            return result()
+
+        async def stream() -> AsyncIterator[str]:
+            async for item in _or_error(stream_body()):
+                yield item
+
+        async def stream_body() -> AsyncIterator[str]:
+            pieces: list[str] = []
+            streams: dict[int, TextStream] = {}
+            async for _i, ev in self.events(request, jobs, queue, stream=True):
+                choice.on(ev)
+                if ev.kind == "token":
+                    s = streams.setdefault(ev.block, TextStream(tok, pieces.append, req.stop_strings()))
+                    s.token(ev.token)
+                elif ev.kind == "block_end":
+                    streams.setdefault(ev.block, TextStream(tok, pieces.append)).finish(choice.span_text(tok, ev.block))
+                for piece in pieces:
+                    yield _sse({"id": rid, "object": "infill.chunk", "span": ev.block, "text": piece})
+                pieces.clear()
+                if ev.kind == "block_end":
+                    yield _sse({"id": rid, "object": "infill.chunk", "span": ev.block, "text": "",
+                                "finish_reason": _finish(ev.reason)})
+            yield _sse(result().model_dump())
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _finish(reason: str | None) -> str | None:
+    return {"stop": "stop", "length": "length"}.get(reason or "")
+
+
+async def _or_error(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A stream's status line is sent already when generation fails: the error becomes an event."""
+    try:
+        async for item in events:
+            yield item
+    except APIError as e:
+        yield _sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+        yield "data: [DONE]\n\n"
+
+
+def _sse(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+# --------------------------------------------------------------------------------------------
+def create_app(model, tokenizer, model_name: str = "glm-small", api_key: str | None = None,
+               max_batch: int = 16, max_queue: int = 128) -> FastAPI:
+    """The FastAPI app serving `model` (plain or quantized). The batcher starts with the app."""
+    server = Server(model, tokenizer, model_name, max_batch, max_queue)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.batcher.start()
+        try:
+            yield
+        finally:
+            server.batcher.close()
+
+    app = FastAPI(title="glm130b", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible completions and GLM blank infilling")
+    app.state.server = server
+    app.add_middleware(MetricsMiddleware, metrics=lambda: server.metrics)
+
+    def authorized(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send `Authorization: Bearer KEY`",
+                           code="invalid_api_key")
+
+    @app.exception_handler(APIError)
+    async def api_error(_request, e: APIError):
+        return _error(e.status, e.message, e.type, e.param, e.code, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, e: RequestValidationError):
+        errors = e.errors()
+        first = errors[0] if errors else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        where = ".".join(loc)
+        message = first.get("msg", "invalid request")
+        return _error(400, f"{where}: {message}" if where else message, param=where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, e: StarletteHTTPException):
+        return _error(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return HTMLResponse(resources.files("glm130b.serve").joinpath("page.html").read_text(encoding="utf-8"))
+
+    @app.get("/health", response_model=Health)
+    async def health():
+        return Health(model=model_name, running=server.batcher.running, waiting=server.batcher.queue_depth)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=[Depends(authorized)])
+    async def models():
+        card = ModelCard(id=model_name, created=server.created, max_model_len=server.max_len)
+        return ModelList(data=[card])
+
+    @app.post("/v1/completions", response_model=Completion, responses=ERRORS, dependencies=[Depends(authorized)])
+    async def completions(req: CompletionRequest, request: Request):
+        return await server.completions(req, request)
+
+    @app.post("/v1/infill", response_model=Infill, responses=ERRORS, dependencies=[Depends(authorized)])
+    async def infill(req: InfillRequest, request: Request):
+        return await server.infill(req, request)
+
+    return app
