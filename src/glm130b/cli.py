@@ -235,6 +235,36 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from glm130b.config import GLMConfig
+    from glm130b.plan import Gpus, format_plan, plan_inference, plan_training
+
+    cfg = GLMConfig.from_preset(args.preset) if args.preset else _load_config_of(args.model)
+    gpus = Gpus.parse(args.gpus, args.nodes)
+    if args.train:
+        common = dict(tp=args.tp or 1, pp=args.pp or 1, dp=args.dp, micro_batch=args.micro_batch, seq=args.seq,
+                      microbatches=args.microbatches, shard=args.shard)
+        plan = plan_training(cfg, gpus, checkpointing=not args.no_checkpointing, **common)
+        other = plan_training(cfg, gpus, checkpointing=args.no_checkpointing, **common)
+        alternative = None if args.no_checkpointing else other
+    else:
+        if args.pp or args.dp:
+            raise GLMError("--pp and --dp plan training (add --train); inference spreads weights by --tp")
+        plan = plan_inference(cfg, gpus, bits=args.bits, batch=args.batch, seq=args.seq, tp=args.tp,
+                              group_size=args.group_size)
+        alternative = None
+    if args.json:
+        out = plan.to_dict()
+        if args.train:
+            out["checkpointing"] = not args.no_checkpointing
+            out["other_checkpointing"] = {"checkpointing": args.no_checkpointing, "fits": other.fits,
+                                          "per_gpu_bytes": other.per_gpu_bytes}
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_plan(plan, alternative))
+    return 0
+
+
 def _add_quant_flags(p) -> None:
     p.add_argument("--bits", type=int, choices=[8, 4], help="quantize the weights to INT8/INT4 while loading")
     p.add_argument("--group-size", dest="group_size", type=int, help="with --bits: one scale per this many inputs")
@@ -333,6 +363,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_quant_flags(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("plan", help="per-GPU memory to serve or train a model, and whether it fits")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--preset", help="a preset (glm-130b, chatglm-6b, small, tiny)")
+    g.add_argument("--model", help="a model folder (default: the shipped model)")
+    p.add_argument("--gpus", required=True, help="GPUs per node as COUNTxSIZE in GiB, e.g. 4x24GB, 8x40GB, 8x11")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--bits", type=int, choices=[16, 8, 4], default=16, help="inference weight bits (default 16)")
+    p.add_argument("--group-size", dest="group_size", type=int, help="with --bits 8/4: group-wise scales")
+    p.add_argument("--batch", type=int, default=1, help="inference batch (default 1)")
+    p.add_argument("--seq", type=int, help="sequence length (default: the model's context)")
+    p.add_argument("--train", action="store_true", help="plan training instead of inference")
+    p.add_argument("--tp", type=int, help="tensor parallelism (inference default: all GPUs)")
+    p.add_argument("--pp", type=int, help="pipeline stages (training)")
+    p.add_argument("--dp", type=int, help="data parallelism (training; default: GPUs / (tp x pp))")
+    p.add_argument("--micro-batch", dest="micro_batch", type=int, default=1)
+    p.add_argument("--microbatches", type=int, help="micro-batches per step (default: pp)")
+    p.add_argument("--shard", choices=["full", "optimizer", "none"], default="full",
+                   help="how DP shares model states: full = FSDP2 (ours), optimizer = ZeRO-1, none = DDP")
+    p.add_argument("--no-checkpointing", action="store_true", help="plan without activation checkpointing")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("eval", help="zero-shot evaluation: results table, JSON with --output (see docs/eval.md)")
     p.add_argument("tasks", nargs="+", metavar="TASK_OR_YAML", help="task names (tasks/*.yaml) or task YAML files")
