@@ -42,7 +42,8 @@ def save_model(directory: str | Path, model: GLMModel, tokenizer, dtype: torch.d
             state[name] = tensor.contiguous()
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "glm130b": "1"})
         model.config.save(tmp / CONFIG)
-        tokenizer.save(tmp / TOKENIZER)
+        if tokenizer is not None:  # None: weights only (a converted checkpoint without its tokenizer)
+            tokenizer.save(tmp / TOKENIZER)
         if extra:
             (tmp / "meta.json").write_text(json.dumps(extra, indent=2, ensure_ascii=False) + "\n")
         _swap_in(tmp, directory)
@@ -101,10 +102,13 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
 
 def load_folder_tokenizer(directory: Path, config: GLMConfig):
     """The tokenizer of a model folder, checked to fit the model's vocabulary."""
-    from glm130b.tokenizer import GLMTokenizer, TokenizerError
+    from glm130b.tokenizer import SENTENCEPIECE_FILE, GLMTokenizer, SentencePieceTokenizer, TokenizerError
 
     try:
-        tokenizer = GLMTokenizer.load(directory / TOKENIZER)
+        if not (directory / TOKENIZER).is_file() and (directory / SENTENCEPIECE_FILE).is_file():
+            tokenizer = SentencePieceTokenizer.load_folder(directory)  # a converted official checkpoint
+        else:
+            tokenizer = GLMTokenizer.load(directory / TOKENIZER)
     except TokenizerError as e:
         raise CheckpointError(str(e)) from None
     if tokenizer.vocab_size > config.vocab_size:

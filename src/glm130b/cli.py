@@ -265,6 +265,17 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from glm130b.interop.convert import convert
+
+    info = convert(args.src, args.dst, args.from_fmt, args.to_fmt, tp=args.tp, bits=args.bits,
+                   group_size=args.group_size, preset=args.preset, num_heads=args.num_heads,
+                   tokenizer_path=args.tokenizer, unsafe_pickle=args.unsafe_pickle, dtype=args.dtype,
+                   max_seq_len=args.max_seq_len)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
 def _add_quant_flags(p) -> None:
     p.add_argument("--bits", type=int, choices=[8, 4], help="quantize the weights to INT8/INT4 while loading")
     p.add_argument("--group-size", dest="group_size", type=int, help="with --bits: one scale per this many inputs")
@@ -363,6 +374,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_quant_flags(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("convert", help="convert between SAT TP shards, HF folders (ChatGLM-6B) and ours; re-shard")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--from", dest="from_fmt", required=True, choices=["sat", "hf", "ours"])
+    p.add_argument("--to", dest="to_fmt", required=True, choices=["ours", "hf", "sat"])
+    p.add_argument("--tp", type=int, help="with --to sat: the number of tensor-parallel shards (default 1)")
+    p.add_argument("--bits", type=int, choices=[8, 4], help="with --to ours: quantize while converting")
+    p.add_argument("--group-size", dest="group_size", type=int, help="with --bits: group-wise scales")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="cast the weights (default: as stored)")
+    p.add_argument("--preset", help="--from sat: the model's preset (default: the preset its shapes match)")
+    p.add_argument("--num-heads", dest="num_heads", type=int, help="--from sat: heads, when no preset matches")
+    p.add_argument("--max-seq-len", dest="max_seq_len", type=int, help="override the context length")
+    p.add_argument("--tokenizer", help="tokenizer.json or an official ice_text.model to put in the output")
+    p.add_argument("--unsafe-pickle", action="store_true",
+                   help="--from sat: unpickle shards that hold Python objects besides tensors (trusted files only)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("plan", help="per-GPU memory to serve or train a model, and whether it fits")
     g = p.add_mutually_exclusive_group()

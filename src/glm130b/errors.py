@@ -6,3 +6,9 @@ The CLI prints these as one line and exits non-zero; anything else is a bug and 
 
 class GLMError(Exception):
     """An error caused by input, with a message that says what to fix."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (libraries' errors can run to many lines)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

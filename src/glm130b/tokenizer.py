@@ -27,12 +27,14 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from glm130b.errors import GLMError
+from glm130b.errors import GLMError, first_line
 from glm130b.io import atomic_write_text
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<eos>", "<sop>", "<eop>", "[MASK]", "[gMASK]", "[sMASK]"]
 _SPECIAL_ATTRS = ["pad_id", "unk_id", "eos_id", "sop_id", "eop_id", "mask_id", "gmask_id", "smask_id"]
 TOKENIZER_FILE = "tokenizer.json"
+SENTENCEPIECE_FILE = "tokenizer.model"  # an official ice_text.model, copied into a model folder
+SENTENCEPIECE_CONFIG = "tokenizer_config.json"
 
 
 class TokenizerError(GLMError, ValueError):
@@ -119,7 +121,7 @@ class GLMTokenizer:
         try:
             tok = Tokenizer.from_str(text)
         except Exception as e:  # the Rust side raises a bare Exception
-            raise TokenizerError(f"{where}: not a tokenizer file ({_first_line(e)})") from None
+            raise TokenizerError(f"{where}: not a tokenizer file ({first_line(e)})") from None
         try:
             return cls(tok)
         except TokenizerError as e:
@@ -187,9 +189,10 @@ class SentencePieceTokenizer(GLMTokenizer):
         try:
             sp.load(str(model_file))
         except (OSError, RuntimeError) as e:
-            raise TokenizerError(f"{model_file}: not a SentencePiece model ({_first_line(e)})") from None
+            raise TokenizerError(f"{model_file}: not a SentencePiece model ({first_line(e)})") from None
         self._sp = sp
         self.convention = convention
+        self.model_file = model_file
         self._n_pieces = sp.get_piece_size()
 
         if convention == "glm-130b":
@@ -288,12 +291,30 @@ class SentencePieceTokenizer(GLMTokenizer):
         return self._sp.id_to_piece(id - self._offset) if self._is_text_id(id) else None
 
     def save(self, path: str | Path) -> Path:
-        raise TokenizerError("a SentencePiece tokenizer is not re-saved; keep its original .model file")
+        """Copy the .model file into a model folder as `tokenizer.model`, with its convention in
+        `tokenizer_config.json` (a path ending in .json means its folder)."""
+        import shutil
 
+        folder = Path(path).parent if Path(path).suffix == ".json" else Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / SENTENCEPIECE_FILE
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(self.model_file, tmp)
+        tmp.replace(target)
+        atomic_write_text(folder / SENTENCEPIECE_CONFIG,
+                          json.dumps({"type": "sentencepiece", "convention": self.convention}) + "\n")
+        return target
 
-def _first_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
+    @classmethod
+    def load_folder(cls, folder: str | Path) -> SentencePieceTokenizer:
+        """The tokenizer `save` put in a model folder."""
+        folder = Path(folder)
+        try:
+            convention = json.loads((folder / SENTENCEPIECE_CONFIG).read_text())["convention"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise TokenizerError(f"{folder / SENTENCEPIECE_CONFIG}: unreadable ({first_line(e)})") from None
+        return cls(folder / SENTENCEPIECE_FILE, convention)
+
 
 
 def _check_text(text) -> None:

@@ -4,7 +4,7 @@ Our module tree mirrors the official one, minus the `transformer.` prefix, and k
 official tensor layouts (per-head interleaved QKV rows; GeGLU `[linear half; gated half]`),
 so a merged official state dict loads by renaming. Rotary `inv_freq` buffers in released
 checkpoints are ignored, as the official loader does. Merging tensor-parallel shards and
-re-sharding belong to the checkpoint-interop work and will build on these two functions.
+re-sharding follow the official tools/convert_tp.py (`tp_rule`, `merge_tp`, `split_tp`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from glm130b.config import GLMConfig
-from glm130b.errors import GLMError
+from glm130b.errors import GLMError, first_line
 
 PREFIX = "transformer."
 
@@ -68,3 +68,148 @@ def config_from_official_shapes(state: dict[str, torch.Tensor], num_heads: int, 
         name="official", vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=num_heads,
         ffn_hidden_size=inner, **overrides,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor-parallel shards (SwissArmyTransformer's mp_rank_XX_model_states.pt)
+# --------------------------------------------------------------------------------------------
+SHARD_FILE = "mp_rank_{rank:02d}_model_states.pt"
+COLUMN = ("attention.query_key_value.weight", "attention.query_key_value.bias", "word_embeddings.weight")
+ROW = ("attention.dense.weight", "mlp.dense_4h_to_h.weight")
+GLU = ("mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias")
+
+
+def tp_rule(name: str) -> str:
+    """How tensor parallelism splits an official tensor: "column" (dim 0), "row" (dim 1),
+    "glu" (dim 0 of each GeGLU half: a shard holds [its linear rows; its gated rows]) or
+    "replicated" (LayerNorms, row-parallel biases). Heads are split in whole per-head blocks,
+    so QKV needs no special case (its rows are per-head interleaved)."""
+    if name.endswith(GLU):
+        return "glu"
+    if name.endswith(COLUMN) or name == "lm_head.weight":
+        return "column"
+    if name.endswith(ROW):
+        return "row"
+    return "replicated"
+
+
+def merge_tp(name: str, shards: list[torch.Tensor], glu_halves: bool = True) -> torch.Tensor:
+    """One tensor from its TP shards (the rule of official tools/convert_tp.py)."""
+    rule = tp_rule(name)
+    if rule == "glu" and not glu_halves:
+        rule = "column"
+    if len(shards) == 1 or rule == "replicated":
+        return shards[0]
+    if rule == "column":
+        return torch.cat(shards, dim=0)
+    if rule == "row":
+        return torch.cat(shards, dim=1)
+    halves = [s.chunk(2, dim=0) for s in shards]
+    return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+
+
+def split_tp(name: str, tensor: torch.Tensor, tp: int, glu_halves: bool = True) -> list[torch.Tensor]:
+    """The TP shards of one merged tensor (the inverse of merge_tp)."""
+    rule = tp_rule(name)
+    if rule == "glu" and not glu_halves:
+        rule = "column"
+    if tp == 1 or rule == "replicated":
+        return [tensor] * tp
+    dim = 1 if rule == "row" else 0
+    if tensor.shape[dim] % (2 * tp if rule == "glu" else tp):
+        raise CheckpointError(f"{name}: dimension {dim} of size {tensor.shape[dim]} does not split into {tp} shards")
+    if rule == "glu":
+        first, second = tensor.chunk(2, dim=0)
+        return [torch.cat((a, b), dim=0) for a, b in zip(first.chunk(tp), second.chunk(tp), strict=True)]
+    return list(tensor.chunk(tp, dim=dim))
+
+
+def sat_shard_files(directory) -> list:
+    """The mp_rank_XX files of a SAT checkpoint folder, in rank order (the folder itself, or
+    the iteration folder its `latest` file names)."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {directory}")
+    latest = directory / "latest"
+    if latest.is_file() and not list(directory.glob("mp_rank_*_model_states.pt")):
+        iteration = latest.read_text().strip()
+        directory = directory / iteration
+        if not directory.is_dir():
+            raise CheckpointError(f"{latest} names iteration {iteration!r}, but {directory} does not exist")
+    files = sorted(directory.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise CheckpointError(f"{directory} holds no mp_rank_XX_model_states.pt shard")
+    expected = [directory / SHARD_FILE.format(rank=r) for r in range(len(files))]
+    missing = [p.name for p in expected if not p.is_file()]
+    if missing:
+        raise CheckpointError(f"{directory}: {len(files)} shards found but {missing[0]} is missing")
+    return expected
+
+
+def load_sat_shard(path, unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """One shard's state dict, memory-mapped (nothing is read until a tensor is used)."""
+    import pickle
+    import zipfile
+
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=not unsafe_pickle)
+    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        hint = ("; it holds Python objects besides tensors: convert with --unsafe-pickle if you trust the file"
+                if "weights_only" in str(e) or "Unsupported global" in str(e) else "")
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first_line(e)}){hint}") from None
+    state = obj.get("module", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} holds no state dict (expected {{'module': {{name: tensor}}}})")
+    return state
+
+
+def read_sat(directory, unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A merged official state dict from a folder of TP shards. Shards are memory-mapped and
+    merged tensor by tensor, so the model is materialised once, never twice."""
+    shards = [load_sat_shard(p, unsafe_pickle) for p in sat_shard_files(directory)]
+    names = [n for n in shards[0] if not n.endswith("inv_freq")]
+    for rank, shard in enumerate(shards[1:], start=1):
+        if set(n for n in shard if not n.endswith("inv_freq")) != set(names):
+            raise CheckpointError(f"{directory}: shard {rank} has other tensor names than shard 0")
+    merged = {}
+    for name in names:
+        merged[name] = merge_tp(name, [s[name] for s in shards]).contiguous()
+        for s in shards:
+            s[name] = None  # drop the mapped view as soon as it is merged
+    return merged
+
+
+def write_sat(directory, state: dict[str, torch.Tensor], tp: int, iteration: int = 0) -> None:
+    """Write an official-named state dict as SAT TP shards: DIR/latest + DIR/ITER/mp_rank_XX...pt.
+    Atomic: the folder is built beside the target and renamed into place."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from glm130b.io import SaveError
+
+    if tp < 1:
+        raise CheckpointError(f"--tp must be >= 1, got {tp}")
+    directory = Path(directory)
+    if directory.exists():
+        raise SaveError(f"{directory} exists; choose a new folder for the shards")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        (tmp / str(iteration)).mkdir()
+        for rank in range(tp):  # one shard in memory at a time (a view would save its whole storage)
+            shard = {name: split_tp(name, tensor, tp)[rank].clone() for name, tensor in state.items()}
+            torch.save({"module": shard, "iteration": iteration}, tmp / str(iteration) / SHARD_FILE.format(rank=rank))
+            del shard
+        (tmp / "latest").write_text(f"{iteration}\n")
+        os.replace(tmp, directory)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SaveError(f"could not write shards to {directory}: {e.strerror or e}") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+

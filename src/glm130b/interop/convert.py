@@ -1,0 +1,148 @@
+"""`glm130b convert`: between our model folders, SAT tensor-parallel shards and HF folders.
+
+    --from sat   GLM-130B's SwissArmyTransformer checkpoint (mp_rank_XX_model_states.pt shards)
+    --from hf    a ChatGLM-6B folder, or our HF export
+    --from ours  one of our model folders
+    --to ours    a model folder (optionally quantized while converting: --bits 8/4)
+    --to hf      a HF style folder (safetensors shards + index + config.json + tokenizer)
+    --to sat     SAT shards at --tp N (re-sharding: sat -> sat with another --tp)
+
+Everything goes through one our-named state dict in memory (shards are memory-mapped and merged
+tensor by tensor, and shards are written one at a time), so a conversion holds the model once.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from glm130b.config import PRESETS, GLMConfig
+from glm130b.errors import GLMError, first_line
+from glm130b.interop.hf import hf_tokenizer, read_hf, write_hf
+from glm130b.interop.sat import (
+    CheckpointError,
+    check_state_dict,
+    config_from_official_shapes,
+    official_to_ours,
+    ours_to_official,
+    read_sat,
+    write_sat,
+)
+from glm130b.model.glm import GLMModel
+
+FORMATS_IN = ("sat", "hf", "ours")
+FORMATS_OUT = ("ours", "hf", "sat")
+
+
+def read_ours(directory) -> tuple[GLMConfig, dict[str, torch.Tensor], object | None]:
+    """(config, state, tokenizer or None) of one of our (unquantized) model folders."""
+    from glm130b.checkpoint import WEIGHTS, load_config, load_folder_tokenizer
+
+    directory = Path(directory)
+    cfg = load_config(directory)
+    if cfg.extra.get("quantization"):
+        raise CheckpointError(f"{directory} is quantized; convert the unquantized model (and pass --bits)")
+    try:
+        state = load_file(str(directory / WEIGHTS))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{directory / WEIGHTS} is missing or corrupt ({first_line(e)})") from None
+    try:
+        tokenizer = load_folder_tokenizer(directory, cfg)
+    except CheckpointError:
+        tokenizer = None
+    return cfg, state, tokenizer
+
+
+def sat_config(state: dict[str, torch.Tensor], preset: str | None, num_heads: int | None) -> GLMConfig:
+    """The config of official-named weights: a named preset, else the preset whose shapes they
+    have, else shapes + --num-heads (heads cannot be read from shapes)."""
+    if preset:
+        return GLMConfig.from_preset(preset)
+    state = ours_to_official(state)  # (a dict of the same tensors)
+    for cfg in PRESETS.values():
+        if cfg.rotary == "1d" and num_heads in (None, cfg.num_heads):
+            guess = config_from_official_shapes(state, cfg.num_heads)
+            if (guess.vocab_size, guess.hidden_size, guess.num_layers, guess.ffn_hidden_size) == (
+                    cfg.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.ffn_hidden_size):
+                return cfg
+    if num_heads is None:
+        raise CheckpointError("the shards match no preset: pass --num-heads (and --max-seq-len if not 2048)")
+    return config_from_official_shapes(state, num_heads, max_seq_len=2048)
+
+
+def model_from_state(cfg: GLMConfig, state: dict[str, torch.Tensor], source: str) -> GLMModel:
+    """A model that takes the state's tensors without copying them (built on meta, assigned)."""
+    with torch.device("meta"):
+        model = GLMModel(cfg)
+    check_state_dict(state, model, source)
+    model.load_state_dict(state, strict=True, assign=True)  # (the FP32 rotary frequencies are built, not loaded)
+    return model.eval()
+
+
+def convert(src, dst, from_fmt: str, to_fmt: str, tp: int | None = None, bits: int | None = None,
+            group_size: int | None = None, preset: str | None = None, num_heads: int | None = None,
+            tokenizer_path: str | None = None, unsafe_pickle: bool = False, dtype: str | None = None,
+            max_seq_len: int | None = None) -> dict:
+    t0 = time.perf_counter()
+    if from_fmt not in FORMATS_IN or to_fmt not in FORMATS_OUT:
+        raise GLMError(f"convert --from {'|'.join(FORMATS_IN)} --to {'|'.join(FORMATS_OUT)}")
+    if tp is not None and to_fmt != "sat":
+        raise GLMError("--tp sets the shard count of --to sat (ours and hf folders hold one model)")
+    if bits is not None and to_fmt != "ours":
+        raise GLMError("--bits quantizes into our model folder: use --to ours")
+    if Path(dst).exists() and any(Path(dst).iterdir()):
+        raise GLMError(f"{dst} exists and is not empty; choose a new folder")
+    tokenizer = None
+    if from_fmt == "sat":
+        state = official_to_ours(read_sat(src, unsafe_pickle))
+        cfg = sat_config(state, preset, num_heads)
+    elif from_fmt == "hf":
+        cfg, state = read_hf(src)
+        tokenizer = hf_tokenizer(src)
+    else:
+        cfg, state, tokenizer = read_ours(src)
+    if max_seq_len:
+        cfg = GLMConfig.from_dict({**cfg.to_dict(), "max_seq_len": max_seq_len})
+    if tokenizer_path:
+        tokenizer = _tokenizer(tokenizer_path, from_fmt)
+    cast = {None: None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype not in cast:
+        raise GLMError(f"--dtype must be fp32, fp16 or bf16, got {dtype!r}")
+    model = model_from_state(cfg, state, str(src))  # checks every name and shape before writing
+    params = model.num_parameters()
+    if to_fmt == "sat":
+        write_sat(dst, ours_to_official(_cast(model.state_dict(), cast[dtype])), tp or 1)
+    elif to_fmt == "hf":
+        write_hf(dst, cfg, model.state_dict(), tokenizer, dtype=cast[dtype] or torch.float16)
+    elif bits is not None:
+        from glm130b.quant import quantize_model, save_quantized
+
+        save_quantized(dst, quantize_model(model.float(), bits, group_size), tokenizer)
+    else:
+        from glm130b.checkpoint import save_model
+
+        save_model(dst, model, tokenizer, dtype=cast[dtype])
+    return {"from": from_fmt, "to": to_fmt, "src": str(src), "dst": str(dst), "preset": cfg.name,
+            "parameters": params, "tp": (tp or 1) if to_fmt == "sat" else None, "bits": bits,
+            "tokenizer": type(tokenizer).__name__ if tokenizer is not None else None,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _cast(state: dict[str, torch.Tensor], dtype) -> dict[str, torch.Tensor]:
+    if dtype is None:
+        return state
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _tokenizer(path: str, from_fmt: str):
+    from glm130b.tokenizer import GLMTokenizer
+
+    path = Path(path)
+    if path.suffix == ".model":  # an official ice_text.model
+        return GLMTokenizer.from_sentencepiece(path, "glm-130b" if from_fmt == "sat" else "chatglm-6b")
+    return GLMTokenizer.load(path)
+
