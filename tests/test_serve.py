@@ -264,6 +264,8 @@ def test_errors_are_openai_shaped(live):
         r = httpx.post(f"{base}/v1/completions", json={"prompt": "x"}, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{base}/health").status_code == 200  # health needs no key
+    r = httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": None, "temperature": 0}, headers=AUTH)
+    assert r.status_code == 200 and 0 < r.json()["usage"]["completion_tokens"] <= 128 - 3  # null: to the context end
     assert httpx.get(f"{base}/v1/nothing", headers=AUTH).status_code == 404
 
 

@@ -185,13 +185,19 @@ class Server:
             raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.model_name}`",
                            param="model", code="model_not_found")
 
-    def check_room(self, n_prompt: int, max_tokens: int, what: str = "prompt") -> None:
+    def check_room(self, n_prompt: int, max_tokens: int | None, what: str = "prompt") -> int:
+        """The tokens to generate: max_tokens, or all the room left when it is null; 400 when the
+        prompt and max_tokens do not fit the context."""
         room = self.max_len - 1 - n_prompt
-        if max_tokens > room:
+        if max_tokens is None and room >= 1:
+            return room
+        if max_tokens is None or max_tokens > room:
+            asked = n_prompt + (max_tokens or 1)
             raise APIError(400, f"This model's maximum context length is {self.max_len} tokens. However, you "
-                                f"requested {n_prompt + max_tokens} tokens ({n_prompt} in the {what}, {max_tokens} "
+                                f"requested {asked} tokens ({n_prompt} in the {what}, {asked - n_prompt} "
                                 f"for the completion). Please reduce the {what} or max_tokens.",
                            param="max_tokens" if room > 0 else what, code="context_length_exceeded")
+        return max_tokens
 
     def submit(self, jobs: list[Job]) -> None:
         try:
@@ -242,7 +248,7 @@ class Server:
                     self.metrics.cancelled.inc()
 
     # -- /v1/completions -----------------------------------------------------------------------
-    def completion_jobs(self, req: CompletionRequest) -> tuple[list[list[int]], Callable]:
+    def completion_jobs(self, req: CompletionRequest) -> tuple[list[tuple[list[int], int]], Callable]:
         for name, value, neutral in (("logprobs", req.logprobs, None), ("suffix", req.suffix, None),
                                      ("presence_penalty", req.presence_penalty, 0.0),
                                      ("frequency_penalty", req.frequency_penalty, 0.0)):
@@ -259,16 +265,15 @@ class Server:
                                     "text; fill blanks with POST /v1/infill", param="prompt")
             if not ids or ids[-1] != tok.gmask_id:
                 ids = ids + [tok.gmask_id]
-            self.check_room(len(ids), req.max_tokens)
-            contexts.append(ids)
+            contexts.append((ids, self.check_room(len(ids), req.max_tokens)))
 
         def jobs_of(emitter):
             jobs = []
-            for p, ids in enumerate(contexts):
+            for p, (ids, max_tokens) in enumerate(contexts):
                 for j in range(req.n):
                     index = p * req.n + j
                     jobs.append(Job(ids, [Block(len(ids) - 1, 0, continues=True)],
-                                    self.config(req, req.max_tokens, index), emitter(index)))
+                                    self.config(req, max_tokens, index), emitter(index)))
             return jobs
 
         return contexts, jobs_of
@@ -277,7 +282,7 @@ class Server:
         self.check_model(req.model)
         contexts, jobs_of = self.completion_jobs(req)
         prompts = req.prompts()
-        prompt_tokens = sum(len(c) for c in contexts) * req.n
+        prompt_tokens = sum(len(ids) for ids, _ in contexts) * req.n
         self.metrics.prompt_tokens.inc(prompt_tokens)
         jobs, queue = self.run(jobs_of)
         choices = [_Choice(i, prefix=prompts[i // req.n] if req.echo else "") for i in range(len(jobs))]
@@ -336,10 +341,10 @@ class Server:
         where = [i for i, t in enumerate(ids) if t in blanks]
         if not where:
             raise APIError(400, "the text has no [MASK], [sMASK] or [gMASK] blank to fill", param="text")
-        self.check_room(len(ids), req.max_tokens, what="text")
+        max_tokens = self.check_room(len(ids), req.max_tokens, what="text")
         self.metrics.prompt_tokens.inc(len(ids))
         block_list = [Block(w, 0, continues=ids[w] == tok.gmask_id) for w in where]
-        jobs, queue = self.run(lambda emitter: [Job(ids, block_list, self.config(req, req.max_tokens, 0), emitter(0))])
+        jobs, queue = self.run(lambda emitter: [Job(ids, block_list, self.config(req, max_tokens, 0), emitter(0))])
         choice = _Choice(0)
         rid, created = f"infill-{uuid.uuid4().hex}", int(time.time())
 

@@ -60,7 +60,7 @@ class CompletionRequest(_Sampling):
     convention) and the model continues it."""
 
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=64)]
-    max_tokens: Annotated[int, Field(ge=1)] = 16
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # null: up to the end of the context
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0)] | None = None
@@ -77,7 +77,7 @@ class InfillRequest(_Sampling):
     """POST /v1/infill: fill every [MASK] / [sMASK] / [gMASK] of `text`, left to right."""
 
     text: Annotated[str, Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] = 32  # per blank
+    max_tokens: Annotated[int, Field(ge=1)] | None = 32  # per blank; null: up to the end of the context
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0  # greedy unless asked: blanks want the likeliest
 
 
