@@ -344,3 +344,30 @@ def test_cli_sampling_flags(tmp_path, tokenizer, capsys):
     assert main(["generate", "--model", str(tmp_path / "m"), "--temperature", "0", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "temperature" in err and err.count("\n") == 1
+
+
+def test_tensor_parallel_generation_matches_one_process(tmp_path, tokenizer):
+    """`torchrun --nproc-per-node 2 -m glm130b generate --tp 2` prints the tokens of one process."""
+    import os
+    import subprocess
+    import sys
+
+    from glm130b.checkpoint import save_model
+
+    save_model(tmp_path / "m", _model("1d", seed=5), tokenizer)
+    prompt, text = "In the beginning God created", "And God said, Let there be [MASK]: and there was [MASK]."
+    single = generate(_model("1d", seed=5), tokenizer, prompt, max_new_tokens=12)
+    single_fill = infill(_model("1d", seed=5), tokenizer, text, max_new_tokens=6).text
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "glm130b"]
+    out = subprocess.run(torchrun + ["generate", "--model", str(tmp_path / "m"), "--tp", "2", "--max-new-tokens",
+                                     "12", prompt], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout == single + "\n"  # rank 0 prints, once
+    out = subprocess.run(torchrun + ["infill", "--model", str(tmp_path / "m"), "--tp", "2", "--max-new-tokens",
+                                     "6", text], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[0] == single_fill
+    # outside torchrun, --tp says how to launch it
+    assert main(["generate", "--model", str(tmp_path / "m"), "--tp", "2", "x"]) == 2

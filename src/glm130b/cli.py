@@ -146,8 +146,21 @@ def _load_for_generation(args):
     from glm130b.quant import use_fast_linears
 
     config = _generation_config(args)  # bad settings fail before the model is loaded
+    tp = getattr(args, "tp", None) or 1
+    if tp > 1 and (args.bits or _is_quantized(resolve_model_dir(args.model))):
+        raise GLMError("--tp runs full-precision weights; quantized tensor-parallel inference is not supported yet")
     model, tokenizer = _load(args)
+    if tp > 1:
+        from glm130b.infer.parallel import tensor_parallel_for_inference
+
+        return tensor_parallel_for_inference(model, tp), tokenizer, config
     return use_fast_linears(model), tokenizer, config  # same weights; the fast CPU GEMV at batch 1
+
+
+def _out(*values, **kw) -> None:
+    """print on rank 0 only (under torchrun --tp every rank computes the same tokens)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*values, **kw)
 
 
 def cmd_generate(args) -> int:
@@ -155,11 +168,10 @@ def cmd_generate(args) -> int:
 
     model, tokenizer, config = _load_for_generation(args)
     if args.stream:
-        generate(model, tokenizer, args.prompt, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()),
-                 config=config)
-        print()
+        generate(model, tokenizer, args.prompt, on_text=lambda s: _out(s, end="", flush=True), config=config)
+        _out()
     else:
-        print(generate(model, tokenizer, args.prompt, config=config))
+        _out(generate(model, tokenizer, args.prompt, config=config))
     return 0
 
 
@@ -169,11 +181,11 @@ def cmd_infill(args) -> int:
     model, tokenizer, config = _load_for_generation(args)
     result = infill(model, tokenizer, args.text, config=config, reuse_cache=not args.reencode)
     if args.json:
-        print(json.dumps({"text": result.text, "spans": result.spans}, ensure_ascii=False, indent=2))
+        _out(json.dumps({"text": result.text, "spans": result.spans}, ensure_ascii=False, indent=2))
     else:
-        print(result.text)
+        _out(result.text)
         for i, span in enumerate(result.spans):
-            print(f"  blank {i + 1}: {span!r}")
+            _out(f"  blank {i + 1}: {span!r}")
     return 0
 
 
@@ -326,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder (default: the shipped model)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel processes (run under torchrun --nproc-per-node TP)")
     _add_sampling_flags(p)
     _add_quant_flags(p)
     p.set_defaults(func=cmd_generate)
@@ -338,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reencode", action="store_true",
                    help="re-encode the text with the earlier blanks filled before each blank (GLM-130B's "
                         "generate.py) instead of generating every blank in one KV cache")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel processes (run under torchrun --nproc-per-node TP)")
     _add_sampling_flags(p)
     _add_quant_flags(p)
     p.set_defaults(func=cmd_infill)

@@ -101,9 +101,14 @@ class Engine:
         self.dtype = model.final_layernorm.weight.dtype  # activations
         self.head = model.word_embeddings.weight if model.lm_head is None else model.lm_head.weight
 
+    @property
+    def local_heads(self) -> int:
+        """Attention heads of this process (all of them, or nh / tp under tensor parallelism)."""
+        return self.model.layers[0].attention.num_heads
+
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         cfg = self.config
-        return KVCache(cfg.num_layers, batch, cfg.num_heads, max_len, cfg.head_dim, self.dtype, self.device)
+        return KVCache(cfg.num_layers, batch, self.local_heads, max_len, cfg.head_dim, self.dtype, self.device)
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, cache: KVCache,
@@ -126,8 +131,18 @@ class Engine:
         return self._head(model.final_layernorm(h))
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
         from glm130b.quant.kernels import dense_linear
 
+        if isinstance(h, DTensor):  # tensor parallel: the final LayerNorm's replicated output
+            h = h.to_local()
+        if isinstance(self.head, DTensor):  # vocabulary-parallel head: local logits, then all-gather
+            from torch.distributed.tensor import Shard
+
+            local = torch.nn.functional.linear(h, self.head.to_local().to(h.dtype)).float()
+            return DTensor.from_local(local, self.head.device_mesh, [Shard(local.dim() - 1)],
+                                      run_check=False).full_tensor()
         if self.fast_head:
             return dense_linear(h, self.head, None).float()
         w = self.head if self.head.dtype == h.dtype else self.head.to(h.dtype)

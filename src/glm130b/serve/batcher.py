@@ -72,7 +72,7 @@ class SlotCache:
 
     def __init__(self, engine: Engine, slots: int, max_len: int):
         cfg = engine.config
-        shape = (slots, cfg.num_heads, max_len, cfg.head_dim)
+        shape = (slots, engine.local_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=engine.dtype, device=engine.device) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, dtype=engine.dtype, device=engine.device) for _ in range(cfg.num_layers)]
         self.max_len = max_len
