@@ -1,6 +1,6 @@
 """Batch-1 and batch-8 greedy decoding: FP32 / BF16 / INT8 / INT4 weights, against the roofline.
 
-A GLM of about 118M parameters (8 layers, hidden 1024, GeGLU inner 2730, vocabulary 16384,
+A GLM of about 118M parameters (8 layers, hidden 1024, GeGLU inner 2752, vocabulary 16384,
 random weights: its FP32 weights, 470 MB, are far bigger than the CPU caches) decodes greedily
 through the inference engine (glm130b.infer.engine) with
 
@@ -15,6 +15,11 @@ tokens/s, decode tokens/s at batch 1 and batch 8, and the fraction of the memory
 roofline (bytes per step / read bandwidth measured in the same run) achieved. Also a
 4096 x 4096 matrix-vector micro-benchmark of each kernel against PyTorch's (the issue's case),
 with the weights streamed from DRAM.
+
+Peers in the same run, when installed (`pip install -e '.[peers]'`): Hugging Face transformers'
+Llama of the same shape (random weights, FP32, `generate` with its KV cache) and llama.cpp
+(llama-cpp-python) on a random-weight Llama GGUF of that shape written with the `gguf` package
+and quantized by llama.cpp itself to Q8_0 and Q4_0.
 
 Timings are the best of `--rounds` rounds, run round-robin over the variants so that load from
 other processes hits all of them alike; ratios are measured side by side. `--json` prints one
@@ -177,6 +182,130 @@ def gemv_microbench(repeats: int, stream_mb: int = 96) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# Peers (optional extras): transformers' Llama and llama.cpp on a Llama of the same shape
+# --------------------------------------------------------------------------------------------
+def hf_peer(cfg: GLMConfig, prompt: int, steps: int, rounds: int) -> dict | None:
+    """Hugging Face transformers' LlamaForCausalLM (random weights, FP32, `generate` with its KV
+    cache): decode tokens/s = steps / (time of steps + 1 new tokens - time of 1)."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    import transformers
+
+    lc = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+                     num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                     num_key_value_heads=cfg.num_heads, max_position_embeddings=prompt + steps + 8,
+                     tie_word_embeddings=True, bos_token_id=1, eos_token_id=None, pad_token_id=0)
+    model = LlamaForCausalLM(lc).eval()
+    ids = torch.randint(8, cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+
+    def gen(n: int) -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - t0
+
+    gen(2)
+    full = min(gen(steps + 1) for _ in range(rounds))
+    one = min(gen(1) for _ in range(rounds))
+    return {"version": transformers.__version__, "parameters": model.num_parameters(),
+            "tok_s": steps / max(full - one, 1e-9), "prefill_tok_s": prompt / one}
+
+
+def write_llama_gguf(path: str, cfg: GLMConfig, n_ctx: int) -> None:
+    """A random-weight Llama of the benchmark's shape in GGUF (F32), with a placeholder vocabulary
+    (SentencePiece-style, byte tokens included, which llama.cpp looks up when loading)."""
+    import gguf
+
+    rng = np.random.default_rng(0)
+    h, f, v = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_context_length(n_ctx)
+    w.add_embedding_length(h)
+    w.add_block_count(cfg.num_layers)
+    w.add_feed_forward_length(f)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_heads)
+    w.add_rope_dimension_count(h // cfg.num_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tokens += [f"\u2581t{i}" for i in range(v - len(tokens))]
+    types = [2, 3, 3] + [6] * 256 + [1] * (v - 259)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * v)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+
+    def mat(rows, cols):
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", mat(v, h))
+    for i in range(cfg.num_layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(h, dtype=np.float32))
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            w.add_tensor(f"blk.{i}.{name}.weight", mat(h, h))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(h, dtype=np.float32))
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", mat(f, h))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", mat(f, h))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", mat(h, f))
+    w.add_tensor("output_norm.weight", np.ones(h, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def llamacpp_peer(cfg: GLMConfig, prompt: int, steps: int, rounds: int) -> dict | None:
+    """llama.cpp (llama-cpp-python) on that Llama in F32, Q8_0 and Q4_0: decode tokens/s of
+    single-token evals after a prefill of `prompt` tokens, with this run's thread count."""
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp
+    except ImportError:
+        return None
+    import tempfile
+
+    out = {"version": llama_cpp.__version__}
+    n_ctx = prompt + steps + 8
+    threads = K.num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        f32 = os.path.join(tmp, "f32.gguf")
+        write_llama_gguf(f32, cfg, n_ctx)
+        files = {"f32": f32}
+        for name, ftype in (("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)):
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = ftype
+            params.nthread = threads
+            files[name] = os.path.join(tmp, f"{name}.gguf")
+            if llama_cpp.llama_model_quantize(f32.encode(), files[name].encode(), params) != 0:
+                raise RuntimeError(f"llama.cpp could not quantize to {name}")
+        ids = [259 + (7 * j) % (cfg.vocab_size - 259) for j in range(prompt)]
+        for name, path in files.items():
+            llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=prompt, n_threads=threads,
+                                  n_threads_batch=threads, verbose=False)
+            best_decode, best_prefill = float("inf"), float("inf")
+            for _ in range(rounds):
+                llm.reset()
+                t0 = time.perf_counter()
+                llm.eval(ids)
+                t1 = time.perf_counter()
+                for j in range(steps):
+                    llm.eval([259 + j])
+                best_prefill = min(best_prefill, t1 - t0)
+                best_decode = min(best_decode, time.perf_counter() - t1)
+            out[name] = {"tok_s": steps / best_decode, "prefill_tok_s": prompt / best_prefill,
+                         "file_mb": os.path.getsize(path) / 1e6}
+            del llm
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 def build_variants(base, names: list[str], group_size: int | None) -> dict:
     variants = {}
     for name in names:
@@ -202,7 +331,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--ffn", type=int, default=2730)
+    parser.add_argument("--ffn", type=int, default=2752)  # a multiple of 32: llama.cpp's block size
     parser.add_argument("--vocab", type=int, default=16384)
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill; batch rows vary down to half)")
     parser.add_argument("--new-tokens", type=int, default=48, help="decode steps timed per round")
@@ -212,6 +341,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch and kernel threads (default: torch's)")
     parser.add_argument("--variants", default="fp32_torch,fp32,bf16,int8,int4")
     parser.add_argument("--quick", action="store_true", help="a smaller model and fewer steps (a smoke test)")
+    parser.add_argument("--no-peers", action="store_true", help="skip transformers and llama.cpp even if installed")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.quick:
@@ -238,6 +368,10 @@ def main() -> None:
                 r["decode_b1"] = min(r["decode_b1"], decode_time(engine, 1, args.prompt, args.new_tokens))
                 r["decode_bn"] = min(r["decode_bn"], decode_time(engine, args.batch, args.prompt, args.new_tokens))
         micro = gemv_microbench(repeats=5 if not args.quick else 2, stream_mb=96 if not args.quick else 8)
+    peers = {}
+    if not args.no_peers:
+        peers = {"transformers": hf_peer(cfg, args.prompt, args.new_tokens, args.rounds),
+                 "llama_cpp": llamacpp_peer(cfg, args.prompt, args.new_tokens, args.rounds)}
 
     out: dict = {
         "model": {"parameters": base.num_parameters(), "layers": cfg.num_layers, "hidden": cfg.hidden_size,
@@ -270,6 +404,18 @@ def main() -> None:
     for bits in ("int8", "int4"):
         if bits in variants:
             out[f"{bits}_weight_bytes_vs_fp16"] = quantized_vs_fp16(variants[bits][0])
+    out["peers"] = {k: p for k, p in peers.items() if p is not None}
+    if peers.get("transformers"):
+        out["hf_tok_s"] = peers["transformers"]["tok_s"]
+        out["fp32_vs_hf"] = v["fp32"]["tok_s"] / out["hf_tok_s"] if "fp32" in v else None
+    if peers.get("llama_cpp"):
+        for q in ("f32", "q8_0", "q4_0"):
+            out[f"llamacpp_{q}_tok_s"] = peers["llama_cpp"][q]["tok_s"]
+        out["llamacpp_q4_tok_s"] = out["llamacpp_q4_0_tok_s"]
+        if "int4" in v:
+            out["int4_vs_llamacpp_q4_0"] = v["int4"]["tok_s"] / out["llamacpp_q4_0_tok_s"]
+        if "fp32" in v:
+            out["fp32_vs_llamacpp_f32"] = v["fp32"]["tok_s"] / out["llamacpp_f32_tok_s"]
     out["gemv_4096"] = micro
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["seconds"] = time.perf_counter() - t_start
@@ -293,6 +439,20 @@ def main() -> None:
                 "int4_weight_bytes_vs_fp16"):
         if key in out:
             print(f"{key}: {out[key]:.2f}")
+    if "transformers" in out["peers"]:
+        p = out["peers"]["transformers"]
+        ref = v.get("fp32") or v.get("fp32_torch")
+        roof = f", {p['tok_s'] / ref['roofline_tok_s']:.0%} of the fp32 roofline" if ref else ""
+        print(f"peer transformers {p['version']} Llama fp32 (same shape, generate): {p['tok_s']:.1f} tok/s b1{roof}")
+    if "llama_cpp" in out["peers"]:
+        p = out["peers"]["llama_cpp"]
+        print(f"peer llama.cpp {p['version']} (same shape): " + ", ".join(
+            f"{q} {p[q]['tok_s']:.1f} tok/s b1" for q in ("f32", "q8_0", "q4_0")))
+    for key in ("fp32_vs_hf", "fp32_vs_llamacpp_f32", "int4_vs_llamacpp_q4_0"):
+        if out.get(key):
+            print(f"{key}: {out[key]:.2f}")
+    if not out["peers"]:
+        print("peers: not installed (pip install -e '.[peers]' for transformers and llama.cpp)")
     print("4096x4096 matrix-vector product (batch 1, weights streamed from DRAM):")
     for n, r in micro.items():
         print(f"  {n:<16}{r['ms']:>8.3f} ms {r['gb_s']:>7.1f} GB/s  {r['speedup_vs_torch_fp32']:>5.2f}x torch fp32")
