@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	@# build the CPU kernels now (torch.utils.cpp_extension), not at the first command
+	$(PY) -c "from glm130b.quant import kernels as K; print('kernels:', K.backend_info()['cpu'])"
 	touch $(STAMP)
 
 run: $(STAMP)

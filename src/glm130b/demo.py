@@ -52,11 +52,11 @@ def run_demo(steps: int = 500, out: str = "runs/demo", model_dir: str | None = N
     directory = Path(model_dir) if model_dir else SHIPPED
     if not (directory / "model.safetensors").is_file():
         return _train_tiny_demo(steps, out)
-    from glm130b.quant.weights import quantize_model
+    from glm130b.quant.weights import quantize_model, use_fast_linears
 
     model, tokenizer = load_model(directory)
     print(f"model: {directory} ({model.num_parameters():,} parameters)")
-    _show(model, tokenizer, "fp32")
+    _show(use_fast_linears(model), tokenizer, "fp32")  # the same weights through the fast CPU GEMV
     quantize_model(model, bits=4)
     _show(model, tokenizer, "int4 (per-row absmax, packed two per byte)")
     return 0
