@@ -369,5 +369,15 @@ def test_tensor_parallel_generation_matches_one_process(tmp_path, tokenizer):
                                      "6", text], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines()[0] == single_fill
+    # each rank quantizes its own shard: with groups inside a shard, exactly the full model's groups
+    from glm130b.quant import load_model_quantized
+
+    q, _ = load_model_quantized(tmp_path / "m", 8, 4)
+    single_q = generate(q, tokenizer, prompt, max_new_tokens=12)
+    out = subprocess.run(torchrun + ["generate", "--model", str(tmp_path / "m"), "--tp", "2", "--bits", "8",
+                                     "--group-size", "4", "--max-new-tokens", "12", prompt],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout == single_q + "\n"
     # outside torchrun, --tp says how to launch it
     assert main(["generate", "--model", str(tmp_path / "m"), "--tp", "2", "x"]) == 2

@@ -147,13 +147,17 @@ def _load_for_generation(args):
 
     config = _generation_config(args)  # bad settings fail before the model is loaded
     tp = getattr(args, "tp", None) or 1
-    if tp > 1 and (args.bits or _is_quantized(resolve_model_dir(args.model))):
-        raise GLMError("--tp runs full-precision weights; quantized tensor-parallel inference is not supported yet")
-    model, tokenizer = _load(args)
     if tp > 1:
+        from glm130b.checkpoint import load_model
         from glm130b.infer.parallel import tensor_parallel_for_inference
 
-        return tensor_parallel_for_inference(model, tp), tokenizer, config
+        if _is_quantized(resolve_model_dir(args.model)):
+            raise GLMError("--tp shards full-precision weights and quantizes each shard: give the unquantized "
+                           "model and --bits")
+        if args.group_size is not None and args.bits is None:
+            raise GLMError("--group-size needs --bits 8 or --bits 4")
+        model, tokenizer = load_model(resolve_model_dir(args.model))
+        return tensor_parallel_for_inference(model, tp, args.bits, args.group_size), tokenizer, config
     return use_fast_linears(model), tokenizer, config  # same weights; the fast CPU GEMV at batch 1
 
 

@@ -4,17 +4,25 @@ Under `torchrun --nproc-per-node TP`, every process loads the model, keeps its 1
 matrix (whole heads of QKV, its rows of the GeGLU halves, its vocabulary rows), and runs the same
 decoding loop; each sub-layer ends in an all-reduce and the head's logits are all-gathered, so
 every rank picks the same tokens and rank 0 prints them. The KV cache holds the local heads only.
+
+With `bits`, each rank quantizes its own shard of the four matrices (as GLM-130B quantizes each
+of its TP checkpoints): a column-parallel shard keeps whole output rows, so its per-row scales
+are the full model's; a row-parallel shard's rows are half rows, so per-row scales are per shard
+(with a group size that divides the shard, they equal the full model's groups exactly).
 """
 
 from __future__ import annotations
 
 import os
 
+import torch
+
 from glm130b.errors import GLMError
 
 
-def tensor_parallel_for_inference(model, tp: int):
-    """Shard `model` over the TP processes torchrun started (in place); returns it."""
+def tensor_parallel_for_inference(model, tp: int, bits: int | None = None, group_size: int | None = None):
+    """Shard `model` over the TP processes torchrun started (in place; with `bits`, each rank's
+    matrices quantized); returns it."""
     if tp <= 1:
         return model
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -31,14 +39,61 @@ def tensor_parallel_for_inference(model, tp: int):
     device, _ = join_process_group()
     model = model.to(device)
     mesh = build_mesh(tp=tp, device_type=device.type)
-    return apply_tensor_parallel(model, mesh["tp"])
+    model = apply_tensor_parallel(model, mesh["tp"])
+    if bits is not None:
+        quantize_shards(model, bits, group_size)
+    return model
+
+
+class ShardQuantizedLinear(torch.nn.Module):
+    """One rank's quantized shard of a tensor-parallel linear, replacing the DTensor module.
+
+    "colwise": replicated input -> this rank's output columns (its bias rows inside `local`).
+    "rowwise": this rank's input columns -> partial sums, all-reduced through DTensor
+    (Partial -> Replicate), then the replicated bias, added once."""
+
+    def __init__(self, local: torch.nn.Module, style: str, mesh, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.local, self.style, self.mesh = local, style, mesh
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.style == "colwise":
+            return self.local(x)
+        from torch.distributed.tensor import DTensor, Partial, Replicate
+
+        y = DTensor.from_local(self.local(x), self.mesh, [Partial()], run_check=False)
+        y = y.redistribute(self.mesh, [Replicate()]).to_local()
+        return y if self.bias is None else y + self.bias
+
+
+STYLES = {"attention.query_key_value": "colwise", "attention.dense": "rowwise",
+          "mlp.dense_h_to_4h": "colwise", "mlp.dense_4h_to_h": "rowwise"}
+
+
+@torch.no_grad()
+def quantize_shards(model, bits: int, group_size: int | None = None) -> None:
+    """Swap each layer's four DTensor linears for ShardQuantizedLinear over the local shard."""
+    from glm130b.quant.weights import QuantizedLinear, check_settings
+
+    check_settings(bits, group_size)
+    for block in model.layers:
+        for path, style in STYLES.items():
+            parent_name, _, attr = path.rpartition(".")
+            parent = block.get_submodule(parent_name)
+            dist_linear = getattr(parent, attr)
+            weight, bias = dist_linear.weight.to_local(), dist_linear.bias
+            colwise_bias = bias is not None and style == "colwise"
+            plain = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=colwise_bias, device="meta")
+            plain.weight = torch.nn.Parameter(weight, requires_grad=False)
+            if colwise_bias:
+                plain.bias = torch.nn.Parameter(bias.to_local(), requires_grad=False)
+            row_bias = bias.full_tensor() if bias is not None and style == "rowwise" else None
+            setattr(parent, attr, ShardQuantizedLinear(QuantizedLinear.from_linear(plain, bits, group_size), style,
+                                                       dist_linear.weight.device_mesh, row_bias))
 
 
 def apply_tp_check(config, tp: int) -> None:
     for name in ("num_heads", "ffn_hidden_size", "vocab_size"):
         if getattr(config, name) % tp:
             raise ValueError(f"{name}={getattr(config, name)} does not split over --tp {tp}")
-
-
-def is_rank0() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
