@@ -3,7 +3,7 @@
     python tools/ship_model.py runs/glm-small models/glm-small
 
 Writes the weights in FP16 safetensors (the card's size limit is 60 MB), the config and the
-tokenizer, `train_config.json` (the exact options of the run), `meta.json` (steps, tokens,
+tokenizer (the config's context set to the training windows' length), `train_config.json` (the exact options of the run), `meta.json` (steps, tokens,
 time, first and last loss) and `loss.png` (the run's curves). Scores are added by
 `glm130b eval ... --output` and copied into models/README.md by hand.
 """
@@ -11,6 +11,7 @@ time, first and last loss) and `loss.png` (the run's curves). Scores are added b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -29,6 +30,9 @@ def main() -> int:
     args = p.parse_args()
     run, out = Path(args.run), Path(args.out)
     model, tokenizer = load_model(run)
+    train_cfg = json.loads((run / "train_config.json").read_text())
+    # the context it was trained on: rotary positions past the training windows were never seen
+    model.config = dataclasses.replace(model.config, max_seq_len=min(model.config.max_seq_len, train_cfg["seq_len"]))
     rows = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     if not rows:
         raise SystemExit(f"{run}/metrics.jsonl has no training steps")
