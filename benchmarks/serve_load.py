@@ -67,7 +67,8 @@ async def level(base: str, clients: int, requests: int, max_tokens: int) -> dict
             i = queue.pop()
             t0 = time.perf_counter()
             r = await http.post(f"{base}/v1/completions", json={
-                "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0})
+                "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "min_tokens": max_tokens,
+                "temperature": 0})  # every request does the same work
             r.raise_for_status()
             latencies.append(time.perf_counter() - t0)
             tokens += r.json()["usage"]["completion_tokens"]

@@ -174,11 +174,13 @@ class Server:
     # -- building jobs ---------------------------------------------------------------------------
     def config(self, req, max_tokens: int, index: int) -> GenerationConfig:
         stop = req.stop_strings()
+        least = min(getattr(req, "min_tokens", 0), max_tokens)
         if req.temperature == 0.0:
-            return GenerationConfig(max_new_tokens=max_tokens, strategy="greedy", stop_strings=stop)
+            return GenerationConfig(max_new_tokens=max_tokens, min_new_tokens=least, strategy="greedy",
+                                    stop_strings=stop)
         seed = None if req.seed is None else req.seed + index
-        return GenerationConfig(max_new_tokens=max_tokens, strategy="sample", temperature=req.temperature,
-                                top_p=req.top_p, seed=seed, stop_strings=stop)
+        return GenerationConfig(max_new_tokens=max_tokens, min_new_tokens=least, strategy="sample",
+                                temperature=req.temperature, top_p=req.top_p, seed=seed, stop_strings=stop)
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:

@@ -296,6 +296,15 @@ class Batcher:
         logits = self.engine.forward(tokens.view(-1, 1), self._positions(), allowed, _Step(self.cache, lengths),
                                      logits_at=at)
         self.steps += 1
+        # the rules of each row (vocabulary, min length, n-grams), then one argmax for the batch
+        vocab = self.tokenizer.vocab_size
+        if vocab < logits.shape[-1]:
+            logits[:, vocab:] = -torch.inf
+        for i, live in enumerate(self.live):
+            cfg = live.job.config
+            if cfg.no_repeat_ngram_size or len(live.row.tokens) < cfg.min_new_tokens:
+                process_logits(logits[i : i + 1], [live.row], cfg, self.stop_ids)
+        greedy = logits.argmax(dim=-1).tolist()
         finished = []
         for i, live in enumerate(self.live):
             live.length += 1
@@ -304,19 +313,18 @@ class Batcher:
                 if not self._start_block(live, live.block_index + 1):
                     finished.append(i)
                 continue
-            if self._advance(live, logits[i : i + 1]):
+            if live.job.config.strategy == "greedy":
+                token = greedy[i]
+            else:
+                token = int(sample_next(logits[i : i + 1].cpu(), live.job.config, live.generator)[0])
+            if self._advance(live, token):
                 finished.append(i)
         for i in reversed(finished):
             self._remove(i)
 
-    def _advance(self, live: _Live, logits: torch.Tensor) -> bool:
-        """Pick the row's next token; True when the job is finished."""
+    def _advance(self, live: _Live, token: int) -> bool:
+        """Take the row's next token; True when the job is finished."""
         job, row, cfg = live.job, live.row, live.job.config
-        process_logits(logits, [row], cfg, self.stop_ids, self.tokenizer.vocab_size)
-        if cfg.strategy == "greedy":
-            token = int(logits.argmax(dim=-1))
-        else:
-            token = int(sample_next(logits.cpu(), cfg, live.generator)[0])
         reason = None
         if token in self.stop_ids:
             reason = "stop"

@@ -61,6 +61,7 @@ class CompletionRequest(_Sampling):
 
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=64)]
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # null: up to the end of the context
+    min_tokens: Annotated[int, Field(ge=0)] = 0  # vLLM's extension: <eop>/<eos> are blocked before
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0)] | None = None
