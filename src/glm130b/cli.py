@@ -158,6 +158,7 @@ def _load_for_generation(args):
             raise GLMError("--group-size needs --bits 8 or --bits 4")
         model, tokenizer = load_model(resolve_model_dir(args.model))
         return tensor_parallel_for_inference(model, tp, args.bits, args.group_size), tokenizer, config
+    model, tokenizer = _load(args)
     return use_fast_linears(model), tokenizer, config  # same weights; the fast CPU GEMV at batch 1
 
 
