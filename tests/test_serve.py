@@ -252,6 +252,7 @@ def test_errors_are_openai_shaped(live):
         ({"prompt": "fill [MASK] here"}, 400, "prompt"),
         ({"prompt": "x", "max_tokens": 500}, 400, "max_tokens"),
         ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
+        ({"prompt": ["x"] * 64, "n": 2}, 400, "n"),  # more sequences than the server ever holds: not a 503
     ]
     for body, status, param in cases:
         r = httpx.post(f"{base}/v1/completions", json=body, headers=AUTH)
@@ -264,6 +265,8 @@ def test_errors_are_openai_shaped(live):
         r = httpx.post(f"{base}/v1/completions", json={"prompt": "x"}, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{base}/health").status_code == 200  # health needs no key
+    r = httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 3, "temperature": 5e-324}, headers=AUTH)
+    assert r.status_code == 200  # found by the fuzzer: 1/T overflowed into NaN probabilities (now greedy)
     r = httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": None, "temperature": 0}, headers=AUTH)
     assert r.status_code == 200 and 0 < r.json()["usage"]["completion_tokens"] <= 128 - 3  # null: to the context end
     assert httpx.get(f"{base}/v1/nothing", headers=AUTH).status_code == 404

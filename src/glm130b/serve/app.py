@@ -57,6 +57,7 @@ from glm130b.serve.protocol import (
     Usage,
 )
 
+GREEDY_BELOW = 1e-5  # temperatures under this decode greedily (as vLLM does): 1/T would overflow
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 ERRORS = {400: {"model": ErrorBody, "description": "invalid request"},
           401: {"model": ErrorBody, "description": "missing or wrong API key"},
@@ -175,7 +176,7 @@ class Server:
     def config(self, req, max_tokens: int, index: int) -> GenerationConfig:
         stop = req.stop_strings()
         least = min(getattr(req, "min_tokens", 0), max_tokens)
-        if req.temperature == 0.0:
+        if req.temperature < GREEDY_BELOW:
             return GenerationConfig(max_new_tokens=max_tokens, min_new_tokens=least, strategy="greedy",
                                     stop_strings=stop)
         seed = None if req.seed is None else req.seed + index
@@ -202,6 +203,10 @@ class Server:
         return max_tokens
 
     def submit(self, jobs: list[Job]) -> None:
+        most = self.batcher.max_batch + self.batcher.max_queue
+        if len(jobs) > most:  # could never be admitted: not a retry-later 503
+            raise APIError(400, f"the request needs {len(jobs)} sequences (prompts x n); this server takes at most "
+                                f"{most} at once", param="n", code="too_many_sequences")
         try:
             self.batcher.submit(jobs)
         except QueueFull as e:

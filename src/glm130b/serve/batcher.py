@@ -316,7 +316,12 @@ class Batcher:
             if live.job.config.strategy == "greedy":
                 token = greedy[i]
             else:
-                token = int(sample_next(logits[i : i + 1].cpu(), live.job.config, live.generator)[0])
+                try:
+                    token = int(sample_next(logits[i : i + 1].cpu(), live.job.config, live.generator)[0])
+                except RuntimeError as e:  # this request's settings, not the batch's: fail it alone
+                    self._emit(live.job, Event("error", message=f"sampling failed: {e}"))
+                    finished.append(i)
+                    continue
             if self._advance(live, token):
                 finished.append(i)
         for i in reversed(finished):
