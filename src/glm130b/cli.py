@@ -162,6 +162,15 @@ def _load_for_generation(args):
     return use_fast_linears(model), tokenizer, config  # same weights; the fast CPU GEMV at batch 1
 
 
+def _leave_tp(args) -> None:
+    """After a --tp run: barrier, then destroy the process group (gloo aborts at teardown otherwise)."""
+    if (getattr(args, "tp", None) or 1) > 1:
+        from glm130b.train.distributed import leave_process_group
+
+        sys.stdout.flush()
+        leave_process_group()
+
+
 def _out(*values, **kw) -> None:
     """print on rank 0 only (under torchrun --tp every rank computes the same tokens)."""
     if int(os.environ.get("RANK", "0")) == 0:
@@ -177,6 +186,7 @@ def cmd_generate(args) -> int:
         _out()
     else:
         _out(generate(model, tokenizer, args.prompt, config=config))
+    _leave_tp(args)
     return 0
 
 
@@ -191,6 +201,7 @@ def cmd_infill(args) -> int:
         _out(result.text)
         for i, span in enumerate(result.spans):
             _out(f"  blank {i + 1}: {span!r}")
+    _leave_tp(args)
     return 0
 
 
