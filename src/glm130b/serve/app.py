@@ -150,6 +150,8 @@ class _Choice:
             self.spans[ev.block].append(ev.token)
         elif ev.kind == "block_end":
             self.reasons[ev.block], self.text_end[ev.block] = ev.reason, ev.text_end
+            if ev.tokens is not None:  # a job that does not stream gets its tokens here
+                self.spans[ev.block] = list(ev.tokens)
         elif ev.kind == "done":
             self.done, self.reason = True, ev.reason
 
@@ -243,6 +245,8 @@ class Server:
                     if first:
                         self.metrics.first_token.observe(time.perf_counter() - t0)
                         first = False
+                elif ev.kind == "block_end" and ev.tokens:
+                    self.metrics.generated_tokens.inc(len(ev.tokens))
                 elif ev.kind == "error":
                     raise APIError(500, f"generation failed: {ev.message}", type="server_error")
                 elif ev.kind == "done":
@@ -280,7 +284,7 @@ class Server:
                 for j in range(req.n):
                     index = p * req.n + j
                     jobs.append(Job(ids, [Block(len(ids) - 1, 0, continues=True)],
-                                    self.config(req, max_tokens, index), emitter(index)))
+                                    self.config(req, max_tokens, index), emitter(index), stream=req.stream))
             return jobs
 
         return contexts, jobs_of
@@ -351,7 +355,8 @@ class Server:
         max_tokens = self.check_room(len(ids), req.max_tokens, what="text")
         self.metrics.prompt_tokens.inc(len(ids))
         block_list = [Block(w, 0, continues=ids[w] == tok.gmask_id) for w in where]
-        jobs, queue = self.run(lambda emitter: [Job(ids, block_list, self.config(req, max_tokens, 0), emitter(0))])
+        jobs, queue = self.run(lambda emitter: [Job(ids, block_list, self.config(req, max_tokens, 0), emitter(0),
+                                                    stream=req.stream)])
         choice = _Choice(0)
         rid, created = f"infill-{uuid.uuid4().hex}", int(time.time())
 

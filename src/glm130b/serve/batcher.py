@@ -49,6 +49,7 @@ class Event:
     reason: str | None = None  # block_end/done: "stop" (<eop>, <eos> or a stop string), "length", "cancelled"
     text_end: int | None = None  # block_end: a stop string cut the block's text here (characters)
     message: str | None = None
+    tokens: list[int] | None = None  # block_end of a job that does not stream: the block's tokens
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Job:
     blocks: list[Block]
     config: GenerationConfig  # strategy "greedy" or "sample"; max_new_tokens per blank
     emit: Callable[[Event], None]
+    stream: bool = True  # False: no per-token events; each block_end carries its tokens
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -84,16 +86,16 @@ class SlotCache:
 
 
 class _Prefill:
-    """The engine's cache interface for encoding one context into row `slot`."""
+    """The engine's cache interface for encoding contexts into rows [slot, slot + k) at once."""
 
     def __init__(self, cache: SlotCache, slot: int):
         self.cache, self.slot = cache, slot
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        n, s = k.shape[2], self.slot
-        self.cache.k[layer][s : s + 1, :, :n] = k
-        self.cache.v[layer][s : s + 1, :, :n] = v
-        return self.cache.k[layer][s : s + 1, :, :n], self.cache.v[layer][s : s + 1, :, :n]
+        rows, n = slice(self.slot, self.slot + k.shape[0]), k.shape[2]
+        self.cache.k[layer][rows, :, :n] = k
+        self.cache.v[layer][rows, :, :n] = v
+        return self.cache.k[layer][rows, :, :n], self.cache.v[layer][rows, :, :n]
 
     def advance(self, n: int) -> None:
         pass
@@ -214,8 +216,7 @@ class Batcher:
     def _run_once(self, joining: list[Job]) -> None:
         """Admit the joining jobs, drop cancelled ones, decode one step."""
         try:
-            for job in joining:
-                self._join(job)
+            self._join([job for job in joining if not self._cancelled_before_start(job)])
             self._drop_cancelled()
             if self.live:
                 self._step()
@@ -230,22 +231,35 @@ class Batcher:
         except Exception:  # a consumer that went away must not stop the loop
             job.cancelled = True
 
-    @torch.no_grad()
-    def _join(self, job: Job) -> None:
+    def _cancelled_before_start(self, job: Job) -> bool:
         if job.cancelled:
             self._emit(job, Event("done", reason="cancelled"))
+        return job.cancelled
+
+    @torch.no_grad()
+    def _join(self, jobs: list[Job]) -> None:
+        """Encode the joining contexts in one forward (right-padded; a row's keys past its own
+        length are never attended, and its decoding overwrites them) into the next free rows."""
+        if not jobs:
             return
-        slot, n, dev = len(self.live), len(job.context), self.engine.device
-        ids = torch.tensor([job.context], dtype=torch.long, device=dev)
-        pos = torch.arange(n, device=dev).view(1, n)
+        slot, dev = len(self.live), self.engine.device
+        lengths = torch.tensor([len(job.context) for job in jobs], device=dev)
+        longest = int(lengths.max())
+        ids = torch.zeros(len(jobs), longest, dtype=torch.long, device=dev)
+        for i, job in enumerate(jobs):
+            ids[i, : len(job.context)] = torch.tensor(job.context, dtype=torch.long)
+        pos = torch.arange(longest, device=dev).expand(len(jobs), longest)
         if self.engine.two_d:
             pos = torch.stack((pos, torch.zeros_like(pos)), dim=1)
-        allowed = torch.ones(1, 1, n, n, dtype=torch.bool, device=dev)
-        self.engine.forward(ids, pos, allowed, _Prefill(self.cache, slot))
-        generator = make_generator(job.config.seed) if job.config.strategy == "sample" else None
-        live = _Live(job, length=n, generator=generator)
-        if self._start_block(live, 0):
-            self.live.append(live)
+        allowed = (torch.arange(longest, device=dev).view(1, 1, 1, -1) < lengths.view(-1, 1, 1, 1))
+        self.engine.forward(ids, pos, allowed.expand(-1, 1, longest, -1), _Prefill(self.cache, slot))
+        for i, job in enumerate(jobs):
+            generator = make_generator(job.config.seed) if job.config.strategy == "sample" else None
+            live = _Live(job, length=len(job.context), generator=generator)
+            if self._start_block(live, 0):  # (False only for a context with no room: its row is dropped)
+                if slot + i != len(self.live):  # keep live rows contiguous after a dropped one
+                    self.cache.move(slot + i, len(self.live), live.length)
+                self.live.append(live)
 
     def _start_block(self, live: _Live, index: int) -> bool:
         """Begin blank `index`; False (and the job is done) when the context has no room left."""
@@ -336,7 +350,8 @@ class Batcher:
         else:
             row.tokens.append(token)
             self.tokens_generated += 1
-            self._emit(job, Event("token", block=live.block_index, token=token))
+            if job.stream:
+                self._emit(job, Event("token", block=live.block_index, token=token))
             if cfg.stop_strings:
                 text = self.decode(row.tokens)
                 cuts = [c for c in (text.find(s) for s in cfg.stop_strings) if c >= 0]
@@ -347,7 +362,8 @@ class Batcher:
         if reason is None:
             live.next_token = token
             return False
-        self._emit(job, Event("block_end", block=live.block_index, reason=reason, text_end=row.text_end))
+        self._emit(job, Event("block_end", block=live.block_index, reason=reason, text_end=row.text_end,
+                              tokens=None if job.stream else list(row.tokens)))
         if live.block_index + 1 >= len(job.blocks):
             self._emit(job, Event("done", reason=reason))
             return True
