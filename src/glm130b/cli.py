@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -256,10 +257,22 @@ def cmd_serve(args) -> int:
     model = use_fast_linears(model)
     name = args.served_model_name or directory.resolve().name
     app = create_app(model, tokenizer, model_name=name, api_key=args.api_key or os.environ.get("GLM130B_API_KEY"),
-                     max_batch=args.max_batch, max_queue=args.max_queue)
+                     max_batch=args.max_batch, max_queue=args.max_queue, batcher_thread=False)
+    # HTTP on a thread, decoding on this (main) thread: the one that owns torch's thread pools
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    http = threading.Thread(target=server.run, name="glm130b-http", daemon=True)
+    http.start()
+    while not server.started:
+        if not http.is_alive():
+            raise GLMError(f"could not serve on {args.host}:{args.port} (see the message above)")
+        time.sleep(0.05)
     print(f"serving {name} from {directory} on http://{args.host}:{args.port} (max batch {args.max_batch}, "
           f"queue {args.max_queue})", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        app.state.server.batcher.run(keep_running=http.is_alive)
+    finally:
+        server.should_exit = True
+        http.join(timeout=30)
     return 0
 
 

@@ -424,13 +424,16 @@ def _sse(body: dict) -> str:
 
 # --------------------------------------------------------------------------------------------
 def create_app(model, tokenizer, model_name: str = "glm-small", api_key: str | None = None,
-               max_batch: int = 16, max_queue: int = 128) -> FastAPI:
-    """The FastAPI app serving `model` (plain or quantized). The batcher starts with the app."""
+               max_batch: int = 16, max_queue: int = 128, batcher_thread: bool = True) -> FastAPI:
+    """The FastAPI app serving `model` (plain or quantized). The batcher starts with the app on
+    its own thread, unless `batcher_thread=False`: then the caller runs `app.state.server.batcher.run`
+    (glm130b serve does, on the main thread)."""
     server = Server(model, tokenizer, model_name, max_batch, max_queue)
 
     @asynccontextmanager
     async def lifespan(app):
-        server.batcher.start()
+        if batcher_thread:
+            server.batcher.start()
         try:
             yield
         finally:
