@@ -267,6 +267,8 @@ def test_errors_are_openai_shaped(live):
     assert httpx.get(f"{base}/health").status_code == 200  # health needs no key
     r = httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 3, "temperature": 5e-324}, headers=AUTH)
     assert r.status_code == 200  # found by the fuzzer: 1/T overflowed into NaN probabilities (now greedy)
+    r = httpx.post(f"{base}/v1/completions", json={"prompt": "", "max_tokens": 3, "top_p": 5e-324}, headers=AUTH)
+    assert r.status_code == 200  # found by the fuzzer: a top_p of 0 in FP32 dropped every token
     r = httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": None, "temperature": 0}, headers=AUTH)
     assert r.status_code == 200 and 0 < r.json()["usage"]["completion_tokens"] <= 128 - 3  # null: to the context end
     assert httpx.get(f"{base}/v1/nothing", headers=AUTH).status_code == 404

@@ -268,7 +268,9 @@ def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Ge
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above
-        sorted_logits = sorted_logits.masked_fill(before >= cfg.top_p, -math.inf)  # the top token always stays
+        drop = before >= cfg.top_p
+        drop[..., 0] = False  # the top token always stays (a top_p below FP32's range would drop it)
+        sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
         logits = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).view(-1)
