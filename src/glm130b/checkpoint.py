@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from glm130b.config import ConfigError, GLMConfig
 from glm130b.interop.sat import CheckpointError, check_state_dict
-from glm130b.io import SaveError
+from glm130b.io import staging_folder
 from glm130b.model.glm import GLMModel
 
 WEIGHTS = "model.safetensors"
@@ -31,9 +29,7 @@ def save_model(directory: str | Path, model: GLMModel, tokenizer, dtype: torch.d
                extra: dict | None = None) -> Path:
     """Write the model folder atomically (weights optionally cast to `dtype`, e.g. fp16)."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with staging_folder(directory, f"could not save the model to {directory}") as tmp:
         state = {}
         for name, tensor in model.state_dict().items():
             tensor = tensor.detach().cpu()
@@ -47,12 +43,6 @@ def save_model(directory: str | Path, model: GLMModel, tokenizer, dtype: torch.d
         if extra:
             (tmp / "meta.json").write_text(json.dumps(extra, indent=2, ensure_ascii=False) + "\n")
         _swap_in(tmp, directory)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SaveError(f"could not save the model to {directory}: {e.strerror or e}") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

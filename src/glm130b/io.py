@@ -7,8 +7,10 @@ fsync, then rename over the target (rename is atomic on POSIX file systems).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from glm130b.errors import GLMError
@@ -36,6 +38,24 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         raise SaveError(f"could not save {path}: {e.strerror or e}") from e
     except BaseException:
         _remove_quietly(tmp)
+        raise
+
+
+@contextmanager
+def staging_folder(target: str | Path, failure: str) -> Iterator[Path]:
+    """A fresh temporary folder beside `target` to build a multi-file save in; the caller renames
+    it (or its files) into place inside the `with`. On any failure the folder is removed, and an
+    OSError (disk full, permission denied) becomes SaveError("{failure}: reason")."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SaveError(f"{failure}: {e.strerror or e}") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -30,12 +30,11 @@ def tensor_parallel_for_inference(model, tp: int, bits: int | None = None, group
         raise GLMError(f"--tp {tp} runs under torchrun with {tp} processes: "
                        f"torchrun --standalone --nproc-per-node {tp} -m glm130b ... --tp {tp} (WORLD_SIZE is {world})")
     from glm130b.train.distributed import join_process_group
-    from glm130b.train.parallel import apply_tensor_parallel, build_mesh
+    from glm130b.train.parallel import apply_tensor_parallel, build_mesh, tp_split_problems
 
-    try:
-        apply_tp_check(model.config, tp)
-    except ValueError as e:
-        raise GLMError(str(e)) from None
+    problems = tp_split_problems(model.config, tp)
+    if problems:  # before any collective: every rank says the same and leaves
+        raise GLMError("; ".join(problems))
     device, _ = join_process_group()
     model = model.to(device)
     mesh = build_mesh(tp=tp, device_type=device.type)
@@ -92,8 +91,3 @@ def quantize_shards(model, bits: int, group_size: int | None = None) -> None:
             setattr(parent, attr, ShardQuantizedLinear(QuantizedLinear.from_linear(plain, bits, group_size), style,
                                                        dist_linear.weight.device_mesh, row_bias))
 
-
-def apply_tp_check(config, tp: int) -> None:
-    for name in ("num_heads", "ffn_hidden_size", "vocab_size"):
-        if getattr(config, name) % tp:
-            raise ValueError(f"{name}={getattr(config, name)} does not split over --tp {tp}")

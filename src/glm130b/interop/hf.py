@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from glm130b.config import GLMConfig
 from glm130b.errors import first_line
 from glm130b.interop.sat import PREFIX, CheckpointError
-from glm130b.io import SaveError
+from glm130b.io import SaveError, staging_folder
 
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE = ("model.safetensors", "pytorch_model.bin")
@@ -144,9 +142,7 @@ def write_hf(directory, cfg: GLMConfig, state: dict[str, torch.Tensor], tokenize
     directory = Path(directory)
     if directory.exists():
         raise SaveError(f"{directory} exists; choose a new folder for the export")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with staging_folder(directory, f"could not write {directory}") as tmp:
         named = {}
         for name, tensor in state.items():
             tensor = tensor.detach().cpu()
@@ -175,10 +171,4 @@ def write_hf(directory, cfg: GLMConfig, state: dict[str, torch.Tensor], tokenize
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.json")
         os.replace(tmp, directory)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SaveError(f"could not write {directory}: {e.strerror or e}") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory

@@ -185,20 +185,16 @@ def write_sat(directory, state: dict[str, torch.Tensor], tp: int, iteration: int
     """Write an official-named state dict as SAT TP shards: DIR/latest + DIR/ITER/mp_rank_XX...pt.
     Atomic: the folder is built beside the target and renamed into place."""
     import os
-    import shutil
-    import tempfile
     from pathlib import Path
 
-    from glm130b.io import SaveError
+    from glm130b.io import SaveError, staging_folder
 
     if tp < 1:
         raise CheckpointError(f"--tp must be >= 1, got {tp}")
     directory = Path(directory)
     if directory.exists():
         raise SaveError(f"{directory} exists; choose a new folder for the shards")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with staging_folder(directory, f"could not write shards to {directory}") as tmp:
         (tmp / str(iteration)).mkdir()
         for rank in range(tp):  # one shard in memory at a time (a view would save its whole storage)
             shard = {name: split_tp(name, tensor, tp)[rank].clone() for name, tensor in state.items()}
@@ -206,10 +202,4 @@ def write_sat(directory, state: dict[str, torch.Tensor], tp: int, iteration: int
             del shard
         (tmp / "latest").write_text(f"{iteration}\n")
         os.replace(tmp, directory)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SaveError(f"could not write shards to {directory}: {e.strerror or e}") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 

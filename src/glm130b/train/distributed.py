@@ -113,11 +113,7 @@ def layout_from(cfg, model_cfg: GLMConfig) -> Layout:
         )
     if cfg.pipeline_schedule not in SCHEDULES:
         raise ConfigError(f"--pipeline-schedule must be one of {', '.join(SCHEDULES)}, got {cfg.pipeline_schedule!r}")
-    problems = []
-    for name, value in (("num_heads", model_cfg.num_heads), ("ffn_hidden_size", model_cfg.ffn_hidden_size),
-                        ("vocab_size", model_cfg.vocab_size)):
-        if value % layout.tp:
-            problems.append(f"{name}={value} is not divisible by --tp {layout.tp}")
+    problems = P.tp_split_problems(model_cfg, layout.tp)
     if model_cfg.ffn_type == "geglu" and model_cfg.hidden_size % layout.dp:
         problems.append(f"hidden_size={model_cfg.hidden_size} is not divisible by --dp {layout.dp}")
     if layout.pp > model_cfg.num_layers:

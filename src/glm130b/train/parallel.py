@@ -211,6 +211,12 @@ class _VocabForward:
         return out.redistribute(self.mesh, [Replicate()]).to_local()
 
 
+def tp_split_problems(config: GLMConfig, tp: int) -> list[str]:
+    """What keeps `config` from splitting over `tp` ranks (whole heads, GeGLU rows, vocabulary rows)."""
+    return [f"{name}={getattr(config, name)} is not divisible by --tp {tp}"
+            for name in ("num_heads", "ffn_hidden_size", "vocab_size") if getattr(config, name) % tp]
+
+
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     """Megatron-style TP with DTensor `parallelize_module`, in place. Works on a `GLMModel` or a `GLMStage`.
 
@@ -233,10 +239,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     if tp_size_of(model) != 1:
         raise RuntimeError("apply_tensor_parallel was already applied to this module")
     config: GLMConfig = model.config
-    for name, value in (("num_heads", config.num_heads), ("ffn_hidden_size", config.ffn_hidden_size),
-                        ("vocab_size", config.vocab_size)):
-        if value % tp:
-            raise ValueError(f"{name}={value} is not divisible by tp={tp}")
+    problems = tp_split_problems(config, tp)
+    if problems:
+        raise ValueError("; ".join(problems))
     if tp == 1:
         return model
 

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from glm130b.errors import GLMError
-from glm130b.io import SaveError
+from glm130b.io import staging_folder
 
 MANIFEST = "manifest.json"
 
@@ -70,8 +69,7 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, keep: int = 3) -> Pa
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{state.step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
+    with staging_folder(final, f"could not save checkpoint {final}") as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.model.items()}, str(tmp / "model.safetensors"))
         torch.save({"optimizer": state.optimizer, "rng": state.rng}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": state.step, **state.extra}) + "\n")
@@ -83,12 +81,6 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, keep: int = 3) -> Pa
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SaveError(f"could not save checkpoint {final}: {e.strerror or e}") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
