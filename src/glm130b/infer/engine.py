@@ -100,6 +100,9 @@ class Engine:
         self.device = model.final_layernorm.weight.device
         self.dtype = model.final_layernorm.weight.dtype  # activations
         self.head = model.word_embeddings.weight if model.lm_head is None else model.lm_head.weight
+        from torch.distributed.tensor import DTensor
+
+        self.vocab_parallel = isinstance(self.head, DTensor)  # a tensor-parallel model (infer/parallel.py)
 
     @property
     def local_heads(self) -> int:
@@ -131,22 +134,24 @@ class Engine:
         return self._head(model.final_layernorm(h))
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.tensor import DTensor
-
         from glm130b.quant.kernels import dense_linear
 
-        if isinstance(h, DTensor):  # tensor parallel: the final LayerNorm's replicated output
-            h = h.to_local()
-        if isinstance(self.head, DTensor):  # vocabulary-parallel head: local logits, then all-gather
-            from torch.distributed.tensor import Shard
-
-            local = torch.nn.functional.linear(h, self.head.to_local().to(h.dtype)).float()
-            return DTensor.from_local(local, self.head.device_mesh, [Shard(local.dim() - 1)],
-                                      run_check=False).full_tensor()
+        if self.vocab_parallel:
+            return self._vocab_parallel_head(h)
         if self.fast_head:
             return dense_linear(h, self.head, None).float()
         w = self.head if self.head.dtype == h.dtype else self.head.to(h.dtype)
         return torch.nn.functional.linear(h, w).float()
+
+    def _vocab_parallel_head(self, h) -> torch.Tensor:
+        """Tensor parallel: the final LayerNorm's output is a replicated DTensor and the head is
+        vocabulary-sharded; each rank computes its logits, then they are all-gathered."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        h = h.to_local()
+        local = torch.nn.functional.linear(h, self.head.to_local().to(h.dtype)).float()
+        return DTensor.from_local(local, self.head.device_mesh, [Shard(local.dim() - 1)],
+                                  run_check=False).full_tensor()
 
     def logits(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """Full logits [B, L, V] without a cache (for tests against GLMModel.forward)."""
