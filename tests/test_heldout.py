@@ -26,6 +26,9 @@ def test_every_dev_item_is_located(bible_docs):
     items = [json.loads(line) for line in gzip.open(DATA / "eval" / "bilingual_verse_match_dev.jsonl.gz", "rt")]
     located = {(en, zh) for en, zh in dev_verses().values()}
     assert all((it["en"], it["choices"][it["answer"]]) in located for it in items)
+    # the distractors are held out too (a model that saw them would prefer them)
+    located_zh = {zh for _, zh in located}
+    assert all(choice in located_zh for it in items for choice in it["choices"])
 
 
 def test_dev_verses_are_removed_from_their_chapters(bible_docs):

@@ -146,3 +146,68 @@ def test_metrics_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert any((out / "tensorboard").iterdir())
     assert json.loads((out / "config.json").read_text())["num_layers"] == 1
+
+
+def _sample_stream(tokenizer, seed=3):
+    from glm130b.data.objective import GLMSampleBuilder, ObjectiveConfig
+
+    builder = GLMSampleBuilder(ObjectiveConfig(seq_len=64), tokenizer, seed=seed)
+    docs = trainer_module.token_documents(tokenizer, ("en_kjv",), seed)
+    return builder, builder.samples(docs, None)
+
+
+def test_prefetched_batches_equal_inline_batches_with_their_resume_states():
+    """The GPU path builds batches on a thread ahead of the step; it must hand out the same
+    batches, each with the objective state right after it (what a checkpoint records)."""
+    tok = default_tokenizer()
+    inline = trainer_module.BatchStream(*reversed(_sample_stream(tok)), batch_size=4)
+    ahead = trainer_module.BatchStream(*reversed(_sample_stream(tok)), batch_size=4, ahead=2, pin=False)
+    try:
+        for _ in range(5):
+            (a, state_a), (b, state_b) = inline.next(), ahead.next()
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+            assert state_a == state_b
+    finally:
+        ahead.close()
+    # a state handed out with a batch resumes the stream right after that batch
+    builder, samples = _sample_stream(tok)
+    builder.load_state_dict(state_a)
+    resumed = trainer_module.BatchStream(samples, builder, batch_size=4)
+    assert torch.equal(resumed.next()[0]["input_ids"], inline.next()[0]["input_ids"])
+
+
+def test_prefetch_thread_errors_reach_the_training_loop():
+    def broken():
+        yield from ()
+        raise ValueError("corrupt document")
+
+    stream = trainer_module.BatchStream(broken(), None, batch_size=2, ahead=1)
+    with pytest.raises((ValueError, RuntimeError)):
+        stream.next()
+    stream.close()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_a_gpu_is_a_config_error():
+    from glm130b.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        TrainConfig(device="cuda").validate()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("compile_model", [False, True])
+def test_cuda_training_follows_the_cpu_run(tmp_path, compile_model):
+    """The same run on the GPU (batches prefetched on a thread) and on the CPU: the same data in
+    the same order, so the fp32 losses agree to rounding, and a checkpoint resumes on either."""
+    cfg = dict(SMALL, steps=6, precision="fp32")
+    cpu = train(TrainConfig(out=str(tmp_path / "cpu"), **cfg), default_tokenizer(), progress=False)
+    gpu = train(TrainConfig(out=str(tmp_path / "gpu"), device="cuda", compile=compile_model, **cfg),
+                default_tokenizer(), progress=False)
+    a, b = losses(tmp_path / "cpu"), losses(tmp_path / "gpu")
+    assert len(a) == len(b) == 6
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 2e-3, (a, b)
+    assert gpu["steps"] == cpu["steps"]
+    resumed = train(TrainConfig(out=str(tmp_path / "gpu"), device="cpu", resume=True, **dict(cfg, steps=8)),
+                    default_tokenizer(), progress=False)
+    assert resumed["steps"] == 8

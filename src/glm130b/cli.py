@@ -61,7 +61,7 @@ def cmd_train(args) -> int:
         values.update(_read_yaml(args.config))
     for key in ("preset", "out", "steps", "batch_size", "seq_len", "lr", "warmup_steps", "precision", "seed",
                 "instructions", "gmask_prob", "instruction_share", "checkpoint_every", "grad_accum", "resume",
-                "keep_checkpoints", "tp", "pp", "dp", "pipeline_schedule", "microbatches"):
+                "keep_checkpoints", "tp", "pp", "dp", "pipeline_schedule", "microbatches", "device", "compile"):
         value = getattr(args, key)
         if value is not None:
             values[key] = value
@@ -353,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out from its last good checkpoint")
     p.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=int, help="keep the last K checkpoints (default 3)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the shipped one)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"],
+                   help="one process: train on this device (default cpu; auto = cuda when there is one)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (worth it on GPUs)")
     g = p.add_argument_group("parallelism (under torchrun; tp x pp x dp must equal the number of processes)")
     g.add_argument("--tp", type=int, help="tensor-parallel degree (default 1)")
     g.add_argument("--pp", type=int, help="pipeline stages (default 1)")

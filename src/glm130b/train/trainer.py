@@ -14,7 +14,9 @@ import dataclasses
 import json
 import math
 import os
+import queue
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -74,6 +76,10 @@ class TrainConfig:
     spike_window: int = 50
     max_consecutive_spikes: int = 3
     model_overrides: dict = field(default_factory=dict)
+    # One process: where to train ("cpu", "cuda" or "auto" = cuda when present) and whether to
+    # torch.compile the model. Under torchrun each rank's device comes from the process group.
+    device: str = "cpu"
+    compile: bool = False
     # Parallelism (torchrun): pp * dp * tp must equal WORLD_SIZE. batch_size is the global batch.
     tp: int = 1
     pp: int = 1
@@ -99,6 +105,17 @@ class TrainConfig:
                               f"got {self.pipeline_schedule!r}")
         if not isinstance(self.microbatches, int) or self.microbatches < 0:
             raise ConfigError(f"microbatches must be a non-negative integer, got {self.microbatches!r}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ConfigError(f"device must be cpu, cuda or auto, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device cuda asked for, but this PyTorch sees no CUDA GPU (use cpu or auto)")
+
+
+def training_device(cfg: TrainConfig) -> torch.device:
+    """The single-process device: cfg.device, with "auto" meaning CUDA when there is one."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -150,14 +167,68 @@ def make_optimizer(module, cfg: TrainConfig) -> torch.optim.AdamW:
                              foreach=foreach)
 
 
+class BatchStream:
+    """Batches of cfg.batch_size samples, each with the objective's state just after it (what a
+    checkpoint must record to resume exactly there).
+
+    With `ahead` > 0 a background thread builds the next batches while the accelerator works on
+    this one (the sample builder is Python; on a GPU it would otherwise leave the GPU idle).
+    """
+
+    def __init__(self, samples: Iterator[dict], builder: GLMSampleBuilder, batch_size: int, ahead: int = 0,
+                 pin: bool = False):
+        self._samples, self._builder, self._batch_size, self._pin = samples, builder, batch_size, pin
+        self._stop = threading.Event()
+        self._queue: queue.Queue | None = None
+        if ahead > 0:
+            self._queue = queue.Queue(maxsize=ahead)
+            self._thread = threading.Thread(target=self._fill, name="glm130b-batches", daemon=True)
+            self._thread.start()
+
+    def _make(self) -> tuple[dict, dict]:
+        batch = collate([next(self._samples) for _ in range(self._batch_size)])
+        if self._pin:
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return batch, self._builder.state_dict()
+
+    def _fill(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = self._make()
+            except BaseException as e:  # handed to the training thread, which raises it
+                item = e
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def next(self) -> tuple[dict, dict]:
+        if self._queue is None:
+            return self._make()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+
+
 class SingleEngine:
     """One process: the model, its optimizer and the single-process checkpoint format (state.py)."""
 
     is_main = True
 
-    def __init__(self, model: GLMModel, cfg: TrainConfig):
-        self.module = model
-        self.optimizer = make_optimizer(model, cfg)
+    def __init__(self, model: GLMModel, cfg: TrainConfig, device: torch.device):
+        self.module = model.to(device)
+        self.device = device
+        self.optimizer = make_optimizer(self.module, cfg)
+        # compiled forward; the state dicts and checkpoints keep using the plain module
+        self.forward = torch.compile(self.module) if cfg.compile else self.module
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -167,8 +238,9 @@ class SingleEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def forward_backward(self, batch: dict, precision: Precision, grad_accum: int) -> float:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with precision.autocast():
-            logits = self.module(batch["input_ids"], batch["position_ids"], context_lengths=batch["context_lengths"])
+            logits = self.forward(batch["input_ids"], batch["position_ids"], context_lengths=batch["context_lengths"])
         loss = glm_loss(logits, batch["targets"], batch["loss_mask"]) / grad_accum
         precision.backward(loss)
         return loss.item()
@@ -248,8 +320,9 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg: GLMConfig, progress: bool, lo
     model.train()
     n_parameters = model.num_parameters()
     if parallel is None:
-        engine = SingleEngine(model, cfg)
-        device_type = "cpu"
+        device = training_device(cfg)
+        engine = SingleEngine(model, cfg, device)
+        device_type = device.type
     else:
         layout, device = parallel
         engine = distributed.ParallelEngine(
@@ -293,7 +366,7 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg: GLMConfig, progress: bool, lo
     engine.barrier()
 
     def checkpoint() -> None:
-        extra = {"objective": builder.state_dict(), "guard": guard.state_dict(), "scaler": precision.state_dict(),
+        extra = {"objective": objective_state, "guard": guard.state_dict(), "scaler": precision.state_dict(),
                  "tokens": tokens_seen, "config": dataclasses.asdict(cfg)}
         engine.save_checkpoint(out, step, extra, keep=cfg.keep_checkpoints)
         engine.save_model(out, tokenizer, extra={"trained_steps": step, "train_config": dataclasses.asdict(cfg)})
@@ -301,6 +374,9 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg: GLMConfig, progress: bool, lo
 
     instructions = instruction_pairs(cfg.instructions, tokenizer, cfg.seed) if cfg.instructions else None
     samples = builder.samples(token_documents(tokenizer, cfg.sources, cfg.seed), instructions)
+    on_accelerator = device_type != "cpu"
+    stream = BatchStream(samples, builder, cfg.batch_size, ahead=2 if on_accelerator else 0, pin=on_accelerator)
+    objective_state = builder.state_dict()
     out.mkdir(parents=True, exist_ok=True)
     if engine.is_main:
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -311,56 +387,59 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg: GLMConfig, progress: bool, lo
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not (progress and engine.is_main), unit="step",
                dynamic_ncols=True)
     start, losses, first_loss = time.perf_counter(), [], None
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
-        engine.set_lr(lr)
-        engine.zero_grad()
-        loss_value, n_tokens = 0.0, 0
-        for _ in range(cfg.grad_accum):
-            batch = collate([next(samples) for _ in range(cfg.batch_size)])
-            loss_value += engine.forward_backward(batch, precision, cfg.grad_accum)
-            n_tokens += int(batch["input_ids"].numel())
-        loss_value = engine.reduce_loss(loss_value)
-        grad_norm = engine.unscale_and_clip(precision, cfg.grad_clip)
-        tokens_seen += n_tokens
-        if cfg.precision == "fp16" and not math.isfinite(grad_norm):
-            engine.optimizer_step(precision)  # skipped: the scaler backs the scale off
-            action = "overflow"
-            metrics.event(step + 1, "overflow", loss_scale=precision.scale)
-        else:
-            action = guard.check(loss_value, grad_norm)
-            if action == "ok":
-                engine.optimizer_step(precision)
+    try:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            engine.set_lr(lr)
+            engine.zero_grad()
+            loss_value, n_tokens = 0.0, 0
+            for _ in range(cfg.grad_accum):
+                batch, objective_state = stream.next()
+                loss_value += engine.forward_backward(batch, precision, cfg.grad_accum)
+                n_tokens += int(batch["input_ids"].numel())
+            loss_value = engine.reduce_loss(loss_value)
+            grad_norm = engine.unscale_and_clip(precision, cfg.grad_clip)
+            tokens_seen += n_tokens
+            if cfg.precision == "fp16" and not math.isfinite(grad_norm):
+                engine.optimizer_step(precision)  # skipped: the scaler backs the scale off
+                action = "overflow"
+                metrics.event(step + 1, "overflow", loss_scale=precision.scale)
             else:
-                precision.scaler.update()
-                metrics.event(step + 1, "spike", loss=loss_value, grad_norm=grad_norm,
-                              reason=guard.reason(loss_value, grad_norm) or "repeated spikes")
-        if action == "rollback":
-            if list_checkpoints(out):
-                state_step, _ = restore(data_too=False)
-                metrics.event(step + 1, "rollback", to_step=state_step)
-                log(f"warning: {cfg.max_consecutive_spikes} spikes in a row at step {step + 1}; rolled back "
-                    f"to step {state_step} and skipped the data since")
-                bar.update(state_step - step)
-                step = state_step
-                continue
-            metrics.event(step + 1, "rollback-impossible", reason="no checkpoint yet")
-        step += 1
-        first_loss = loss_value if first_loss is None else first_loss
-        losses.append(loss_value)
-        dt = time.perf_counter() - t0
-        metrics.step({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "loss_scale": precision.scale,
-                      "tokens_per_s": n_tokens / dt, "tokens": tokens_seen, "skipped": action != "ok",
-                      "time_s": time.perf_counter() - start})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{n_tokens / dt:.0f}", lr=f"{lr:.1e}",
-                        gnorm=f"{grad_norm:.2f}", scale=f"{precision.scale:.0f}")
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            checkpoint()
-        if fault_step and step == fault_step:
-            os.kill(os.getpid(), signal.SIGKILL)
-    bar.close()
+                action = guard.check(loss_value, grad_norm)
+                if action == "ok":
+                    engine.optimizer_step(precision)
+                else:
+                    precision.scaler.update()
+                    metrics.event(step + 1, "spike", loss=loss_value, grad_norm=grad_norm,
+                                  reason=guard.reason(loss_value, grad_norm) or "repeated spikes")
+            if action == "rollback":
+                if list_checkpoints(out):
+                    state_step, _ = restore(data_too=False)
+                    metrics.event(step + 1, "rollback", to_step=state_step)
+                    log(f"warning: {cfg.max_consecutive_spikes} spikes in a row at step {step + 1}; rolled back "
+                        f"to step {state_step} and skipped the data since")
+                    bar.update(state_step - step)
+                    step = state_step
+                    continue
+                metrics.event(step + 1, "rollback-impossible", reason="no checkpoint yet")
+            step += 1
+            first_loss = loss_value if first_loss is None else first_loss
+            losses.append(loss_value)
+            dt = time.perf_counter() - t0
+            metrics.step({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "loss_scale": precision.scale,
+                          "tokens_per_s": n_tokens / dt, "tokens": tokens_seen, "skipped": action != "ok",
+                          "time_s": time.perf_counter() - start})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{n_tokens / dt:.0f}", lr=f"{lr:.1e}",
+                            gnorm=f"{grad_norm:.2f}", scale=f"{precision.scale:.0f}")
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                checkpoint()
+            if fault_step and step == fault_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+        bar.close()
+    finally:
+        stream.close()
     checkpoint()
     metrics.close()
     elapsed = time.perf_counter() - start

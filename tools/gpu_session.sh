@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# One lent-GPU session, as run through the workplace's device tool (see docs/shipped-model.md):
+#   1. the CUDA tests (quantized kernels against the reference, GPU training against the CPU run);
+#   2. the shipped model's training on the GPU: Pre-LN and DeepNorm side by side, same data and
+#      steps, sized from a measured 30-step probe to fit TRAIN_SECONDS;
+#   3. held-out perplexity and the two dev tasks for both runs (on the host's CPU cores);
+#   4. the run with the lower held-out perplexity exported as FP16 (tools/ship_model.py).
+# Everything worth keeping lands under $OUT (weights split in 15 MB parts; `cat` joins them).
+set -u
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_out}
+TRAIN_SECONDS=${TRAIN_SECONDS:-240}
+MAX_TOKENS=${MAX_TOKENS:-60000000}   # about 8 passes over the training mixture
+BATCH=${BATCH:-64}
+DEVICE=${DEVICE:-cuda}
+PROBE_COMPILE=${PROBE_COMPILE---compile}
+TESTS=${TESTS:-1}
+PROBE_STEPS=${PROBE_STEPS:-30}
+EVAL_THREADS=${EVAL_THREADS:-8}
+SEQ=256
+mkdir -p "$OUT"
+LOG="$OUT/session.log"
+exec > >(tee -a "$LOG") 2>&1
+T0=$(date +%s)
+pids=()  # plain `wait` would also wait for the tee above, forever
+stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())" || exit 1
+
+stamp "1. CUDA tests"
+[ "$TESTS" = 1 ] && timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_quant_kernels.py tests/test_train.py \
+    -k "cuda" 2>&1 | tail -15
+
+common=(--preset small --seq-len $SEQ --batch-size $BATCH --precision bf16 --device $DEVICE --instructions builtin
+        --instruction-share 0.2 --gmask-prob 0.7 --seed 1234 --lr 0.002)
+# RUNS: "label:norm:steps ..." trained side by side; steps "auto" = sized by the probe to TRAIN_SECONDS
+RUNS=${RUNS:-"preln:preln:auto deepnorm:deepnorm:auto"}
+labels=(); for r in $RUNS; do labels+=("${r%%:*}"); done
+config() {  # a YAML with the norm override (the CLI has no flag for model overrides)
+    printf 'model_overrides:\n  norm: %s\n' "$1" > "/tmp/norm_$1.yaml"; echo "/tmp/norm_$1.yaml"
+}
+COMPILE=$PROBE_COMPILE
+STEPS=auto
+if [[ "$RUNS" == *auto* ]]; then
+    stamp "2a. probe: $PROBE_STEPS steps of each, side by side ($COMPILE)"
+    probe() {
+        for r in $RUNS; do IFS=: read -r label norm _ <<< "$r"
+            rm -rf /tmp/probe_$label
+            python3 -m glm130b train --config "$(config $norm)" "${common[@]}" $COMPILE --steps $PROBE_STEPS \
+                --warmup-steps 10 --out /tmp/probe_$label > /tmp/probe_$label.log 2>&1 & pids+=($!)
+        done
+        wait "${pids[@]}"; pids=()
+    }
+    probe
+    if ! grep -q "\"steps\": $PROBE_STEPS" /tmp/probe_${labels[0]}.log; then
+        tail -20 /tmp/probe_${labels[0]}.log; stamp "compiled probe failed; probing eager"; COMPILE=; probe
+    fi
+    grep -q "\"steps\": $PROBE_STEPS" /tmp/probe_${labels[0]}.log || { tail -30 /tmp/probe_${labels[0]}.log; exit 3; }
+    STEPS=$(python3 - "$TRAIN_SECONDS" "$MAX_TOKENS" $BATCH $SEQ "${labels[@]}" <<'EOF'
+import json, statistics, sys
+secs, max_tokens, batch, seq = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rates = []
+for label in sys.argv[5:]:
+    rows = [json.loads(l) for l in open(f"/tmp/probe_{label}/metrics.jsonl") if '"loss"' in l]
+    rates.append(statistics.median(r["tokens_per_s"] for r in rows[-15:]))
+steps = int(min(secs * min(rates) * 0.9, max_tokens) // (batch * seq))
+print(max(steps, 1))
+print(f"probe tok/s per run {rates}", file=sys.stderr)
+EOF
+)
+fi
+stamp "2b. training $RUNS (auto = $STEPS steps) ($COMPILE)"
+for r in $RUNS; do IFS=: read -r label norm steps <<< "$r"
+    [ "$steps" = auto ] && steps=$STEPS
+    python3 -m glm130b train --config "$(config $norm)" "${common[@]}" $COMPILE --steps "$steps" --warmup-steps 300 \
+        --checkpoint-every 100000 --out runs/gpu_$label > /tmp/train_$label.log 2>&1 & pids+=($!)
+done
+wait "${pids[@]}"; pids=()
+for n in "${labels[@]}"; do stamp "$n:"; tail -c 600 /tmp/train_$n.log; done
+ls runs/gpu_*/model.safetensors >/dev/null || exit 5
+
+stamp "3. held-out perplexity and dev tasks (CPU, 8 threads each)"
+for n in "${labels[@]}"; do
+    OMP_NUM_THREADS=$EVAL_THREADS python3 -m glm130b eval --model runs/gpu_$n --no-progress ${EVAL_LIMIT:+--limit $EVAL_LIMIT} --output /tmp/eval_$n.json \
+        heldout_ppl bilingual_verse_match zh_classics_cloze > /tmp/eval_$n.log 2>&1 & pids+=($!)
+done
+wait "${pids[@]}"; pids=()
+for n in "${labels[@]}"; do stamp "$n:"; cat /tmp/eval_$n.log; done
+WIN=$(python3 - "${labels[@]}" <<'EOF'
+import json, sys
+ppl = {}
+for n in sys.argv[1:]:
+    try:
+        tasks = json.load(open(f"/tmp/eval_{n}.json"))["tasks"]
+        ppl[n] = tasks["heldout_ppl"]["metrics"]["token_ppl"]
+    except Exception as e:
+        print(f"no eval for {n}: {e!r}", file=sys.stderr)
+print(f"held-out token perplexity {ppl}", file=sys.stderr)
+print(min(ppl, key=ppl.get) if ppl else sys.argv[1])
+EOF
+)
+stamp "4. shipping $WIN"
+python3 tools/ship_model.py runs/gpu_$WIN /tmp/ship || exit 4
+cp /tmp/ship/model.safetensors /tmp/weights && split -b 15000000 /tmp/weights "$OUT/weights.part-"
+mkdir -p /tmp/keep/runs && for n in "${labels[@]}"; do
+    mkdir -p /tmp/keep/runs/$n
+    cp runs/gpu_$n/metrics.jsonl runs/gpu_$n/train_config.json /tmp/eval_$n.json /tmp/eval_$n.log /tmp/train_$n.log \
+        /tmp/probe_$n.log /tmp/keep/runs/$n/ 2>/dev/null
+done
+(cd /tmp/ship && cp --parents $(ls | grep -v model.safetensors) /tmp/keep/)
+echo "$WIN" > /tmp/keep/winner
+tar -C /tmp/keep -czf "$OUT/small.tgz" .
+ls -la "$OUT"
+stamp done
