@@ -236,6 +236,22 @@ def test_mul_scores_match_reference_and_metrics(model, tok):
 
 
 @torch.no_grad()
+def test_mul_mutual_info_subtracts_each_choices_prior(model, tok):
+    """acc_mutual_info picks argmax(log p(choice | prompt) - log p(choice | mask token alone))."""
+    items = [Item(context=f"Question {i}: the sky is", choices=["blue", "green", "a colour of the evening", "grey"],
+                  label=i % 4) for i in range(8)]
+    result = run_mul(model, tok, mul_cfg(metrics=["acc", "acc_mutual_info"]), items)
+    hits = []
+    for item, sample in zip(items, result.samples, strict=True):
+        prior = [reference_logprob(model, [tok.mask_id], 0, False, tok.encode(" " + c), tok.sop_id)
+                 for c in item.choices]
+        calibrated = [lp - p for lp, p in zip(sample["logprobs"], prior, strict=True)]
+        hits.append(float(max(range(4), key=lambda k: (calibrated[k], -k)) == item.label))
+    assert result.metrics["acc_mutual_info"] == pytest.approx(sum(hits) / len(hits))
+    assert "acc_mutual_info" not in run_mul(model, tok, mul_cfg(), items[:1]).metrics  # only on request
+
+
+@torch.no_grad()
 def test_mul_splits_rows_when_choices_do_not_fit(tok):
     model = tiny()
     model.config.max_seq_len = 40

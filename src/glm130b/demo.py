@@ -38,8 +38,10 @@ def _show(model, tokenizer, label: str) -> None:
     for text in BLANKS:
         result = infill(model, tokenizer, text, max_new_tokens=12)
         print(f"   {text}\n     -> {result.text}")
+    # greedy, but no 3-gram twice: a 27M model's greedy text otherwise loops within a sentence
+    continuation = GenerationConfig(max_new_tokens=40, no_repeat_ngram_size=3)
     for prompt in PROMPTS + [TRANSLATE]:
-        print(f"   {prompt}\n     -> {generate(model, tokenizer, prompt, max_new_tokens=40)}")
+        print(f"   {prompt}\n     -> {generate(model, tokenizer, prompt, config=continuation)}")
     n = 32
     cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n)
     t0 = time.perf_counter()

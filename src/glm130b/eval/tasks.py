@@ -5,7 +5,9 @@
   an item in one row (scoring.py); single-token choices share one `<sop>` (the fast path).
   Metrics: `acc` (summed log-prob), `acc_norm` (divided by the choice's length in characters, as
   lm-evaluation-harness), `acc_tok` (divided by its token count), `mc_grade` (BIG-bench
-  multiple_choice_grade, when the data has target scores).
+  multiple_choice_grade, when the data has target scores), and on request (`metrics:` in the
+  YAML) `acc_mutual_info`: the log-prob minus the choice's log-prob after the mask token alone
+  (lm-evaluation-harness's name; GPT-3's calibration for choices whose prior differs).
 * `ll` — log-likelihood of one continuation after context + [gMASK] (lm-evaluation-harness's
   protocol for lambada_openai): `acc` = the greedy continuation is the target, `ppl` =
   exp(-mean log-likelihood).
@@ -334,15 +336,27 @@ def run_mul(model, tokenizer, cfg: TaskConfig, items: list[Item], progress: Prog
             chunk_owners.append(owner)
         rows.append(choice_row(ctx, mpos, cfg.mask == "[gMASK]", chunk, tokenizer.sop_id, chunk_owners, tag=idx))
 
+    conditional = len(rows)
+    mutual_info = "acc_mutual_info" in (cfg.metrics or [])
+    if mutual_info:  # each choice once more, after the mask token alone: its prior
+        for idx, item in enumerate(items):
+            ctx, mpos = encode_context(tokenizer, Item(choices=item.choices), mask_id, max_len)
+            conts = [tokenizer.encode(cfg.target_delimiter + c) or [tokenizer.eop_id] for c in item.choices]
+            for owner, cont in enumerate(conts):
+                rows.append(choice_row(ctx, mpos, cfg.mask == "[gMASK]", [cont], tokenizer.sop_id, [owner], tag=idx))
     scores = _score(model, tokenizer, cfg, rows, progress)
     logprob = [[0.0] * len(item.choices) for item in items]
+    prior = [[0.0] * len(item.choices) for item in items]
     ntok = [[0] * len(item.choices) for item in items]
-    for row, s in zip(rows, scores, strict=True):
+    for k, (row, s) in enumerate(zip(rows, scores, strict=True)):
         for owner in set(row.owners):
-            logprob[row.tag][owner] += s.logprob[owner]
-            ntok[row.tag][owner] += s.num_tokens[owner]
+            if k < conditional:
+                logprob[row.tag][owner] += s.logprob[owner]
+                ntok[row.tag][owner] += s.num_tokens[owner]
+            else:
+                prior[row.tag][owner] += s.logprob[owner]
 
-    per_item: dict[str, list[float]] = {"acc": [], "acc_norm": [], "acc_tok": [], "mc_grade": []}
+    per_item: dict[str, list[float]] = {"acc": [], "acc_norm": [], "acc_tok": [], "mc_grade": [], "acc_mutual_info": []}
     samples = []
     for idx, item in enumerate(items):
         lp = logprob[idx]
@@ -354,6 +368,9 @@ def run_mul(model, tokenizer, cfg: TaskConfig, items: list[Item], progress: Prog
         per_item["acc_tok"].append(float(pred_tok == item.label))
         if item.choice_scores is not None:
             per_item["mc_grade"].append(item.choice_scores[pred])
+        if mutual_info:
+            pred_mi = _argmax([v - u for v, u in zip(lp, prior[idx], strict=True)])
+            per_item["acc_mutual_info"].append(float(pred_mi == item.label))
         samples.append({"id": item.id, "label": item.label, "pred": pred, "logprobs": lp})
     return _summarise(cfg, items, per_item, samples)
 
