@@ -88,7 +88,7 @@ def main() -> int:
     p.add_argument("--model", help="model folder (default: the shipped model)")
     p.add_argument("--bits", type=int, choices=[4, 8])
     p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--requests", type=int, default=0, help="requests per level (default: 4 per client, >= 8)")
+    p.add_argument("--requests", type=int, default=0, help="requests per level (default: 8 per client, >= 64; short runs are noisy)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--json", help="also write the rows to this JSON file")
@@ -100,7 +100,7 @@ def main() -> int:
     try:
         asyncio.run(level(base, 2, 4, 4))  # warm-up: kernels built, caches touched
         for n in args.levels:
-            rows.append(asyncio.run(level(base, n, args.requests or max(8, 4 * n), args.max_tokens)))
+            rows.append(asyncio.run(level(base, n, args.requests or max(64, 8 * n), args.max_tokens)))
     finally:
         server.terminate()
         server.wait(timeout=30)
