@@ -415,11 +415,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<
     }
   };
   // Threads only pay off for big products: a fork/join costs microseconds, and on a busy machine
-  // a barrier waits for a descheduled thread. At least ~2 MB of weights x batch rows each: at
-  // batch 1 a small matrix stays on one thread (bandwidth-bound), at batch 8 the same matrix is
-  // 8x the arithmetic and splits (a batch-8 decode step of glm-small: 8.0 -> 6.2-6.7 ms).
-  const int64_t volume = row_bytes * N * M;
-  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, std::min<int64_t>(N / 16, volume >> 21)));
+  // a barrier waits for a descheduled thread. The work is counted in weights x batch rows, not
+  // bytes: an INT4 weight costs a core about as much time as an FP32 one (it is unpacked, not
+  // just read), and a batch of 8 is 8x the arithmetic. At least ~0.5M of them per thread (2 MB
+  // of FP32 weights at batch 1). Measured: a batch-8 decode step of glm-small 8.0 -> 6.5 ms;
+  // a 1.5 MB INT4 matrix at batch 1 streamed ~16 GB/s on one thread, ~28 GB/s on two.
+  const int64_t volume = N * Ku * (fmt == I4 ? 2 : 1) * M;
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, std::min<int64_t>(N / 16, volume >> 19)));
   if (nt == 1) {
     work(0, N);
   } else {
