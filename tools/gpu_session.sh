@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One lent-GPU session, as run through the workplace's device tool (see docs/shipped-model.md):
 #   1. the CUDA tests (quantized kernels against the reference, GPU training against the CPU run);
-#   2. the shipped model's training on the GPU: Pre-LN and DeepNorm side by side, same data and
-#      steps, sized from a measured 30-step probe to fit TRAIN_SECONDS;
-#   3. held-out perplexity and the two dev tasks for both runs (on the host's CPU cores);
-#   4. the run with the lower held-out perplexity exported as FP16 (tools/ship_model.py).
+#   2. the shipped model's training on the GPU: RUNS="label:norm:steps ..." side by side (default
+#      Pre-LN and DeepNorm), steps "auto" sized from a measured 30-step probe to fit TRAIN_SECONDS;
+#   3. each run exported as FP16 (tools/ship_model.py: context = the training windows), and its
+#      held-out perplexity and the two dev tasks (on the host's CPU cores);
+#   4. the export with the lowest held-out perplexity kept.
+# How the shipped model was made:  RUNS="dn1800:deepnorm:1800 dn3000:deepnorm:3000" TESTS=0 tools/gpu_session.sh
 # Everything worth keeping lands under $OUT (weights split in 15 MB parts; `cat` joins them).
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
@@ -80,9 +82,10 @@ wait "${pids[@]}"; pids=()
 for n in "${labels[@]}"; do stamp "$n:"; tail -c 600 /tmp/train_$n.log; done
 ls runs/gpu_*/model.safetensors >/dev/null || exit 5
 
-stamp "3. held-out perplexity and dev tasks (CPU, 8 threads each)"
+stamp "3. export, then held-out perplexity and dev tasks (CPU, 8 threads each)"
 for n in "${labels[@]}"; do
-    OMP_NUM_THREADS=$EVAL_THREADS python3 -m glm130b eval --model runs/gpu_$n --no-progress ${EVAL_LIMIT:+--limit $EVAL_LIMIT} --output /tmp/eval_$n.json \
+    rm -rf /tmp/ship_$n; python3 tools/ship_model.py runs/gpu_$n /tmp/ship_$n > /tmp/ship_$n.log 2>&1 || exit 4
+    OMP_NUM_THREADS=$EVAL_THREADS python3 -m glm130b eval --model /tmp/ship_$n --no-progress ${EVAL_LIMIT:+--limit $EVAL_LIMIT} --output /tmp/eval_$n.json \
         heldout_ppl bilingual_verse_match zh_classics_cloze > /tmp/eval_$n.log 2>&1 & pids+=($!)
 done
 wait "${pids[@]}"; pids=()
@@ -101,7 +104,7 @@ print(min(ppl, key=ppl.get) if ppl else sys.argv[1])
 EOF
 )
 stamp "4. shipping $WIN"
-python3 tools/ship_model.py runs/gpu_$WIN /tmp/ship || exit 4
+rm -rf /tmp/ship && cp -r /tmp/ship_$WIN /tmp/ship && cat /tmp/ship_$WIN.log
 cp /tmp/ship/model.safetensors /tmp/weights && split -b 15000000 /tmp/weights "$OUT/weights.part-"
 mkdir -p /tmp/keep/runs && for n in "${labels[@]}"; do
     mkdir -p /tmp/keep/runs/$n
