@@ -145,7 +145,17 @@ def test_metrics_and_plot(tmp_path):
     png = plot_run(out)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert any((out / "tensorboard").iterdir())
-    assert json.loads((out / "config.json").read_text())["num_layers"] == 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_layers"] == 1
+    # the run folder's context is the training windows (the tiny preset's own is longer): an
+    # eval or a prompt past it would use rotary positions the model never saw
+    assert config["max_seq_len"] == SMALL["seq_len"] < tiny_preset_context()
+
+
+def tiny_preset_context() -> int:
+    from glm130b.config import GLMConfig
+
+    return GLMConfig.from_preset("tiny").max_seq_len
 
 
 def _sample_stream(tokenizer, seed=3):

@@ -7,6 +7,7 @@ leaves a half-written file where a good one was.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -26,8 +27,10 @@ TOKENIZER = "tokenizer.json"
 
 
 def save_model(directory: str | Path, model: GLMModel, tokenizer, dtype: torch.dtype | None = None,
-               extra: dict | None = None) -> Path:
-    """Write the model folder atomically (weights optionally cast to `dtype`, e.g. fp16)."""
+               extra: dict | None = None, context: int | None = None) -> Path:
+    """Write the model folder atomically (weights optionally cast to `dtype`, e.g. fp16).
+    `context`: the config's max_seq_len to record, when shorter than the model's (a trained run
+    records its training windows: rotary positions past them were never trained)."""
     directory = Path(directory)
     with staging_folder(directory, f"could not save the model to {directory}") as tmp:
         state = {}
@@ -37,7 +40,10 @@ def save_model(directory: str | Path, model: GLMModel, tokenizer, dtype: torch.d
                 tensor = tensor.to(dtype)
             state[name] = tensor.contiguous()
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "glm130b": "1"})
-        model.config.save(tmp / CONFIG)
+        config = model.config
+        if context is not None and context < config.max_seq_len:
+            config = dataclasses.replace(config, max_seq_len=context)
+        config.save(tmp / CONFIG)
         if tokenizer is not None:  # None: weights only (a converted checkpoint without its tokenizer)
             tokenizer.save(tmp / TOKENIZER)
         if extra:

@@ -518,7 +518,7 @@ class ParallelEngine:
                 merged.setdefault(key, value)  # the tied embedding: stage 0's copy (they are equal)
         return merged
 
-    def save_model(self, out: str | Path, tokenizer, extra: dict) -> None:
+    def save_model(self, out: str | Path, tokenizer, extra: dict, context: int | None = None) -> None:
         from glm130b.checkpoint import save_model
         from glm130b.model.glm import GLMModel
 
@@ -528,6 +528,6 @@ class ParallelEngine:
             with torch.device("meta"):
                 model = GLMModel(self.config)
             model.load_state_dict(state, strict=True, assign=True)
-            save_model(out, model, tokenizer, extra=extra)
+            save_model(out, model, tokenizer, extra=extra, context=context)
 
         self._on_main(write, f"the model to {out}")

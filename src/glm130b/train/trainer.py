@@ -273,8 +273,8 @@ class SingleEngine:
         self.optimizer.load_state_dict(state.optimizer)
         return state.step, state.extra, state.rng
 
-    def save_model(self, out: Path, tokenizer, extra: dict) -> None:
-        save_model(out, self.module, tokenizer, extra=extra)
+    def save_model(self, out: Path, tokenizer, extra: dict, context: int | None = None) -> None:
+        save_model(out, self.module, tokenizer, extra=extra, context=context)
 
 
 class _NoMetrics:
@@ -369,7 +369,9 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg: GLMConfig, progress: bool, lo
         extra = {"objective": objective_state, "guard": guard.state_dict(), "scaler": precision.state_dict(),
                  "tokens": tokens_seen, "config": dataclasses.asdict(cfg)}
         engine.save_checkpoint(out, step, extra, keep=cfg.keep_checkpoints)
-        engine.save_model(out, tokenizer, extra={"trained_steps": step, "train_config": dataclasses.asdict(cfg)})
+        # the folder's context is the training windows' length (positions past it were never trained)
+        engine.save_model(out, tokenizer, extra={"trained_steps": step, "train_config": dataclasses.asdict(cfg)},
+                          context=cfg.seq_len)
         metrics.event(step, "checkpoint")
 
     instructions = instruction_pairs(cfg.instructions, tokenizer, cfg.seed) if cfg.instructions else None
