@@ -221,3 +221,19 @@ def test_cuda_training_follows_the_cpu_run(tmp_path, compile_model):
     resumed = train(TrainConfig(out=str(tmp_path / "gpu"), device="cpu", resume=True, **dict(cfg, steps=8)),
                     default_tokenizer(), progress=False)
     assert resumed["steps"] == 8
+
+
+def test_a_compile_failure_falls_back_to_eager_training(tmp_path, monkeypatch, capsys):
+    """--compile where torch.compile cannot build (say, no C++ compiler): a warning, then the
+    same run as without it."""
+    def broken_compile(module, **kw):
+        def run(*args, **kwargs):
+            raise RuntimeError("InductorError: no working C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    cfg = dict(SMALL, steps=3, precision="fp32")
+    train(TrainConfig(out=str(tmp_path / "compiled"), compile=True, **cfg), default_tokenizer(), progress=False)
+    assert "torch.compile failed" in capsys.readouterr().err
+    train(TrainConfig(out=str(tmp_path / "eager"), **cfg), default_tokenizer(), progress=False)
+    assert losses(tmp_path / "compiled") == losses(tmp_path / "eager")

@@ -16,6 +16,7 @@ import math
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from glm130b import errors
 from glm130b.checkpoint import save_model
 from glm130b.config import ConfigError, GLMConfig
 from glm130b.data.heldout import training_documents
@@ -239,8 +241,17 @@ class SingleEngine:
 
     def forward_backward(self, batch: dict, precision: Precision, grad_accum: int) -> float:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        args = (batch["input_ids"], batch["position_ids"])
         with precision.autocast():
-            logits = self.forward(batch["input_ids"], batch["position_ids"], context_lengths=batch["context_lengths"])
+            try:
+                logits = self.forward(*args, context_lengths=batch["context_lengths"])
+            except Exception as e:  # torch.compile could not build (no C++ compiler, ...): train eagerly
+                if self.forward is self.module:
+                    raise
+                print(f"warning: torch.compile failed ({errors.first_line(e)}); training without it",
+                      file=sys.stderr)
+                self.forward = self.module
+                logits = self.forward(*args, context_lengths=batch["context_lengths"])
         loss = glm_loss(logits, batch["targets"], batch["loss_mask"]) / grad_accum
         precision.backward(loss)
         return loss.item()
