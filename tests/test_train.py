@@ -192,9 +192,11 @@ def test_prefetch_thread_errors_reach_the_training_loop():
         raise ValueError("corrupt document")
 
     stream = trainer_module.BatchStream(broken(), None, batch_size=2, ahead=1)
-    with pytest.raises((ValueError, RuntimeError)):
-        stream.next()
+    for _ in range(2):  # and again on the next call, instead of waiting forever for the ended thread
+        with pytest.raises((ValueError, RuntimeError)):
+            stream.next()
     stream.close()
+    assert not stream._thread.is_alive()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
@@ -237,3 +239,22 @@ def test_a_compile_failure_falls_back_to_eager_training(tmp_path, monkeypatch, c
     assert "torch.compile failed" in capsys.readouterr().err
     train(TrainConfig(out=str(tmp_path / "eager"), **cfg), default_tokenizer(), progress=False)
     assert losses(tmp_path / "compiled") == losses(tmp_path / "eager")
+
+
+def test_errors_after_the_first_compiled_step_are_not_swallowed(tmp_path, monkeypatch):
+    """Only the first step may fall back to eager: a later failure (out of memory, a bug) stops
+    the run instead of silently changing how it trains."""
+    def flaky_compile(module, **kw):
+        calls = []
+
+        def run(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("out of memory")
+            return module(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(torch, "compile", flaky_compile)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(TrainConfig(out=str(tmp_path / "run"), compile=True, **dict(SMALL, steps=3)), default_tokenizer(),
+              progress=False)

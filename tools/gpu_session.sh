@@ -25,14 +25,22 @@ LOG="$OUT/session.log"
 exec > >(tee -a "$LOG") 2>&1
 T0=$(date +%s)
 pids=()  # plain `wait` would also wait for the tee above, forever
+wait_all() {  # wait for every pid in pids; non-zero if any failed
+    local rc=0 pid
+    for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+    pids=(); return $rc
+}
 stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())" || exit 1
 
 stamp "1. CUDA tests"
-[ "$TESTS" = 1 ] && timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_quant_kernels.py tests/test_train.py \
-    -k "cuda" 2>&1 | tail -15
+if [ "$TESTS" = 1 ]; then
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_quant_kernels.py tests/test_train.py \
+        -k "cuda" > /tmp/cuda_tests.log 2>&1 || echo "CUDA TESTS FAILED (the log's end follows)"
+    tail -15 /tmp/cuda_tests.log
+fi
 
 common=(--preset small --seq-len $SEQ --batch-size $BATCH --precision bf16 --device $DEVICE --instructions builtin
         --instruction-share 0.2 --gmask-prob 0.7 --seed 1234 --lr 0.002)
@@ -52,13 +60,15 @@ if [[ "$RUNS" == *auto* ]]; then
             python3 -m glm130b train --config "$(config $norm)" "${common[@]}" $COMPILE --steps $PROBE_STEPS \
                 --warmup-steps 10 --out /tmp/probe_$label > /tmp/probe_$label.log 2>&1 & pids+=($!)
         done
-        wait "${pids[@]}"; pids=()
+        wait_all || true  # judged below, per run
     }
     probe
     if ! grep -q "\"steps\": $PROBE_STEPS" /tmp/probe_${labels[0]}.log; then
         tail -20 /tmp/probe_${labels[0]}.log; stamp "compiled probe failed; probing eager"; COMPILE=; probe
     fi
-    grep -q "\"steps\": $PROBE_STEPS" /tmp/probe_${labels[0]}.log || { tail -30 /tmp/probe_${labels[0]}.log; exit 3; }
+    for n in "${labels[@]}"; do
+        grep -q "\"steps\": $PROBE_STEPS" /tmp/probe_$n.log || { tail -30 /tmp/probe_$n.log; exit 3; }
+    done
     STEPS=$(python3 - "$TRAIN_SECONDS" "$MAX_TOKENS" $BATCH $SEQ "${labels[@]}" <<'EOF'
 import json, statistics, sys
 secs, max_tokens, batch, seq = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -72,23 +82,27 @@ print(f"probe tok/s per run {rates}", file=sys.stderr)
 EOF
 )
 fi
+[[ "$STEPS" == auto || "$STEPS" =~ ^[0-9]+$ ]] || { echo "no step count from the probe: $STEPS"; exit 3; }
 stamp "2b. training $RUNS (auto = $STEPS steps) ($COMPILE)"
 for r in $RUNS; do IFS=: read -r label norm steps <<< "$r"
     [ "$steps" = auto ] && steps=$STEPS
+    rm -rf runs/gpu_$label  # a warm machine keeps runs/ from an earlier call
     python3 -m glm130b train --config "$(config $norm)" "${common[@]}" $COMPILE --steps "$steps" --warmup-steps 300 \
         --checkpoint-every 100000 --out runs/gpu_$label > /tmp/train_$label.log 2>&1 & pids+=($!)
 done
-wait "${pids[@]}"; pids=()
+wait_all || echo "a training run failed (its log follows)"
 for n in "${labels[@]}"; do stamp "$n:"; tail -c 600 /tmp/train_$n.log; done
-ls runs/gpu_*/model.safetensors >/dev/null || exit 5
+trained=(); for n in "${labels[@]}"; do [ -f runs/gpu_$n/model.safetensors ] && trained+=("$n"); done
+[ ${#trained[@]} -gt 0 ] || exit 5
+labels=("${trained[@]}")
 
 stamp "3. export, then held-out perplexity and dev tasks (CPU, 8 threads each)"
 for n in "${labels[@]}"; do
-    rm -rf /tmp/ship_$n; python3 tools/ship_model.py runs/gpu_$n /tmp/ship_$n > /tmp/ship_$n.log 2>&1 || exit 4
+    rm -rf /tmp/ship_$n; python3 tools/ship_model.py runs/gpu_$n /tmp/ship_$n > /tmp/ship_$n.log 2>&1 || { wait_all; exit 4; }
     OMP_NUM_THREADS=$EVAL_THREADS python3 -m glm130b eval --model /tmp/ship_$n --no-progress ${EVAL_LIMIT:+--limit $EVAL_LIMIT} --output /tmp/eval_$n.json \
         heldout_ppl bilingual_verse_match zh_classics_cloze > /tmp/eval_$n.log 2>&1 & pids+=($!)
 done
-wait "${pids[@]}"; pids=()
+wait_all || echo "an evaluation failed (its log follows)"
 for n in "${labels[@]}"; do stamp "$n:"; cat /tmp/eval_$n.log; done
 WIN=$(python3 - "${labels[@]}" <<'EOF'
 import json, sys
@@ -100,9 +114,10 @@ for n in sys.argv[1:]:
     except Exception as e:
         print(f"no eval for {n}: {e!r}", file=sys.stderr)
 print(f"held-out token perplexity {ppl}", file=sys.stderr)
-print(min(ppl, key=ppl.get) if ppl else sys.argv[1])
+print(min(ppl, key=ppl.get) if ppl else "")
 EOF
 )
+[ -n "$WIN" ] || { echo "no run was evaluated"; exit 6; }
 stamp "4. shipping $WIN"
 rm -rf /tmp/ship && cp -r /tmp/ship_$WIN /tmp/ship && cat /tmp/ship_$WIN.log
 cp /tmp/ship/model.safetensors /tmp/weights && split -b 15000000 /tmp/weights "$OUT/weights.part-"

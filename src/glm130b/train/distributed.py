@@ -198,7 +198,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, tokenizer) -> Pat
     model_cfg = GLMConfig.from_preset(train_cfg["preset"], **train_cfg.get("model_overrides", {}))
     model = GLMModel(model_cfg)
     load_model_weights(model, checkpoint / DCP_DIR)
-    return save_model(out, model, tokenizer, extra={"trained_steps": state["step"], "train_config": train_cfg})
+    return save_model(out, model, tokenizer, extra={"trained_steps": state["step"], "train_config": train_cfg},
+                      context=train_cfg.get("seq_len"))
 
 
 @contextlib.contextmanager

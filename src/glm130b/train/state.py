@@ -133,7 +133,9 @@ def latest_intact(run_dir: str | Path, log=print) -> Path:
 
 def read_checkpoint(path: Path) -> TrainState:
     """A single-process checkpoint folder (see save_checkpoint)."""
-    blob = torch.load(path / "optimizer.pt", weights_only=False)
+    # on the CPU: a GPU run's AdamW states are CUDA tensors, and load_state_dict moves them to
+    # the parameters' device, so a GPU checkpoint resumes on a machine without one
+    blob = torch.load(path / "optimizer.pt", weights_only=False, map_location="cpu")
     extra = json.loads((path / "state.json").read_text())
     step = extra.pop("step")
     return TrainState(step, load_file(str(path / "model.safetensors")), blob["optimizer"], extra, blob["rng"])

@@ -182,6 +182,7 @@ class BatchStream:
         self._samples, self._builder, self._batch_size, self._pin = samples, builder, batch_size, pin
         self._stop = threading.Event()
         self._queue: queue.Queue | None = None
+        self._error: BaseException | None = None
         if ahead > 0:
             self._queue = queue.Queue(maxsize=ahead)
             self._thread = threading.Thread(target=self._fill, name="glm130b-batches", daemon=True)
@@ -211,13 +212,18 @@ class BatchStream:
     def next(self) -> tuple[dict, dict]:
         if self._queue is None:
             return self._make()
+        if self._error is not None:  # the thread has ended: raise again rather than wait forever
+            raise self._error
         item = self._queue.get()
         if isinstance(item, BaseException):
+            self._error = item
             raise item
         return item
 
     def close(self) -> None:
         self._stop.set()
+        if self._queue is not None:
+            self._thread.join(timeout=10)
 
 
 class SingleEngine:
@@ -231,6 +237,7 @@ class SingleEngine:
         self.optimizer = make_optimizer(self.module, cfg)
         # compiled forward; the state dicts and checkpoints keep using the plain module
         self.forward = torch.compile(self.module) if cfg.compile else self.module
+        self._compile_unproven = cfg.compile
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -241,17 +248,22 @@ class SingleEngine:
 
     def forward_backward(self, batch: dict, precision: Precision, grad_accum: int) -> float:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        args = (batch["input_ids"], batch["position_ids"])
-        with precision.autocast():
+        if self._compile_unproven:  # the first step builds the compiled graphs, forward and backward
             try:
-                logits = self.forward(*args, context_lengths=batch["context_lengths"])
+                value = self._forward_backward(batch, precision, grad_accum)
             except Exception as e:  # torch.compile could not build (no C++ compiler, ...): train eagerly
-                if self.forward is self.module:
-                    raise
                 print(f"warning: torch.compile failed ({errors.first_line(e)}); training without it",
                       file=sys.stderr)
                 self.forward = self.module
-                logits = self.forward(*args, context_lengths=batch["context_lengths"])
+                self.optimizer.zero_grad(set_to_none=True)  # nothing of the failed try may remain
+                value = self._forward_backward(batch, precision, grad_accum)
+            self._compile_unproven = False
+            return value
+        return self._forward_backward(batch, precision, grad_accum)
+
+    def _forward_backward(self, batch: dict, precision: Precision, grad_accum: int) -> float:
+        with precision.autocast():
+            logits = self.forward(batch["input_ids"], batch["position_ids"], context_lengths=batch["context_lengths"])
         loss = glm_loss(logits, batch["targets"], batch["loss_mask"]) / grad_accum
         precision.backward(loss)
         return loss.item()
@@ -387,9 +399,9 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg: GLMConfig, progress: bool, lo
 
     instructions = instruction_pairs(cfg.instructions, tokenizer, cfg.seed) if cfg.instructions else None
     samples = builder.samples(token_documents(tokenizer, cfg.sources, cfg.seed), instructions)
+    objective_state = builder.state_dict()  # before the prefetch thread starts moving the builder on
     on_accelerator = device_type != "cpu"
     stream = BatchStream(samples, builder, cfg.batch_size, ahead=2 if on_accelerator else 0, pin=on_accelerator)
-    objective_state = builder.state_dict()
     out.mkdir(parents=True, exist_ok=True)
     if engine.is_main:
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
