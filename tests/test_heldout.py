@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from glm130b.data.corpus import iter_documents
-from glm130b.data.heldout import dev_verses, heldout_ppl_documents, training_documents
+from glm130b.data.heldout import DEV_BOOKS, dev_verses, heldout_ppl_documents, training_documents
 from glm130b.data.instructions import _GLOSS_SPLIT, EN_TO_ZH, verse_pairs
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -39,6 +39,30 @@ def test_dev_verses_are_removed_from_their_chapters(bible_docs):
             if doc_id not in training:  # the whole chapter is in the perplexity slice
                 continue
             assert training[doc_id].count(text) < original[doc_id].count(text), (doc_id, text)
+
+
+def test_only_dev_verses_leave_a_chapter(bible_docs):
+    """Every other verse of a dev chapter stays whole: a short dev verse that also opens a longer
+    one ("耶和华对摩西说：", Leviticus 21) must not cut the longer one."""
+    from glm130b.data.corpus import iter_parallel_verses
+
+    original, training = bible_docs
+    dev = dev_verses()
+    rows: dict = {}
+    for r in iter_parallel_verses():
+        if r["book"] in DEV_BOOKS:
+            rows.setdefault((r["book"], r["chapter"]), []).append(r)
+    checked = 0
+    for (book, chapter), verses in rows.items():
+        verses.sort(key=lambda r: r["verse"])
+        for prefix, lang, sep in (("kjv", "en", " "), ("cuv", "zh", "")):
+            doc_id = f"{prefix}/{book.replace(' ', '_')}/{chapter}"
+            if doc_id not in training or sep.join(r[lang] for r in verses) != original[doc_id]:
+                continue
+            kept = [r[lang] for r in verses if (book, chapter, r["verse"]) not in dev]
+            assert training[doc_id] == sep.join(kept), doc_id
+            checked += 1
+    assert checked > 300
 
 
 def test_perplexity_slice_is_disjoint_from_training(bible_docs):

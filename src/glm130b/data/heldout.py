@@ -79,12 +79,24 @@ def _chapter_key(doc_id: str) -> tuple[str, int] | None:
     return parts[1].replace("_", " "), int(parts[2])
 
 
-def _strip_dev_verses(doc: Document, by_chapter: dict[tuple[str, int], list[tuple[str, str]]]) -> Document:
+def _strip_dev_verses(doc: Document, by_chapter: dict[tuple[str, int], dict[int, tuple[str, str]]],
+                      verses: dict[tuple[str, int], list[tuple[int, str, str]]]) -> Document:
+    """The chapter without its dev verses. A chapter document is its verses joined (with spaces
+    in English), so it is rebuilt from the verse list without them: cutting text out would hit
+    the first occurrence, and short formula verses ("耶和华对摩西说：") also open longer ones.
+    A chapter whose text is not its verses joined falls back to cutting the first occurrence."""
     key = _chapter_key(doc.id)
     if key is None or key not in by_chapter:
         return doc
+    sep = " " if doc.lang == "en" else ""
+    rows = verses.get(key, [])
+    texts = [en if doc.lang == "en" else zh for _, en, zh in rows]
+    if rows and sep.join(texts) == doc.text:
+        dropped = by_chapter[key]
+        kept = [t for (verse, _, _), t in zip(rows, texts, strict=True) if verse not in dropped]
+        return Document(doc.id, doc.lang, sep.join(kept))
     text = doc.text
-    for en, zh in by_chapter[key]:
+    for en, zh in by_chapter[key].values():
         if doc.lang == "en":
             text = text.replace(en + " ", "", 1) if (en + " ") in text else text.replace(en, "", 1)
         else:
@@ -94,9 +106,15 @@ def _strip_dev_verses(doc: Document, by_chapter: dict[tuple[str, int], list[tupl
 
 def training_documents(sources: Iterable[str] = SOURCES, root: Path | None = None) -> Iterator[Document]:
     """The corpus minus the dev items and the perplexity slice."""
-    by_chapter: dict[tuple[str, int], list[tuple[str, str]]] = {}
-    for (book, chapter, _), pair in dev_verses(root).items():
-        by_chapter.setdefault((book, chapter), []).append(pair)
+    by_chapter: dict[tuple[str, int], dict[int, tuple[str, str]]] = {}
+    for (book, chapter, verse), pair in dev_verses(root).items():
+        by_chapter.setdefault((book, chapter), {})[verse] = pair
+    verses: dict[tuple[str, int], list[tuple[int, str, str]]] = {}
+    for row in iter_parallel_verses(root / "corpus" if root else None):
+        if (row["book"], row["chapter"]) in by_chapter:
+            verses.setdefault((row["book"], row["chapter"]), []).append((row["verse"], row["en"], row["zh"]))
+    for rows in verses.values():
+        rows.sort()
     sigs = cloze_signatures(root)
     for source in sources:
         for i, doc in enumerate(iter_documents((source,), root / "corpus" if root else None)):
@@ -106,7 +124,7 @@ def training_documents(sources: Iterable[str] = SOURCES, root: Path | None = Non
                 flat = doc.text.replace("\n", "")
                 if any(sig in flat for sig in sigs):
                     continue
-            yield _strip_dev_verses(doc, by_chapter)
+            yield _strip_dev_verses(doc, by_chapter, verses)
 
 
 def heldout_ppl_documents(sources: Iterable[str] = SOURCES, root: Path | None = None) -> Iterator[Document]:
