@@ -11,7 +11,6 @@ time, first and last loss) and `loss.png` (the run's curves). Scores are added b
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
@@ -31,8 +30,6 @@ def main() -> int:
     run, out = Path(args.run), Path(args.out)
     model, tokenizer = load_model(run)
     train_cfg = json.loads((run / "train_config.json").read_text())
-    # the context it was trained on: rotary positions past the training windows were never seen
-    model.config = dataclasses.replace(model.config, max_seq_len=min(model.config.max_seq_len, train_cfg["seq_len"]))
     rows = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     if not rows:
         raise SystemExit(f"{run}/metrics.jsonl has no training steps")
@@ -42,7 +39,8 @@ def main() -> int:
         "first_loss": rows[0]["loss"], "final_loss_mean_last_100": sum(tail) / len(tail),
         "parameters": model.num_parameters(), "weights_dtype": "float16",
     }
-    save_model(out, model, tokenizer, dtype=torch.float16, extra=training)
+    # the context it was trained on (runs before the trainer recorded it keep the preset's)
+    save_model(out, model, tokenizer, dtype=torch.float16, extra=training, context=train_cfg["seq_len"])
     shutil.copyfile(run / "train_config.json", out / "train_config.json")
     plot_run(run, out / "loss.png")
     size = (out / "model.safetensors").stat().st_size

@@ -2,7 +2,8 @@
 
 * `bilingual_verse_match_dev`: each item's verse (English and its Chinese answer) and the three
   distractor verses are located in the parallel corpus (Genesis-Deuteronomy) and removed from
-  their KJV and CUV chapters and from the parallel pairs. Identical wording elsewhere in the Bible (refrains) stays, as the data
+  their KJV and CUV chapters and from the parallel pairs; a verse whose Chinese equals a
+  distractor's goes too. Identical wording outside those books (refrains) stays, as the data
   README warns it will.
 * `zh_classics_cloze_dev`: every classics document that contains an item's context tail plus
   its answer line is dropped.

@@ -310,11 +310,12 @@ def run_mul(model, tokenizer, cfg: TaskConfig, items: list[Item], progress: Prog
     max_len = _max_length(model, cfg)
     mask_id = mask_token_id(tokenizer, cfg.mask)
     rows: list[Row] = []
-    choice_chars = []
+    choice_chars, choice_ids = [], []
     for idx, item in enumerate(items):
         if len(item.choices) < 1:
             raise DataError(f"task {cfg.name!r}: item {item.id or idx} has no choices")
         conts = [tokenizer.encode(cfg.target_delimiter + c) or [tokenizer.eop_id] for c in item.choices]
+        choice_ids.append(conts)
         choice_chars.append([max(len(c), 1) for c in item.choices])
         if cfg.single_token and all(len(c) == 1 for c in conts):
             ctx, mpos = encode_context(tokenizer, item, mask_id, max_len - 1)
@@ -339,9 +340,8 @@ def run_mul(model, tokenizer, cfg: TaskConfig, items: list[Item], progress: Prog
     conditional = len(rows)
     mutual_info = "acc_mutual_info" in (cfg.metrics or [])
     if mutual_info:  # each choice once more, after the mask token alone: its prior
-        for idx, item in enumerate(items):
-            ctx, mpos = encode_context(tokenizer, Item(choices=item.choices), mask_id, max_len)
-            conts = [tokenizer.encode(cfg.target_delimiter + c) or [tokenizer.eop_id] for c in item.choices]
+        ctx, mpos = encode_context(tokenizer, Item(), mask_id, max_len)  # the mask token alone
+        for idx, conts in enumerate(choice_ids):
             for owner, cont in enumerate(conts):
                 rows.append(choice_row(ctx, mpos, cfg.mask == "[gMASK]", [cont], tokenizer.sop_id, [owner], tag=idx))
     scores = _score(model, tokenizer, cfg, rows, progress)

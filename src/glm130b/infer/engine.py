@@ -133,6 +133,23 @@ class Engine:
             h = h[torch.arange(h.shape[0], device=h.device), logits_at]  # [B, H]
         return self._head(model.final_layernorm(h))
 
+    def prefill_inputs(self, contexts: Sequence[Sequence[int]], pad_id: int = 0):
+        """ids [B, P] (right-padded to the longest context), positions 0..P-1 (2D: block positions
+        0) and the mask [B, 1, P, P] letting every token see its own row's context and no padding:
+        the inputs that encode several contexts bidirectionally in one forward."""
+        dev = self.device
+        lengths = torch.tensor([len(c) for c in contexts], device=dev)
+        longest = int(lengths.max())
+        ids = torch.full((len(contexts), longest), pad_id, dtype=torch.long, device=dev)
+        for i, context in enumerate(contexts):
+            ids[i, : len(context)] = torch.tensor(context, dtype=torch.long)
+        pos = torch.arange(longest, device=dev).expand(len(contexts), longest)
+        if self.two_d:
+            pos = torch.stack((pos, torch.zeros_like(pos)), dim=1)
+        j = torch.arange(longest, device=dev)
+        allowed = (j.view(1, 1, 1, -1) < lengths.view(-1, 1, 1, 1)).expand(-1, 1, longest, -1)
+        return ids, pos, allowed
+
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         from glm130b.quant.kernels import dense_linear
 
@@ -186,15 +203,7 @@ class Batch:
         # where a continuing ([gMASK]) block starts counting: after the context (and earlier blocks)
         self.first = list(first_position) if first_position is not None else [len(r.context) for r in self.rows]
         self.cache = engine.new_cache(len(self.rows), self.P + max_new_tokens)
-        ids = torch.full((len(self.rows), self.P), pad_id, dtype=torch.long, device=dev)
-        for i, r in enumerate(self.rows):
-            ids[i, : len(r.context)] = torch.tensor(r.context, dtype=torch.long)
-        pos = torch.arange(self.P, device=dev).expand(len(self.rows), self.P)
-        if engine.two_d:
-            pos = torch.stack((pos, torch.zeros_like(pos)), dim=1)
-        j = torch.arange(self.P, device=dev)
-        allowed = (j.view(1, 1, 1, -1) < self.ctx.view(-1, 1, 1, 1)).expand(-1, 1, self.P, -1)
-        engine.forward(ids, pos, allowed, self.cache)
+        engine.forward(*engine.prefill_inputs([r.context for r in self.rows], pad_id), self.cache)
         self.step = 0  # tokens fed in the current block
 
     def next_block(self, rows: Sequence[Row], first_position: Sequence[int]) -> None:

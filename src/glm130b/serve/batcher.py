@@ -252,17 +252,8 @@ class Batcher:
         length are never attended, and its decoding overwrites them) into the next free rows."""
         if not jobs:
             return
-        slot, dev = len(self.live), self.engine.device
-        lengths = torch.tensor([len(job.context) for job in jobs], device=dev)
-        longest = int(lengths.max())
-        ids = torch.zeros(len(jobs), longest, dtype=torch.long, device=dev)
-        for i, job in enumerate(jobs):
-            ids[i, : len(job.context)] = torch.tensor(job.context, dtype=torch.long)
-        pos = torch.arange(longest, device=dev).expand(len(jobs), longest)
-        if self.engine.two_d:
-            pos = torch.stack((pos, torch.zeros_like(pos)), dim=1)
-        allowed = (torch.arange(longest, device=dev).view(1, 1, 1, -1) < lengths.view(-1, 1, 1, 1))
-        self.engine.forward(ids, pos, allowed.expand(-1, 1, longest, -1), _Prefill(self.cache, slot))
+        slot = len(self.live)
+        self.engine.forward(*self.engine.prefill_inputs([job.context for job in jobs]), _Prefill(self.cache, slot))
         for i, job in enumerate(jobs):
             generator = make_generator(job.config.seed) if job.config.strategy == "sample" else None
             live = _Live(job, length=len(job.context), generator=generator)
