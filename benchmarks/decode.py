@@ -307,22 +307,26 @@ def llamacpp_peer(cfg: GLMConfig, prompt: int, steps: int, rounds: int) -> dict 
 
 # --------------------------------------------------------------------------------------------
 def build_variants(base, names: list[str], group_size: int | None) -> dict:
+    """name -> (model, engine). A name ending in `_unfused` runs its decode steps through the
+    modules one by one instead of the fused C++ step (infer/fused.py), for the comparison."""
     variants = {}
     for name in names:
-        if name == "fp32_torch":
+        kind, _, suffix = name.partition("_unfused")
+        fused = not _ and not suffix
+        if kind == "fp32_torch":
             variants[name] = (base, Engine(base, fast_head=False))
             continue
         m = copy.deepcopy(base)
-        if name == "fp32":
+        if kind == "fp32":
             use_fast_linears(m)
-        elif name == "bf16":
+        elif kind == "bf16":
             use_fast_linears(m, torch.bfloat16)
-        elif name in ("int8", "int4"):
-            quantize_model(m, 8 if name == "int8" else 4, group_size)
+        elif kind in ("int8", "int4"):
+            quantize_model(m, 8 if kind == "int8" else 4, group_size)
             use_fast_linears(m, torch.bfloat16)  # the unquantized rest (embeddings, head) in BF16
         else:
             raise ValueError(name)
-        variants[name] = (m, Engine(m))
+        variants[name] = (m, Engine(m, fused_decode=fused))
     return variants
 
 

@@ -15,7 +15,8 @@ The engine runs GLMModel's own modules (embedding, blocks, final LayerNorm) in t
 only the output head is its own: logits are computed for the rows that need them (the last
 token of each row, never the whole prefill), with the fast GEMV of glm130b.quant.kernels. The
 activations are FP32 unless the model's LayerNorms are in another dtype, so BF16 / INT8 / INT4
-weights run with FP32 activations.
+weights run with FP32 activations. On the CPU, one-token steps (decoding) run the same math in
+one C++ call for the whole stack (infer/fused.py) when the model allows it.
 """
 
 from __future__ import annotations
@@ -92,9 +93,13 @@ GREEDY = GenerationConfig()
 class Engine:
     """Runs a GLMModel (plain, quantized or with fast linears) for generation."""
 
-    def __init__(self, model, fast_head: bool = True):
+    def __init__(self, model, fast_head: bool = True, fused_decode: bool | None = None):
         self.model = model
         self.fast_head = fast_head  # the output head through glm130b.quant.kernels (else F.linear)
+        # one-token steps in one C++ call (infer/fused.py); default: with the fast head. Built at
+        # the first step from the model's weights as they are then.
+        self.fused_decode = fast_head if fused_decode is None else fused_decode
+        self._fused = None
         self.config = model.config
         self.two_d = self.config.rotary == "2d"
         self.device = model.final_layernorm.weight.device
@@ -118,6 +123,12 @@ class Engine:
                 logits_at: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run ids [B, L] into the cache; return FP32 logits [B, V] at token `logits_at` [B] of
         each row (None: no logits, e.g. a prefill that only fills the cache)."""
+        if ids.shape[1] == 1 and self.fused_decode:
+            fused = self._fused_decoder()
+            if fused is not None:
+                logits = fused.step(ids, positions, allowed, cache, logits_at is not None)
+                cache.advance(1)
+                return logits
         model = self.model
         h = model.word_embeddings(ids)
         if h.dtype != self.dtype:
@@ -132,6 +143,13 @@ class Engine:
         else:
             h = h[torch.arange(h.shape[0], device=h.device), logits_at]  # [B, H]
         return self._head(model.final_layernorm(h))
+
+    def _fused_decoder(self):
+        if self._fused is None:
+            from glm130b.infer.fused import FusedDecoder
+
+            self._fused = FusedDecoder.for_model(self.model) or False
+        return self._fused or None
 
     def prefill_inputs(self, contexts: Sequence[Sequence[int]], pad_id: int = 0):
         """ids [B, P] (right-padded to the longest context), positions 0..P-1 (2D: block positions

@@ -95,10 +95,15 @@ class KVCache:
         self.max_len = max_len
         self.seen = 0
 
-    def update(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.seen + k.shape[2]
+    def check_room(self, n: int) -> int:
+        """The end of the next n positions; an error if they do not fit."""
+        end = self.seen + n
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
+        return end
+
+    def update(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.check_room(k.shape[2])
         self.k[layer_id][:, :, self.seen : end] = k
         self.v[layer_id][:, :, self.seen : end] = v
         return self.k[layer_id][:, :, :end], self.v[layer_id][:, :, :end]

@@ -1,4 +1,4 @@
-"""Build (at first use) and load the C++ CPU kernels in cpu_gemv.cpp.
+"""Build (at first use) and load the C++ CPU kernels: cpu_gemv.cpp, decode_step.cpp and gemv.h.
 
 The extension is compiled with `torch.utils.cpp_extension.load` on the machine that runs it,
 with `-O3 -march=native` (so the AVX-512 or AVX2 path matches the CPU it runs on), into a
@@ -20,7 +20,9 @@ import threading
 import warnings
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "cpu_gemv.cpp", HERE / "decode_step.cpp"]
+HEADERS = [HERE / "gemv.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 
 _lock = threading.Lock()
@@ -48,14 +50,14 @@ def build_key() -> str:
     import torch
 
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), torch.__version__.encode(), _cpu_flags().encode()):
+    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), " ".join(FLAGS).encode(), torch.__version__.encode(), _cpu_flags().encode()):
         h.update(part)
         h.update(b"\0")
     return h.hexdigest()[:16]
 
 
 def get():
-    """The compiled module (functions `linear`, attributes `isa`, `lanes`), or None."""
+    """The compiled module (`linear`, `dequantize`, `DecodeStack`, `DecodeWeight`, `isa`, `lanes`), or None."""
     if "module" in _state:
         return _state["module"]
     with _lock:
@@ -89,7 +91,7 @@ def _build():
     directory.mkdir(parents=True, exist_ok=True)
     return ext.load(
         name=f"glm130b_cpu_{key}",
-        sources=[str(SOURCE)],
+        sources=[str(f) for f in SOURCES],
         extra_cflags=FLAGS,
         extra_ldflags=["-fopenmp"],
         build_directory=str(directory),

@@ -1,0 +1,116 @@
+"""The fused CPU decode step: one C++ call runs a token through the whole stack.
+
+In eager PyTorch a decode step of a small model spends more time in the ~25 small operations
+per layer around the matrix products (dispatch, allocation, Python) than in the products
+themselves; `quant/kernels/decode_step.cpp` runs the same math as plain loops around the same
+GEMV kernels (see its header). The engine (infer/engine.py) uses it for every one-token step on
+the CPU when the model fits; the prefill, the GPU and everything unusual stay on the modules.
+
+`FusedDecoder.for_model(model)` returns None, with the reason in `why_not(model)`, when the model
+does not fit: not on the CPU, activations not FP32, the reference attention asked for, a tensor
+parallel model, weights in a format the kernels do not read, or no C++ kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from glm130b.quant import kernels as K
+from glm130b.quant.kernels import cpu as _cpu
+from glm130b.quant.weights import DenseLinear, QuantizedLinear
+
+ENV_OFF = "GLM130B_FUSED_DECODE"  # "0" turns the fused step off (every step runs the modules)
+
+
+def _weight(ext, module):
+    """A DecodeWeight for an nn.Linear / DenseLinear (FP32 or BF16) or a CPU QuantizedLinear."""
+    bias = None if module.bias is None else module.bias.detach().float().contiguous()
+    if isinstance(module, QuantizedLinear):
+        fmt = K.FMT["int8" if module.bits == 8 else "int4"]
+        return ext.DecodeWeight(module.qweight, module.scales.float().contiguous(), module.group_size or 0, bias, fmt,
+                                module.in_features)
+    w = module.weight.detach()
+    return ext.DecodeWeight(w.contiguous(), None, 0, bias, K.FMT[w.dtype], module.in_features)
+
+
+def why_not(model) -> str | None:
+    """Why the fused step cannot run this model (None: it can)."""
+    if os.environ.get(ENV_OFF, "") == "0":
+        return f"turned off by {ENV_OFF}=0"
+    cfg = model.config
+    final = model.final_layernorm
+    if final.weight.device.type != "cpu":
+        return "the model is not on the CPU"
+    if final.weight.dtype != torch.float32:
+        return f"activations are {final.weight.dtype}, not FP32"
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        return "a tensor-parallel model"
+    if model.lm_head is not None and not isinstance(model.lm_head, nn.Linear):
+        return "an unsupported output head"
+    for t in (model.word_embeddings.weight, model.word_embeddings.weight if model.lm_head is None else model.lm_head.weight):
+        if t.dtype not in (torch.float32, torch.bfloat16):
+            return f"{t.dtype} embeddings or head"
+    for block in model.layers:
+        if not block.attention.use_sdpa:
+            return "the reference attention is selected"
+        if block.attention.num_heads != cfg.num_heads:
+            return "a tensor-parallel model"
+        for ln in (block.input_layernorm, block.post_attention_layernorm):
+            if not isinstance(ln, nn.LayerNorm) or ln.weight is None or ln.bias is None:
+                return "a LayerNorm without weight and bias"
+        for m in (block.attention.query_key_value, block.attention.dense, block.mlp.dense_h_to_4h,
+                  block.mlp.dense_4h_to_h):
+            if isinstance(m, QuantizedLinear):
+                if m.qweight.device.type != "cpu":
+                    return "quantized weights off the CPU"
+            elif not isinstance(m, (nn.Linear, DenseLinear)) or m.weight.dtype not in (torch.float32, torch.bfloat16):
+                return f"a {type(m).__name__} layer"
+    if _cpu.get() is None:
+        return f"no C++ kernels ({_cpu.error()})"
+    return None
+
+
+class FusedDecoder:
+    """The model's layers as one C++ DecodeStack (sharing the model's weight tensors)."""
+
+    def __init__(self, model):
+        ext = _cpu.get()
+        cfg = model.config
+        first = model.layers[0]
+        self.stack = ext.DecodeStack(
+            hidden=cfg.hidden_size, heads=cfg.num_heads, ffn=cfg.ffn_hidden_size, geglu=cfg.ffn_type == "geglu",
+            gelu_tanh=cfg.gelu_approximate == "tanh", rotary_2d=cfg.rotary == "2d",
+            inv_freq=first.attention.inv_freq.float(), eps=first.input_layernorm.eps,
+            alpha=1.0 if first.pre_ln else first.alpha, pre_ln=first.pre_ln)
+        for block in model.layers:
+            att, mlp = block.attention, block.mlp
+            self.stack.add_layer(
+                block.input_layernorm.weight.detach(), block.input_layernorm.bias.detach(), _weight(ext, att.query_key_value),
+                _weight(ext, att.dense), block.post_attention_layernorm.weight.detach(),
+                block.post_attention_layernorm.bias.detach(), _weight(ext, mlp.dense_h_to_4h), _weight(ext, mlp.dense_4h_to_h))
+        emb = model.word_embeddings.weight.detach().contiguous()
+        head = emb if model.lm_head is None else model.lm_head.weight.detach().contiguous()  # tied or not
+        self.stack.set_output(emb, model.final_layernorm.weight.detach(), model.final_layernorm.bias.detach(),
+                              ext.DecodeWeight(head, None, 0, None, K.FMT[head.dtype], cfg.hidden_size))
+
+    @classmethod
+    def for_model(cls, model) -> FusedDecoder | None:
+        return None if why_not(model) is not None else cls(model)
+
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, cache,
+             logits: bool) -> torch.Tensor | None:
+        """ids [B, 1], positions [B, 1] or [B, 2, 1], allowed [B or 1, 1, 1, seen + 1]: writes cache
+        slot `seen` of every layer (the caller advances the cache); FP32 logits [B, V] or None."""
+        cache.check_room(1)
+        b = ids.shape[0]
+        mask = allowed.reshape(allowed.shape[0], -1)
+        if mask.shape[0] != b:
+            mask = mask.expand(b, -1)
+        out = self.stack.step(ids.reshape(b).contiguous(), positions.reshape(b, -1).contiguous(), mask.contiguous(),
+                              cache.k, cache.v, cache.seen, logits, K.num_threads())
+        return out if logits else None

@@ -1,0 +1,320 @@
+// One decode step of a whole GLM stack on the CPU, in one call from Python.
+//
+// At batch 1 a decode step reads every weight once; the matrix products (gemv.h) run at memory
+// speed, and in eager PyTorch the ~25 small operations around them per layer (LayerNorms,
+// rotary, the cache write, attention for one query, GeGLU, the DeepNorm residual) cost more
+// than the products of a small model: about 2 ms per token for the benchmark's 8 layers. Here
+// the same math runs as plain loops over the FP32 activations, with no dispatch, no
+// allocation per op and no Python in between: the embedding row, then for each layer
+//
+//   x = LN1(h); qkv = x W_qkv + b; rotary(q, k); cache[seen] = (k, v);
+//   a = softmax(q K^T / sqrt(d), masked) V W_o + b;   h = alpha * x + a     (Pre-LN: h + a)
+//   m = LN2(h); u = m W_up + b; g = u_a * gelu(u_b);  h = alpha * m + g W_down + b  (Pre-LN: h + ...)
+//
+// then the final LayerNorm and the output head. It is the model's forward for one token per
+// row (glm130b/model/*.py is the readable version and the reference in the tests), written
+// against the KV cache the PyTorch prefill filled, so the two paths share one cache.
+#include <ATen/ops/empty.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "gemv.h"
+
+namespace {
+using namespace glm;
+
+// One matrix as the GEMV reads it; holds its tensors so the pointers stay valid.
+struct Weight {
+  at::Tensor w, scales, bias;
+  int fmt = F32;
+  int64_t K = 0, N = 0;
+  Problem p{};
+
+  Weight(at::Tensor w_, c10::optional<at::Tensor> scales_, int64_t group_size, c10::optional<at::Tensor> bias_,
+         int64_t fmt_, int64_t K_)
+      : w(std::move(w_)), fmt(static_cast<int>(fmt_)), K(K_) {
+    if (scales_.has_value()) scales = scales_->contiguous();
+    if (bias_.has_value() && bias_->defined()) bias = bias_->contiguous();
+    p = weight_problem(w, scales.defined() ? c10::optional<at::Tensor>(scales) : c10::nullopt, group_size,
+                       bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt, fmt, K);
+    N = p.N;
+  }
+
+  // y[M, N] = x[M, K] @ W^T + bias; xs is scratch for the prepared x.
+  void apply(const float* x, int64_t M, float* y, std::vector<float>& xs, int64_t threads) const {
+    Problem q = p;
+    q.xstride = x_stride(fmt, M, K, p.Ku);
+    xs.resize(static_cast<size_t>(M * q.xstride));
+    prepare_x(x, M, K, p.Ku, fmt, xs.data(), q.xstride);
+    q.xs = xs.data();
+    for (int64_t m = 0; m < M; ++m) {
+      if (p.bias) std::memcpy(y + m * N, p.bias, sizeof(float) * N);
+      else std::fill(y + m * N, y + (m + 1) * N, 0.f);
+    }
+    q.y = y;
+    gemv_run(q, M, fmt, threads);
+  }
+};
+using WeightPtr = std::shared_ptr<Weight>;
+
+struct Norm {
+  at::Tensor w, b;
+  // out[H] = (x - mean) / sqrt(var + eps) * w + b  (biased variance, as nn.LayerNorm)
+  void apply(const float* x, float* out, int64_t H, float eps) const {
+    double mean = 0.0, var = 0.0;
+    for (int64_t i = 0; i < H; ++i) mean += x[i];
+    mean /= static_cast<double>(H);
+    for (int64_t i = 0; i < H; ++i) {
+      const double d = x[i] - mean;
+      var += d * d;
+    }
+    var /= static_cast<double>(H);
+    const float rstd = static_cast<float>(1.0 / std::sqrt(var + eps));
+    const float mu = static_cast<float>(mean);
+    const float* wp = w.data_ptr<float>();
+    const float* bp = b.data_ptr<float>();
+    for (int64_t i = 0; i < H; ++i) out[i] = (x[i] - mu) * rstd * wp[i] + bp[i];
+  }
+};
+
+Norm make_norm(const at::Tensor& w, const at::Tensor& b, int64_t H) {
+  TORCH_CHECK(w.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && w.numel() == H && b.numel() == H,
+              "LayerNorm weight and bias must be FP32 [hidden]");
+  return Norm{w.contiguous(), b.contiguous()};
+}
+
+struct Layer {
+  Norm ln1, ln2;
+  WeightPtr qkv, dense, up, down;
+};
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  vf acc = vzero();
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES) acc = vfma(vload(a + i), vload(b + i), acc);
+  float s = vsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float s, const float* x, float* y, int64_t n) {  // y += s * x
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 sv = _mm512_set1_ps(s);
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(sv, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+#elif defined(__AVX2__) && defined(__FMA__)
+  const __m256 sv = _mm256_set1_ps(s);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(sv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += s * x[i];
+}
+
+// GPT-NeoX rotate_half rotary on x[0, 2*half): pairs i and i + half, angle table cs/sn [half].
+inline void rotate(float* x, const float* cs, const float* sn, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = x[i], x2 = x[i + half];
+    x[i] = x1 * cs[i] - x2 * sn[i];
+    x[i + half] = x2 * cs[i] + x1 * sn[i];
+  }
+}
+
+class DecodeStack {
+ public:
+  DecodeStack(int64_t hidden, int64_t heads, int64_t ffn, bool geglu, bool gelu_tanh, bool rotary_2d,
+              const at::Tensor& inv_freq, double eps, double alpha, bool pre_ln)
+      : H_(hidden), nh_(heads), d_(hidden / heads), F_(ffn), geglu_(geglu), gelu_tanh_(gelu_tanh),
+        two_d_(rotary_2d), eps_(static_cast<float>(eps)), alpha_(static_cast<float>(alpha)), pre_ln_(pre_ln) {
+    TORCH_CHECK(heads > 0 && hidden % heads == 0 && d_ % 2 == 0, "bad heads / hidden");
+    TORCH_CHECK(inv_freq.scalar_type() == at::kFloat, "inv_freq must be FP32");
+    const int64_t rot = two_d_ ? d_ / 2 : d_;
+    TORCH_CHECK(inv_freq.numel() == rot / 2, "inv_freq has ", inv_freq.numel(), " entries; expected ", rot / 2);
+    const at::Tensor f = inv_freq.contiguous();
+    inv_freq_.assign(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
+  }
+
+  void add_layer(const at::Tensor& ln1_w, const at::Tensor& ln1_b, WeightPtr qkv, WeightPtr dense,
+                 const at::Tensor& ln2_w, const at::Tensor& ln2_b, WeightPtr up, WeightPtr down) {
+    TORCH_CHECK(qkv->K == H_ && qkv->N == 3 * H_, "query_key_value must be [3H, H]");
+    TORCH_CHECK(dense->K == H_ && dense->N == H_, "dense must be [H, H]");
+    TORCH_CHECK(up->K == H_ && up->N == (geglu_ ? 2 : 1) * F_, "dense_h_to_4h has the wrong shape");
+    TORCH_CHECK(down->K == F_ && down->N == H_, "dense_4h_to_h has the wrong shape");
+    layers_.push_back(Layer{make_norm(ln1_w, ln1_b, H_), make_norm(ln2_w, ln2_b, H_), std::move(qkv),
+                            std::move(dense), std::move(up), std::move(down)});
+  }
+
+  // The embedding table (FP32 or BF16 [V, H]), the final LayerNorm and the output head.
+  void set_output(const at::Tensor& embedding, const at::Tensor& final_w, const at::Tensor& final_b, WeightPtr head) {
+    TORCH_CHECK(embedding.dim() == 2 && embedding.size(1) == H_ && embedding.is_contiguous() &&
+                    (embedding.scalar_type() == at::kFloat || embedding.scalar_type() == at::kBFloat16),
+                "the embedding must be contiguous FP32 or BF16 [V, H]");
+    TORCH_CHECK(head->K == H_, "the output head must take H inputs");
+    embedding_ = embedding;
+    final_ = make_norm(final_w, final_b, H_);
+    head_ = std::move(head);
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+  // One token per row: ids [B] (int64), positions [B] (1D) or [B, 2] (2D), allowed: B x (seen+1)
+  // booleans (may row b attend cache slot j), k/v: each layer's FP32 cache [B, nh, max_len, d].
+  // Writes slot `seen` of every layer's cache; returns FP32 logits [B, V] (empty without them).
+  at::Tensor step(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& allowed,
+                  const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache, int64_t seen,
+                  bool logits, int64_t threads) const {
+    TORCH_CHECK(head_ && num_layers() > 0, "the stack is incomplete");
+    TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.is_contiguous(), "ids must be int64 [B]");
+    const int64_t B = ids.size(0), T = seen + 1;
+    TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() &&
+                    positions.numel() == B * (two_d_ ? 2 : 1),
+                "positions must be int64 [B]", two_d_ ? " x 2" : "");
+    TORCH_CHECK(allowed.scalar_type() == at::kBool && allowed.is_contiguous() && allowed.numel() == B * T,
+                "allowed must be contiguous bool with B x (seen + 1) entries");
+    TORCH_CHECK(static_cast<int64_t>(k_cache.size()) == num_layers() &&
+                    static_cast<int64_t>(v_cache.size()) == num_layers(), "one K and one V cache per layer");
+    for (const auto* caches : {&k_cache, &v_cache})
+      for (const at::Tensor& c : *caches)
+        TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.dim() == 4 && c.size(0) == B &&
+                        c.size(1) == nh_ && c.size(3) == d_ && c.size(2) > seen && seen >= 0,
+                    "each cache must be contiguous FP32 [B, heads, max_len > seen, head_dim]");
+    const int64_t V = embedding_.size(0);
+    const int64_t* id = ids.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) TORCH_CHECK(0 <= id[b] && id[b] < V, "token id ", id[b], " out of range");
+
+    const int64_t H = H_, d = d_, nh = nh_, F = F_;
+    std::vector<float> h(B * H), x(B * H), qkv(B * 3 * H), ctx(B * H), a(B * H), m(B * H),
+        u(B * (geglu_ ? 2 : 1) * F), g(B * F), xs;
+    // the embedding rows
+    for (int64_t b = 0; b < B; ++b) {
+      if (embedding_.scalar_type() == at::kFloat) {
+        std::memcpy(&h[b * H], embedding_.data_ptr<float>() + id[b] * H, sizeof(float) * H);
+      } else {
+        const uint16_t* e = reinterpret_cast<const uint16_t*>(embedding_.data_ptr<at::BFloat16>()) + id[b] * H;
+        for (int64_t i = 0; i < H; ++i) h[b * H + i] = scalar_of(e[i]);
+      }
+    }
+    // rotary angle tables of each row: [B][parts][half], parts = 2 for 2D (positions, block positions)
+    const int64_t half = static_cast<int64_t>(inv_freq_.size()), parts = two_d_ ? 2 : 1;
+    std::vector<float> cs(B * parts * half), sn(B * parts * half);
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t p = 0; p < parts; ++p) {
+        const float t = static_cast<float>(pos[b * parts + p]);
+        for (int64_t i = 0; i < half; ++i) {
+          const float angle = t * inv_freq_[i];
+          cs[(b * parts + p) * half + i] = std::cos(angle);
+          sn[(b * parts + p) * half + i] = std::sin(angle);
+        }
+      }
+    const bool* allow = allowed.data_ptr<bool>();
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+
+    for (int64_t l = 0; l < num_layers(); ++l) {
+      const Layer& L = layers_[l];
+      for (int64_t b = 0; b < B; ++b) L.ln1.apply(&h[b * H], &x[b * H], H, eps_);
+      L.qkv->apply(x.data(), B, qkv.data(), xs, threads);
+      // rotary on q and k of each head (the official per-head [q | k | v] rows), then the cache
+      float* kc = k_cache[l].data_ptr<float>();
+      float* vc = v_cache[l].data_ptr<float>();
+      const int64_t max_len = k_cache[l].size(2);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t hd = 0; hd < nh; ++hd) {
+          float* q = &qkv[b * 3 * H + hd * 3 * d];
+          for (float* v : {q, q + d})
+            for (int64_t p = 0; p < parts; ++p)
+              rotate(v + p * 2 * half, &cs[(b * parts + p) * half], &sn[(b * parts + p) * half], half);
+          const int64_t slot = ((b * nh + hd) * max_len + seen) * d;
+          std::memcpy(kc + slot, q + d, sizeof(float) * d);
+          std::memcpy(vc + slot, q + 2 * d, sizeof(float) * d);
+        }
+      // attention of each (row, head) over slots [0, seen], FP32 softmax
+      auto attend = [&](int64_t pair, std::vector<float>& score) {
+        const int64_t b = pair / nh, hd = pair % nh;
+        const float* q = &qkv[b * 3 * H + hd * 3 * d];
+        const float* K = kc + (b * nh + hd) * max_len * d;
+        const float* Vv = vc + (b * nh + hd) * max_len * d;
+        const bool* ok = allow + b * T;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < T; ++j) {
+          score[j] = ok[j] ? dot(q, K + j * d, d) * scale : -std::numeric_limits<float>::infinity();
+          mx = std::max(mx, score[j]);
+        }
+        float* out = &ctx[b * H + hd * d];
+        std::fill(out, out + d, 0.f);
+        if (mx == -std::numeric_limits<float>::infinity()) return;  // no visible slot (SDPA gives NaN)
+        float sum = 0.f;
+        for (int64_t j = 0; j < T; ++j) {
+          score[j] = ok[j] ? std::exp(score[j] - mx) : 0.f;
+          sum += score[j];
+        }
+        const float inv = 1.f / sum;
+        for (int64_t j = 0; j < T; ++j)
+          if (score[j] != 0.f) axpy(score[j] * inv, Vv + j * d, out, d);
+      };
+      const int64_t pairs = B * nh;
+      const int64_t at_threads = std::max<int64_t>(1, std::min<int64_t>({threads, pairs, (pairs * T * d) >> 15}));
+      if (at_threads == 1) {
+        std::vector<float> score(T);
+        for (int64_t i = 0; i < pairs; ++i) attend(i, score);
+      } else {
+#pragma omp parallel num_threads(static_cast<int>(at_threads))
+        {
+          std::vector<float> score(T);
+#pragma omp for schedule(static)
+          for (int64_t i = 0; i < pairs; ++i) attend(i, score);
+        }
+      }
+      L.dense->apply(ctx.data(), B, a.data(), xs, threads);
+      for (int64_t i = 0; i < B * H; ++i) h[i] = (pre_ln_ ? h[i] : alpha_ * x[i]) + a[i];
+      for (int64_t b = 0; b < B; ++b) L.ln2.apply(&h[b * H], &m[b * H], H, eps_);
+      L.up->apply(m.data(), B, u.data(), xs, threads);
+      const int64_t width = geglu_ ? 2 * F : F;
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < F; ++i) {
+          const float z = geglu_ ? u[b * width + F + i] : u[b * width + i];  // GeGLU: the gated half
+          const float gz = gelu_tanh_ ? 0.5f * z * (1.f + std::tanh(0.7978845608028654f * (z + 0.044715f * z * z * z)))
+                                      : 0.5f * z * (1.f + std::erf(z * 0.7071067811865476f));
+          g[b * F + i] = geglu_ ? u[b * width + i] * gz : gz;
+        }
+      L.down->apply(g.data(), B, a.data(), xs, threads);
+      for (int64_t i = 0; i < B * H; ++i) h[i] = (pre_ln_ ? h[i] : alpha_ * m[i]) + a[i];
+    }
+    if (!logits) return at::Tensor();
+    for (int64_t b = 0; b < B; ++b) final_.apply(&h[b * H], &x[b * H], H, eps_);
+    at::Tensor out = at::empty({B, head_->N}, at::TensorOptions().dtype(at::kFloat));
+    head_->apply(x.data(), B, out.data_ptr<float>(), xs, threads);
+    return out;
+  }
+
+ private:
+  int64_t H_, nh_, d_, F_;
+  bool geglu_, gelu_tanh_, two_d_;
+  float eps_, alpha_;
+  bool pre_ln_;
+  std::vector<float> inv_freq_;
+  std::vector<Layer> layers_;
+  at::Tensor embedding_;
+  Norm final_;
+  WeightPtr head_;
+};
+
+}  // namespace
+
+void register_decode_step(pybind11::module& m) {
+  namespace py = pybind11;
+  py::class_<Weight, WeightPtr>(m, "DecodeWeight")
+      .def(py::init<at::Tensor, c10::optional<at::Tensor>, int64_t, c10::optional<at::Tensor>, int64_t, int64_t>(),
+           py::arg("w"), py::arg("scales"), py::arg("group_size"), py::arg("bias"), py::arg("fmt"), py::arg("K"));
+  py::class_<DecodeStack>(m, "DecodeStack")
+      .def(py::init<int64_t, int64_t, int64_t, bool, bool, bool, const at::Tensor&, double, double, bool>(),
+           py::arg("hidden"), py::arg("heads"), py::arg("ffn"), py::arg("geglu"), py::arg("gelu_tanh"),
+           py::arg("rotary_2d"), py::arg("inv_freq"), py::arg("eps"), py::arg("alpha"), py::arg("pre_ln"))
+      .def("add_layer", &DecodeStack::add_layer)
+      .def("set_output", &DecodeStack::set_output)
+      .def("step", &DecodeStack::step, py::call_guard<py::gil_scoped_release>(), py::arg("ids"), py::arg("positions"),
+           py::arg("allowed"), py::arg("k_cache"), py::arg("v_cache"), py::arg("seen"), py::arg("logits"),
+           py::arg("threads"));
+}

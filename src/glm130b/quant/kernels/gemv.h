@@ -1,0 +1,441 @@
+// Fused weight-only GEMV / small-batch GEMM for CPU: y[M, N] = x[M, K] @ W[N, K]^T + bias.
+//
+// W is one of: FP32, BF16, INT8 (+ FP32 scales per row or per group), packed INT4 (two per
+// byte, input 2j in the low nibble, 2j+1 in the high nibble, each stored as q + 8; + scales).
+// Decoding reads every weight once per token, so at batch 1 the product is bound by memory
+// bandwidth: the weights are streamed exactly once, converted to FP32 in registers (never
+// written back), and multiplied with up to 8 rows of x at a time so that a larger batch reuses
+// each loaded weight. Accumulation is FP32; the scale of a group is applied once per group.
+//
+// INT4 trick: instead of interleaving nibbles, x is split once per call into its even and odd
+// inputs, so the low nibbles of 16 consecutive bytes multiply x_even[j..j+16) and the high
+// nibbles x_odd[j..j+16). The canonical packed layout is used as stored: no repacking.
+//
+// Compiled at first use on the machine that runs it (-O3 -march=native) by
+// glm130b/quant/kernels/cpu.py; AVX-512, AVX2+FMA and plain C++ paths share this code.
+// cpu_gemv.cpp exposes it to PyTorch; decode_step.cpp runs a whole decode step with it.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <omp.h>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace glm {
+
+// ------------------------------------------------------------------------------------------
+// A thin SIMD layer: vf is LANES floats.
+// ------------------------------------------------------------------------------------------
+#if defined(__AVX512F__)
+constexpr int LANES = 16;
+constexpr int MAXM = 8;
+constexpr const char* ISA = "avx512";
+using vf = __m512;
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline vf vset1(float s) { return _mm512_set1_ps(s); }
+inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
+inline vf cvt_bf16(const uint16_t* p) {
+  __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+inline vf cvt_i8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline void cvt_u4(const uint8_t* p, vf& lo, vf& hi) {
+  const __m512 table = _mm512_setr_ps(-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f,
+                                      0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
+  __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm512_permutexvar_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)), table);
+  hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int LANES = 8;
+constexpr int MAXM = 4;
+constexpr const char* ISA = "avx2";
+using vf = __m256;
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline vf vset1(float s) { return _mm256_set1_ps(s); }
+inline float vsum(vf a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline vf cvt_bf16(const uint16_t* p) {
+  __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+inline vf cvt_i8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline void cvt_u4(const uint8_t* p, vf& lo, vf& hi) {
+  __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256i eight = _mm256_set1_epi32(8);
+  lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v, _mm256_set1_epi32(15)), eight));
+  hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v, 4), eight));
+}
+#else
+constexpr int LANES = 1;
+constexpr int MAXM = 4;
+constexpr const char* ISA = "scalar";
+using vf = float;
+inline vf vzero() { return 0.f; }
+inline vf vload(const float* p) { return *p; }
+inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
+inline vf vadd(vf a, vf b) { return a + b; }
+inline vf vset1(float s) { return s; }
+inline float vsum(vf a) { return a; }
+inline vf cvt_bf16(const uint16_t* p) {
+  uint32_t u = static_cast<uint32_t>(*p) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline vf cvt_i8(const int8_t* p) { return static_cast<float>(*p); }
+inline void cvt_u4(const uint8_t* p, vf& lo, vf& hi) {
+  lo = static_cast<float>((*p & 15) - 8);
+  hi = static_cast<float>((*p >> 4) - 8);
+}
+#endif
+
+enum Fmt : int { F32 = 0, BF16 = 1, I8 = 2, I4 = 3 };
+
+// Software prefetch distance in bytes ahead of each weight row's read position (0: off). The
+// hardware prefetchers keep up with FP32 / BF16 rows, but INT4 / INT8 rows are consumed slowly
+// (16-32 bytes per iteration and row); measured +20-50% DRAM throughput for them here.
+#ifndef GLM_PF
+#define GLM_PF 1024
+#endif
+template <typename T>
+inline void prefetch_row(const T* p, int64_t j) {
+#if GLM_PF > 0 && (defined(__AVX512F__) || defined(__AVX2__))
+  _mm_prefetch(reinterpret_cast<const char*>(p + j) + GLM_PF, _MM_HINT_T0);
+#else
+  (void)p;
+  (void)j;
+#endif
+}
+
+template <int FMT> struct Unit;
+template <> struct Unit<F32> { using T = float; };
+template <> struct Unit<BF16> { using T = uint16_t; };
+template <> struct Unit<I8> { using T = int8_t; };
+template <> struct Unit<I4> { using T = uint8_t; };
+
+inline float scalar_of(float w) { return w; }
+inline float scalar_of(uint16_t w) {
+  uint32_t u = static_cast<uint32_t>(w) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float scalar_of(int8_t w) { return static_cast<float>(w); }
+
+// Registers per row for a batch of m: R rows at once keep (2 partial + 1 total) x R x M
+// accumulators in registers; each loaded x vector then serves R rows.
+constexpr int rows_for(int m) {
+#if defined(__AVX512F__)
+  return m == 1 ? 4 : m == 2 ? 4 : m <= 4 ? 2 : 1;
+#else
+  return m == 1 ? 4 : m == 2 ? 2 : 1;
+#endif
+}
+
+struct Problem {
+  const void* w;      // [N, Ku] units
+  int64_t Ku;         // units per row (INT4: bytes = ceil(K/2))
+  int64_t Gu;         // units per group
+  int64_t ng;         // groups per row
+  const float* scales;  // [N, ng] or null
+  const float* xs;    // [M, xstride]; INT4: even inputs at [0, Ku), odd at [Ku, 2Ku)
+  int64_t xstride;
+  const float* bias;  // [N] or null
+  float* y;           // [M, N]
+  int64_t N;
+};
+
+// R consecutive rows starting at row0, against M rows of x starting at m0, over the units
+// [jb, je) of each row; the partial products are ADDED to y (which starts as the bias).
+// Segments are the pieces of [jb, je) inside one scale group: a segment's sum is multiplied
+// by its group's scale once.
+template <int FMT, int M, int R>
+inline void rows_kernel(const Problem& p, int64_t row0, int64_t m0, int64_t jb, int64_t je) {
+  using T = typename Unit<FMT>::T;
+  constexpr bool DUAL = R * M < 8;  // two accumulator chains per output when there are few
+  const T* w[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) w[r] = static_cast<const T*>(p.w) + (row0 + r) * p.Ku;
+  const float* xm[M];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) xm[m] = p.xs + (m0 + m) * p.xstride;
+
+  vf tot[R][M];
+  float tail_tot[R][M];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      tot[r][m] = vzero();
+      tail_tot[r][m] = 0.f;
+    }
+
+  for (int64_t j0 = jb; j0 < je;) {
+    const int64_t g = j0 / p.Gu;
+    const int64_t j1 = std::min(je, (g + 1) * p.Gu);
+    vf a0[R][M], a1[R][M];
+    float t[R][M];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        a0[r][m] = vzero();
+        a1[r][m] = vzero();
+        t[r][m] = 0.f;
+      }
+    int64_t j = j0;
+    if constexpr (FMT == I4) {
+      for (; j + LANES <= j1; j += LANES) {
+        vf lo[R], hi[R];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          if ((j & 63) < LANES) prefetch_row(w[r], j);
+          cvt_u4(w[r] + j, lo[r], hi[r]);
+        }
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+          const vf xe = vload(xm[m] + j);
+          const vf xo = vload(xm[m] + p.Ku + j);
+#pragma GCC unroll 8
+          for (int r = 0; r < R; ++r) {
+            a0[r][m] = vfma(lo[r], xe, a0[r][m]);
+            if constexpr (DUAL) a1[r][m] = vfma(hi[r], xo, a1[r][m]);
+            else a0[r][m] = vfma(hi[r], xo, a0[r][m]);
+          }
+        }
+      }
+      for (; j < j1; ++j) {
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const float lo = static_cast<float>((w[r][j] & 15) - 8);
+          const float hi = static_cast<float>((w[r][j] >> 4) - 8);
+#pragma GCC unroll 8
+          for (int m = 0; m < M; ++m) t[r][m] += lo * xm[m][j] + hi * xm[m][p.Ku + j];
+        }
+      }
+    } else {
+      for (; j + 2 * LANES <= j1; j += 2 * LANES) {
+        vf v0[R], v1[R];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          if constexpr (FMT == I8)  // FP32 / BF16 rows are consumed fast enough for the hardware
+            if ((j & 63) < 2 * LANES) prefetch_row(w[r], j);
+          if constexpr (FMT == F32) {
+            v0[r] = vload(w[r] + j);
+            v1[r] = vload(w[r] + j + LANES);
+          } else if constexpr (FMT == BF16) {
+            v0[r] = cvt_bf16(w[r] + j);
+            v1[r] = cvt_bf16(w[r] + j + LANES);
+          } else {
+            v0[r] = cvt_i8(w[r] + j);
+            v1[r] = cvt_i8(w[r] + j + LANES);
+          }
+        }
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+          const vf x0 = vload(xm[m] + j);
+          const vf x1 = vload(xm[m] + j + LANES);
+#pragma GCC unroll 8
+          for (int r = 0; r < R; ++r) {
+            a0[r][m] = vfma(v0[r], x0, a0[r][m]);
+            if constexpr (DUAL) a1[r][m] = vfma(v1[r], x1, a1[r][m]);
+            else a0[r][m] = vfma(v1[r], x1, a0[r][m]);
+          }
+        }
+      }
+      for (; j < j1; ++j) {
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const float wv = scalar_of(w[r][j]);
+#pragma GCC unroll 8
+          for (int m = 0; m < M; ++m) t[r][m] += wv * xm[m][j];
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float s = p.scales ? p.scales[(row0 + r) * p.ng + g] : 1.f;
+      const vf sv = vset1(s);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const vf a = DUAL ? vadd(a0[r][m], a1[r][m]) : a0[r][m];
+        tot[r][m] = vfma(a, sv, tot[r][m]);
+        tail_tot[r][m] += s * t[r][m];
+      }
+    }
+    j0 = j1;
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) p.y[(m0 + m) * p.N + row0 + r] += vsum(tot[r][m]) + tail_tot[r][m];
+}
+
+template <int FMT, int M>
+inline void rows_range(const Problem& p, int64_t r0, int64_t r1, int64_t m0, int64_t jb, int64_t je) {
+  constexpr int R = rows_for(M);
+  int64_t r = r0;
+  for (; r + R <= r1; r += R) rows_kernel<FMT, M, R>(p, r, m0, jb, je);
+  for (; r < r1; ++r) rows_kernel<FMT, M, 1>(p, r, m0, jb, je);
+}
+
+template <int FMT>
+inline void rows_dispatch(const Problem& p, int64_t r0, int64_t r1, int64_t m0, int mb, int64_t jb, int64_t je) {
+  switch (mb) {
+    case 1: rows_range<FMT, 1>(p, r0, r1, m0, jb, je); break;
+    case 2: rows_range<FMT, 2>(p, r0, r1, m0, jb, je); break;
+    case 3: rows_range<FMT, 3>(p, r0, r1, m0, jb, je); break;
+    case 4: rows_range<FMT, 4>(p, r0, r1, m0, jb, je); break;
+#if defined(__AVX512F__)
+    case 5: rows_range<FMT, 5>(p, r0, r1, m0, jb, je); break;
+    case 6: rows_range<FMT, 6>(p, r0, r1, m0, jb, je); break;
+    case 7: rows_range<FMT, 7>(p, r0, r1, m0, jb, je); break;
+    case 8: rows_range<FMT, 8>(p, r0, r1, m0, jb, je); break;
+#endif
+    default: TORCH_CHECK(false, "bad batch tile ", mb);
+  }
+}
+
+inline int64_t unit_bytes(int fmt) { return fmt == F32 ? 4 : fmt == BF16 ? 2 : 1; }
+
+// The Problem of weight w (checked against format fmt and K logical inputs), with its scales
+// (INT8 / INT4) and bias; x and y are left for the caller. The tensors must outlive the Problem.
+inline Problem weight_problem(const at::Tensor& w, const c10::optional<at::Tensor>& scales, int64_t group_size,
+                              const c10::optional<at::Tensor>& bias, int64_t fmt, int64_t K) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "weight must be contiguous 2-D");
+  TORCH_CHECK(fmt >= 0 && fmt <= 3, "unknown weight format ", fmt);
+  const int64_t N = w.size(0), Ku = w.size(1);
+  const at::ScalarType want[4] = {at::kFloat, at::kBFloat16, at::kChar, at::kByte};
+  TORCH_CHECK(w.scalar_type() == want[fmt], "weight dtype does not match the format");
+  TORCH_CHECK(fmt == I4 ? Ku == (K + 1) / 2 : Ku == K, "weight has ", Ku, " columns for ", K, " inputs");
+  Problem p{};
+  p.w = w.data_ptr();
+  p.Ku = Ku;
+  p.N = N;
+  p.ng = 1;
+  p.Gu = Ku;
+  if (fmt == I8 || fmt == I4) {
+    TORCH_CHECK(scales.has_value() && scales->defined(), "quantized weights need scales");
+    const at::Tensor& sc = *scales;
+    TORCH_CHECK(sc.scalar_type() == at::kFloat && sc.dim() == 2 && sc.size(0) == N && sc.is_contiguous(),
+                "scales must be contiguous FP32 [N, groups]");
+    p.ng = sc.size(1);
+    if (p.ng > 1) {
+      TORCH_CHECK(group_size > 0 && (fmt == I8 || group_size % 2 == 0), "bad group size ", group_size);
+      p.Gu = fmt == I4 ? group_size / 2 : group_size;
+      TORCH_CHECK((K + group_size - 1) / group_size == p.ng, "scales have ", p.ng, " groups; expected ",
+                  (K + group_size - 1) / group_size);
+    }
+    p.scales = sc.data_ptr<float>();
+  }
+  if (bias.has_value() && bias->defined()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.scalar_type() == at::kFloat && b.numel() == N && b.is_contiguous(), "bias must be contiguous FP32 [N]");
+    p.bias = b.data_ptr<float>();
+  }
+  return p;
+}
+
+// Row width of the prepared x: INT4 splits each row into its even and odd inputs.
+inline int64_t x_width(int fmt, int64_t K, int64_t Ku) { return fmt == I4 ? 2 * Ku : K; }
+
+// Padded row stride of the prepared x: the padding keeps rows of x from sitting exactly a
+// multiple of 4 KiB apart (L1 set conflicts when 8 rows are read side by side).
+inline int64_t x_stride(int fmt, int64_t M, int64_t K, int64_t Ku) {
+  const int64_t width = x_width(fmt, K, Ku);
+  return M > 1 ? ((width + 15) / 16) * 16 + 16 : width;
+}
+
+// Copy x [M, K] into dst [M, stride] (zeroed padding) in the layout the kernels read.
+inline void prepare_x(const float* x, int64_t M, int64_t K, int64_t Ku, int fmt, float* dst, int64_t stride) {
+  for (int64_t m = 0; m < M; ++m) {
+    float* d = dst + m * stride;
+    const float* s = x + m * K;
+    std::fill(d, d + stride, 0.f);
+    if (fmt == I4) {
+      for (int64_t k = 0; k + 1 < K; k += 2) {
+        d[k >> 1] = s[k];
+        d[Ku + (k >> 1)] = s[k + 1];
+      }
+      if (K & 1) d[K >> 1] = s[K - 1];
+    } else {
+      std::memcpy(d, s, sizeof(float) * K);
+    }
+  }
+}
+
+// p.y [M, N] (holding the bias, or zeros) += x @ W^T, on up to `threads` OpenMP threads.
+inline void gemv_run(const Problem& p, int64_t M, int fmt, int64_t threads) {
+  const int64_t N = p.N, Ku = p.Ku;
+  if (M == 0 || N == 0) return;
+  // Cache blocking (matters for M > 1): rows in tiles of about 64 KiB of weights, which stay in
+  // L2 while each batch tile of x passes over them; the inputs in blocks whose slice of x
+  // (MAXM rows) fits in L1, so a batch tile's x is loaded from L1 once per weight vector.
+  const int64_t ub = unit_bytes(fmt);
+  const int64_t row_bytes = std::max<int64_t>(1, Ku * ub);
+  const int64_t tile = std::max<int64_t>(8, ((65536 / row_bytes) / 4) * 4);
+  const int64_t mb_max = std::min<int64_t>(MAXM, M);
+  int64_t kblock = (24 * 1024 / 4) / (mb_max * (fmt == I4 ? 2 : 1));
+  if (p.Gu < Ku && p.Gu <= kblock) kblock = (kblock / p.Gu) * p.Gu;   // whole groups
+  else kblock = std::max<int64_t>(2 * LANES, (kblock / (2 * LANES)) * (2 * LANES));
+  if (M == 1 || kblock >= Ku) kblock = Ku;
+  auto work = [&](int64_t begin, int64_t end) {
+    for (int64_t t0 = begin; t0 < end; t0 += tile) {
+      const int64_t t1 = std::min(end, t0 + tile);
+      for (int64_t jb = 0; jb < Ku; jb += kblock) {
+        const int64_t je = std::min(Ku, jb + kblock);
+        for (int64_t m0 = 0; m0 < M; m0 += MAXM) {
+          const int mb = static_cast<int>(std::min<int64_t>(MAXM, M - m0));
+          switch (fmt) {
+            case F32: rows_dispatch<F32>(p, t0, t1, m0, mb, jb, je); break;
+            case BF16: rows_dispatch<BF16>(p, t0, t1, m0, mb, jb, je); break;
+            case I8: rows_dispatch<I8>(p, t0, t1, m0, mb, jb, je); break;
+            default: rows_dispatch<I4>(p, t0, t1, m0, mb, jb, je); break;
+          }
+        }
+      }
+    }
+  };
+  // Threads only pay off for big products: a fork/join costs microseconds, and on a busy machine
+  // a barrier waits for a descheduled thread. The work is counted in weights x batch rows, not
+  // bytes: an INT4 weight costs a core about as much time as an FP32 one (it is unpacked, not
+  // just read), and a batch of 8 is 8x the arithmetic. At least ~0.5M of them per thread (2 MB
+  // of FP32 weights at batch 1). Measured: a batch-8 decode step of glm-small 8.0 -> 6.5 ms;
+  // a 1.5 MB INT4 matrix at batch 1 streamed ~16 GB/s on one thread, ~28 GB/s on two.
+  const int64_t volume = N * Ku * (fmt == I4 ? 2 : 1) * M;
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, std::min<int64_t>(N / 16, volume >> 19)));
+  if (nt == 1) {
+    work(0, N);
+  } else {
+#pragma omp parallel num_threads(static_cast<int>(nt))
+    {
+      const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+      // split at multiples of 4 rows so every thread runs the R-row kernel
+      const int64_t begin = ((N * t / n) / 4) * 4;
+      const int64_t end = t + 1 == n ? N : ((N * (t + 1) / n) / 4) * 4;
+      if (begin < end) work(begin, end);
+    }
+  }
+}
+
+}  // namespace glm

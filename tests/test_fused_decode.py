@@ -1,0 +1,118 @@
+"""The fused C++ decode step (infer/fused.py) against the module-by-module engine."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import varied_model
+
+from glm130b.config import GLMConfig
+from glm130b.infer.engine import Batch, Engine, GenerationConfig, Row, beam_search, generate_rows
+from glm130b.infer.fused import FusedDecoder, why_not
+from glm130b.model.glm import build_model
+from glm130b.model.masks import Block
+from glm130b.quant import kernels as K
+from glm130b.quant import quantize_model, use_fast_linears
+
+pytestmark = pytest.mark.skipif(not K.cpu_kernels_available(), reason="C++ CPU kernels not built")
+
+
+def _prepare(model, weights: str):
+    m = copy.deepcopy(model)
+    if weights == "fp32_linear":
+        return m  # plain nn.Linear everywhere
+    if weights == "fp32":
+        return use_fast_linears(m)
+    if weights == "bf16":
+        return use_fast_linears(m, torch.bfloat16)
+    bits, group = {"int8": (8, None), "int4": (4, None), "int4_g32": (4, 32), "int8_g16": (8, 16)}[weights]
+    quantize_model(m, bits, group)
+    return use_fast_linears(m, torch.bfloat16)
+
+
+def _rows():
+    # different context lengths (padding masked), a [gMASK] block and a [MASK] block
+    return [Row([5, 6, 7, 8, 9, 10, 11, 12, 13], Block(8, 0, continues=True)),
+            Row([5, 6, 7, 30, 8], Block(3, 3, continues=False)),
+            Row([9, 10, 11, 12], Block(3, 0, continues=True))]
+
+
+def _step_logits(model, fused: bool, steps: int = 6) -> torch.Tensor:
+    engine = Engine(model, fused_decode=fused)
+    batch = Batch(engine, _rows(), steps + 1)
+    tokens = torch.full((3,), 3, dtype=torch.long)
+    out = []
+    for _ in range(steps):
+        logits = batch.feed(tokens)
+        out.append(logits)
+        tokens = logits.argmax(-1)
+    assert bool(engine._fused) == fused
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("cfg_kw", [{}, {"norm": "preln"}, {"norm": "postln"},
+                                    {"rotary": "2d", "ffn_type": "gelu", "gelu_approximate": "tanh"}],
+                         ids=["deepnorm", "preln", "postln", "chatglm"])
+@pytest.mark.parametrize("weights", ["fp32_linear", "fp32", "bf16", "int8", "int4", "int4_g32", "int8_g16"])
+def test_fused_step_matches_the_modules(cfg_kw, weights):
+    torch.manual_seed(0)
+    cfg = GLMConfig(name="t", vocab_size=300, hidden_size=96, num_layers=3, num_heads=3, ffn_hidden_size=80,
+                    max_seq_len=64, **cfg_kw)
+    model = _prepare(build_model(cfg).eval(), weights)
+    with torch.no_grad():
+        model.final_layernorm.weight.mul_(4.0)  # spread the logits so a wrong step shows
+    assert why_not(model) is None
+    ref, got = _step_logits(model, False), _step_logits(model, True)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-5)
+
+
+def test_untied_head_and_generation_match():
+    """An untied head (ChatGLM-style checkpoint layout); greedy tokens of generate_rows agree."""
+    model = varied_model("1d")
+    torch.testing.assert_close(_step_logits(model, True), _step_logits(model, False), rtol=1e-5, atol=1e-4)
+    cfg = GenerationConfig(max_new_tokens=12)
+    runs = [generate_rows(Engine(model, fused_decode=f), _rows(), cfg, 3, set()) for f in (False, True)]
+    assert [r.tokens for r in runs[0]] == [r.tokens for r in runs[1]]
+
+
+def test_beam_search_reorders_the_cache_the_fused_step_reads():
+    model = varied_model("2d")
+    cfg = GenerationConfig(strategy="beam", num_beams=3, max_new_tokens=8)
+    row = Row([5, 6, 7, 8, 9, 10], Block(5, 0, continues=True))
+    a = beam_search(Engine(model, fused_decode=False), row, cfg, 3, set())
+    b = beam_search(Engine(model, fused_decode=True), row, cfg, 3, set())
+    assert a.tokens == b.tokens
+
+
+def test_models_the_fused_step_does_not_take(monkeypatch):
+    model = build_model(GLMConfig.from_preset("tiny")).eval()
+    assert why_not(model) is None
+    ref = copy.deepcopy(model)
+    ref.set_attention_impl("reference")
+    assert "reference attention" in why_not(ref)
+    assert "not FP32" in why_not(copy.deepcopy(model).bfloat16())
+    monkeypatch.setenv("GLM130B_FUSED_DECODE", "0")
+    assert "turned off" in why_not(model)
+    assert FusedDecoder.for_model(model) is None
+    engine = Engine(model)  # falls back to the modules and still decodes
+    batch = Batch(engine, [Row([5, 6, 7], Block(2, 0, continues=True))], 2)
+    assert batch.feed(torch.tensor([3])).shape == (1, model.config.vocab_size)
+    assert engine._fused is False
+
+
+def test_bad_inputs_are_errors_not_crashes():
+    model = build_model(GLMConfig.from_preset("tiny")).eval()
+    engine = Engine(model)
+    batch = Batch(engine, [Row([5, 6, 7], Block(2, 0, continues=True))], 2)
+    with pytest.raises(RuntimeError, match="out of range"):
+        batch.feed(torch.tensor([model.config.vocab_size + 5]))
+    fused = engine._fused
+    cache = batch.cache
+    with pytest.raises(RuntimeError, match="allowed"):
+        fused.step(torch.tensor([[3]]), torch.tensor([[3]]), torch.ones(1, 1, 1, 2, dtype=torch.bool), cache, True)
+    full = Batch(engine, [Row([5, 6, 7], Block(2, 0, continues=True))], 1)
+    full.feed(torch.tensor([3]))
+    with pytest.raises(ValueError, match="KV cache full"):
+        full.feed(torch.tensor([3]))
