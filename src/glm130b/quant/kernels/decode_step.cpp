@@ -113,6 +113,65 @@ inline void axpy(float s, const float* x, float* y, int64_t n) {  // y += s * x
   for (; i < n; ++i) y[i] += s * x[i];
 }
 
+// exp and erf over arrays, vectorised: exp by range reduction to 2^n * exp(r), |r| <= ln2/2,
+// with Cephes' degree-6 polynomial (about 1 ulp); erf by Abramowitz & Stegun 7.1.26 (absolute
+// error <= 1.5e-7), the formula of PyTorch's own vectorised erf. Scalar tails use libm.
+#if defined(__AVX512F__)
+inline __m512 exp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.33654f);
+  const __mmask16 live = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);  // below: exp underflows to 0 (and -inf -> 0)
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.37626f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(y, n));
+}
+inline __m512 erf16(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 a = _mm512_abs_ps(x);
+  const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a, one));
+  __m512 r = _mm512_set1_ps(1.061405429f);
+  for (float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(c));
+  const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(x, x)));
+  const __m512 v = _mm512_fnmadd_ps(_mm512_mul_ps(r, t), e, one);  // 1 - r t exp(-x^2)
+  return _mm512_or_ps(v, _mm512_and_ps(x, _mm512_set1_ps(-0.f)));  // the sign of x
+}
+#endif
+
+inline void exp_inplace(float* x, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, exp16(_mm512_loadu_ps(x + i)));
+#endif
+  for (; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
+// g[i] = gelu(z[i]) (exact erf form, or the tanh approximation), times a[i] when a is given (GeGLU).
+inline void gelu(const float* z, const float* a, float* g, int64_t n, bool tanh_form) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  if (!tanh_form)
+    for (; i + 16 <= n; i += 16) {
+      const __m512 v = _mm512_loadu_ps(z + i);
+      const __m512 e = erf16(_mm512_mul_ps(v, _mm512_set1_ps(0.7071067811865476f)));
+      __m512 out = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(_mm512_set1_ps(1.f), e));
+      if (a) out = _mm512_mul_ps(out, _mm512_loadu_ps(a + i));
+      _mm512_storeu_ps(g + i, out);
+    }
+#endif
+  for (; i < n; ++i) {
+    const float v = z[i];
+    const float gv = tanh_form ? 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)))
+                               : 0.5f * v * (1.f + std::erf(v * 0.7071067811865476f));
+    g[i] = a ? a[i] * gv : gv;
+  }
+}
+
 // GPT-NeoX rotate_half rotary on x[0, 2*half): pairs i and i + half, angle table cs/sn [half].
 inline void rotate(float* x, const float* cs, const float* sn, int64_t half) {
   for (int64_t i = 0; i < half; ++i) {
@@ -245,11 +304,10 @@ class DecodeStack {
         float* out = &ctx[b * H + hd * d];
         std::fill(out, out + d, 0.f);
         if (mx == -std::numeric_limits<float>::infinity()) return;  // no visible slot (SDPA gives NaN)
+        for (int64_t j = 0; j < T; ++j) score[j] -= mx;  // masked slots stay -inf: exp gives 0
+        exp_inplace(score.data(), T);
         float sum = 0.f;
-        for (int64_t j = 0; j < T; ++j) {
-          score[j] = ok[j] ? std::exp(score[j] - mx) : 0.f;
-          sum += score[j];
-        }
+        for (int64_t j = 0; j < T; ++j) sum += score[j];
         const float inv = 1.f / sum;
         for (int64_t j = 0; j < T; ++j)
           if (score[j] != 0.f) axpy(score[j] * inv, Vv + j * d, out, d);
@@ -272,13 +330,10 @@ class DecodeStack {
       for (int64_t b = 0; b < B; ++b) L.ln2.apply(&h[b * H], &m[b * H], H, eps_);
       L.up->apply(m.data(), B, u.data(), xs, threads);
       const int64_t width = geglu_ ? 2 * F : F;
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t i = 0; i < F; ++i) {
-          const float z = geglu_ ? u[b * width + F + i] : u[b * width + i];  // GeGLU: the gated half
-          const float gz = gelu_tanh_ ? 0.5f * z * (1.f + std::tanh(0.7978845608028654f * (z + 0.044715f * z * z * z)))
-                                      : 0.5f * z * (1.f + std::erf(z * 0.7071067811865476f));
-          g[b * F + i] = geglu_ ? u[b * width + i] * gz : gz;
-        }
+      for (int64_t b = 0; b < B; ++b) {  // GeGLU: u = [a | b] -> a * gelu(b); GELU: gelu(u)
+        const float* ub = &u[b * width];
+        gelu(geglu_ ? ub + F : ub, geglu_ ? ub : nullptr, &g[b * F], F, gelu_tanh_);
+      }
       L.down->apply(g.data(), B, a.data(), xs, threads);
       for (int64_t i = 0; i < B * H; ++i) h[i] = (pre_ln_ ? h[i] : alpha_ * m[i]) + a[i];
     }
