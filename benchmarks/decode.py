@@ -261,6 +261,21 @@ def write_llama_gguf(path: str, cfg: GLMConfig, n_ctx: int) -> None:
     w.close()
 
 
+class quiet_stderr:
+    """Silence a C library's stderr (llama.cpp's quantizer logs every tensor) for a block."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+
+
 def llamacpp_peer(cfg: GLMConfig, prompt: int, steps: int, rounds: int) -> dict | None:
     """llama.cpp (llama-cpp-python) on that Llama in F32, Q8_0 and Q4_0: decode tokens/s of
     single-token evals after a prefill of `prompt` tokens, with this run's thread count."""
@@ -283,12 +298,15 @@ def llamacpp_peer(cfg: GLMConfig, prompt: int, steps: int, rounds: int) -> dict 
             params.ftype = ftype
             params.nthread = threads
             files[name] = os.path.join(tmp, f"{name}.gguf")
-            if llama_cpp.llama_model_quantize(f32.encode(), files[name].encode(), params) != 0:
+            with quiet_stderr():
+                status = llama_cpp.llama_model_quantize(f32.encode(), files[name].encode(), params)
+            if status != 0:
                 raise RuntimeError(f"llama.cpp could not quantize to {name}")
         ids = [259 + (7 * j) % (cfg.vocab_size - 259) for j in range(prompt)]
         for name, path in files.items():
-            llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=prompt, n_threads=threads,
-                                  n_threads_batch=threads, verbose=False)
+            with quiet_stderr():
+                llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=prompt, n_threads=threads,
+                                      n_threads_batch=threads, verbose=False)
             best_decode, best_prefill = float("inf"), float("inf")
             for _ in range(rounds):
                 llm.reset()

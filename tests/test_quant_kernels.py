@@ -53,12 +53,63 @@ def test_quantized_kernel_matches_reference(ext, bits, group, shape):
         ref = K.reference_linear(x, layer)
         for threads in (1, 2):
             K.set_num_threads(threads)
+            K.set_int4_vnni(False)  # the FP32-activation kernel: rounding only
             try:
                 y = K.quantized_linear(x, layer)
             finally:
                 K.set_num_threads(None)
+                K.set_int4_vnni(True)
             tol = 2e-6 * (k ** 0.5) * ref.abs().max().item() + 1e-6
             assert (y - ref).abs().max().item() <= tol, (shape, batch, threads)
+
+
+def vnni_error_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The INT4 VNNI kernel's bound (gemv.h): each input is rounded to a multiple of its block's
+    step = absmax / 32639 (blocks of 64 even or 64 odd inputs), so |error| <= sum |w| step / 2."""
+    k = x.shape[1]
+    ku = (k + 1) // 2
+    nb = -(-ku // 64)
+    step = torch.zeros_like(x)
+    for h in (0, 1):
+        half = x[:, h::2]
+        padded = torch.zeros(x.shape[0], nb * 64)
+        padded[:, : half.shape[1]] = half.abs()
+        amax = padded.view(x.shape[0], nb, 64).amax(-1) / 32639
+        step[:, h::2] = amax.repeat_interleave(64, dim=1)[:, : half.shape[1]]
+    return (step / 2) @ w.abs().t()
+
+
+@needs_kernels
+@pytest.mark.parametrize("group", [None, 128, 256, 32])
+@pytest.mark.parametrize("shape", SHAPES + [(64, 2752)])
+def test_int4_vnni_kernel_within_its_bound(ext, group, shape):
+    """Where the CPU has AVX-512 VNNI, INT4 products round x to 16-bit fixed point per block:
+    within the bound above of the reference (and exact FP32 rounding for groups it does not take)."""
+    if not ext.int4_vnni:
+        pytest.skip("no AVX-512 VNNI on this CPU")
+    n, k = shape
+    layer = _layer(n, k, 4, group)
+    w = layer.dequantized_weight()
+    for batch in (1, 3, 4, 6, 8):
+        x = torch.randn(batch, k) * torch.linspace(0.01, 4.0, k)  # small and large inputs side by side
+        x[0, : k // 3] = 0.0  # a zero block
+        ref = K.reference_linear(x, layer)
+        for threads in (1, 2):
+            K.set_num_threads(threads)
+            try:
+                y = K.quantized_linear(x, layer)
+            finally:
+                K.set_num_threads(None)
+            rounding = 2e-6 * (k ** 0.5) * ref.abs().max().item() + 1e-6
+            bound = vnni_error_bound(x, w) + rounding
+            assert bool(((y - ref).abs() <= bound).all()), (shape, group, batch, threads)
+    if group in (None, 128, 256) and k >= 128:  # the VNNI path ran: its error is not FP32 rounding
+        K.set_int4_vnni(False)
+        try:
+            exact = K.quantized_linear(x, layer)
+        finally:
+            K.set_int4_vnni(True)
+        assert not torch.equal(exact, y)
 
 
 @needs_kernels

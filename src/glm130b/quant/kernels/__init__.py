@@ -1,8 +1,12 @@
 """Matrix products with INT8 / INT4 / BF16 / FP32 weights: the fastest correct kernel per device.
 
-* CPU: the fused dequantizing GEMV/GEMM in cpu_gemv.cpp (compiled at first use, see cpu.py),
-  for every batch size up to `BLAS_MIN_ROWS` rows of x; above that (long prefills) the weight
-  is dequantized in row blocks and multiplied with PyTorch's BLAS, which is faster there.
+* CPU: the fused dequantizing GEMV/GEMM of gemv.h (compiled at first use, see cpu.py), for
+  every batch size up to `BLAS_MIN_ROWS` rows of x; above that (long prefills) the weight is
+  dequantized in row blocks and multiplied with PyTorch's BLAS, which is faster there. INT4 at
+  small batch uses AVX-512 VNNI integer dot products with 16-bit fixed-point activations where
+  the CPU has them (about 1.4x the FP32-activation kernel's bandwidth; see gemv.h for the
+  error bound, below FP16 activations'); `set_int4_vnni(False)` or GLM130B_INT4_VNNI=0 turns
+  that off.
 * CUDA: INT4 through PyTorch's tinygemm kernel `torch._weight_int4pack_mm` (BF16 activations;
   the packed layout is built once per module and cached); INT8 and anything tinygemm cannot
   take (odd shapes, group sizes other than 32/64/128/256) dequantize in the activation dtype
@@ -50,9 +54,17 @@ def cpu_kernels_available() -> bool:
     return _cpu.get() is not None
 
 
+def set_int4_vnni(on: bool) -> None:
+    """Use (default) or skip the INT4 x 16-bit-activation VNNI kernel where the CPU has it."""
+    ext = _cpu.get()
+    if ext is not None:
+        ext.set_int4_vnni(bool(on))
+
+
 def backend_info() -> dict:
     ext = _cpu.get()
-    info = {"cpu": f"C++ {ext.isa} ({ext.lanes} lanes)" if ext else f"PyTorch fallback ({_cpu.error()})",
+    vnni = ", int4 x int16 VNNI" if ext is not None and ext.int4_vnni and ext.int4_vnni_enabled() else ""
+    info = {"cpu": f"C++ {ext.isa} ({ext.lanes} lanes{vnni})" if ext else f"PyTorch fallback ({_cpu.error()})",
             "cpu_threads": num_threads()}
     if torch.cuda.is_available():
         info["cuda"] = "tinygemm int4 / cuBLAS dequantized int8"

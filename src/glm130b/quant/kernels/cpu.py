@@ -7,6 +7,9 @@ cache folder keyed by the source, the compiler flags, the torch version and the 
 It is never built at install time (building under pip's build isolation would pull torch from
 PyPI). The first build takes about 10-20 s; later imports load the cached library.
 
+GLM130B_INT4_VNNI=0 keeps INT4 products on the FP32-activation kernel even where the
+AVX-512 VNNI one (16-bit fixed-point activations, see gemv.h) would run.
+
 If compilation fails (no compiler, no Python headers, GLM130B_NO_KERNELS=1) `get()` returns
 None once with a warning, and callers fall back to plain PyTorch (correct, but slower).
 """
@@ -74,6 +77,8 @@ def get():
                 warnings.warn(
                     f"glm130b: could not compile the C++ CPU kernels ({_state['error']}); "
                     "using the slower pure-PyTorch path", RuntimeWarning, stacklevel=3)
+        if module is not None and os.environ.get("GLM130B_INT4_VNNI") == "0":
+            module.set_int4_vnni(False)  # the FP32-activation INT4 kernel everywhere
         _state["module"] = module
         return module
 

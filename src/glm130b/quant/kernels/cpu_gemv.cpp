@@ -19,18 +19,14 @@ using namespace glm;
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scales,
                   int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t fmt, int64_t threads) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous FP32 [M, K]");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), Ku = w.size(1);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const at::Tensor sc = scales.has_value() ? scales->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   Problem p = weight_problem(w, sc, group_size, b, fmt, K);
-  // x is copied once into a padded [M, xstride] buffer in the layout the kernels read (gemv.h).
-  p.xstride = x_stride(static_cast<int>(fmt), M, K, Ku);
-  at::Tensor xs = at::empty({M, p.xstride}, x.options());
-  prepare_x(x.data_ptr<float>(), M, K, Ku, static_cast<int>(fmt), xs.data_ptr<float>(), p.xstride);
-  p.xs = xs.data_ptr<float>();
   at::Tensor y = p.bias ? b.unsqueeze(0).expand({M, N}).clone(at::MemoryFormat::Contiguous) : at::zeros({M, N}, x.options());
   p.y = y.data_ptr<float>();
-  gemv_run(p, M, static_cast<int>(fmt), threads);
+  Scratch scratch;
+  gemv(p, x.data_ptr<float>(), M, K, static_cast<int>(fmt), threads, scratch);
   return y;
 }
 
@@ -90,6 +86,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &dequantize, "rows of an INT8/INT4 matrix as FP32", pybind11::arg("w"),
         pybind11::arg("scales"), pybind11::arg("group_size"), pybind11::arg("fmt"), pybind11::arg("K"),
         pybind11::arg("r0"), pybind11::arg("r1"), pybind11::arg("threads"));
+  m.def("set_int4_vnni", [](bool on) { int4_vnni_enabled() = on; },
+        "use (default) or skip the INT4 x 16-bit-activation VNNI kernel where it applies");
+  m.def("int4_vnni_enabled", []() { return bool(GLM_I4_VNNI) && int4_vnni_enabled(); });
+  m.attr("int4_vnni") = bool(GLM_I4_VNNI);
   register_decode_step(m);
   m.attr("isa") = ISA;
   m.attr("lanes") = LANES;

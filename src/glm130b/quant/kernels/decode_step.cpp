@@ -44,19 +44,15 @@ struct Weight {
     N = p.N;
   }
 
-  // y[M, N] = x[M, K] @ W^T + bias; xs is scratch for the prepared x.
-  void apply(const float* x, int64_t M, float* y, std::vector<float>& xs, int64_t threads) const {
-    Problem q = p;
-    q.xstride = x_stride(fmt, M, K, p.Ku);
-    xs.resize(static_cast<size_t>(M * q.xstride));
-    prepare_x(x, M, K, p.Ku, fmt, xs.data(), q.xstride);
-    q.xs = xs.data();
+  // y[M, N] = x[M, K] @ W^T + bias.
+  void apply(const float* x, int64_t M, float* y, Scratch& scratch, int64_t threads) const {
     for (int64_t m = 0; m < M; ++m) {
       if (p.bias) std::memcpy(y + m * N, p.bias, sizeof(float) * N);
       else std::fill(y + m * N, y + (m + 1) * N, 0.f);
     }
+    Problem q = p;
     q.y = y;
-    gemv_run(q, M, fmt, threads);
+    gemv(q, x, M, K, fmt, threads, scratch);
   }
 };
 using WeightPtr = std::shared_ptr<Weight>;
@@ -245,7 +241,8 @@ class DecodeStack {
 
     const int64_t H = H_, d = d_, nh = nh_, F = F_;
     std::vector<float> h(B * H), x(B * H), qkv(B * 3 * H), ctx(B * H), a(B * H), m(B * H),
-        u(B * (geglu_ ? 2 : 1) * F), g(B * F), xs;
+        u(B * (geglu_ ? 2 : 1) * F), g(B * F);
+    Scratch xs;
     // the embedding rows
     for (int64_t b = 0; b < B; ++b) {
       if (embedding_.scalar_type() == at::kFloat) {
