@@ -64,8 +64,15 @@ def test_fused_step_matches_the_modules(cfg_kw, weights):
     with torch.no_grad():
         model.final_layernorm.weight.mul_(4.0)  # spread the logits so a wrong step shows
     assert why_not(model) is None
-    ref, got = _step_logits(model, False), _step_logits(model, True)
+    K.set_int4_vnni(False)  # both paths on the FP32-activation kernels: rounding differences only
+    try:
+        ref, got = _step_logits(model, False), _step_logits(model, True)
+    finally:
+        K.set_int4_vnni(True)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-5)
+    if weights.startswith("int4"):  # with the VNNI kernel, x's 16-bit rounding may differ by a step
+        ref, got = _step_logits(model, False), _step_logits(model, True)
+        torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
 
 
 def test_untied_head_and_generation_match():

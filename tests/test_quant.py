@@ -148,7 +148,8 @@ def test_quantized_linear_matches_dequantize_then_matmul(bits, group):
         x = torch.randn(*shape)
         y = ql(x)
         assert y.shape == (*shape[:-1], 40) and y.dtype == torch.float32
-        torch.testing.assert_close(y, reference_linear(x, ql), rtol=1e-5, atol=1e-5)
+        # 1e-4: the INT4 VNNI kernel rounds x to 16-bit steps (bounded in test_quant_kernels)
+        torch.testing.assert_close(y, reference_linear(x, ql), rtol=1e-4, atol=1e-4)
     # bf16 activations come back as bf16
     xb = torch.randn(2, 96).bfloat16()
     assert ql(xb).dtype == torch.bfloat16
