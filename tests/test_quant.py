@@ -375,3 +375,48 @@ def test_cli_bad_quantization_settings(fp32_dir, tmp_path, capsys):
         main(["quantize", "--model", str(fp32_dir), "--bits", "3", "--out", str(tmp_path / "x")])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# The optional quantized output head
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantized_head_round_trip_and_logits(tiny_model, tokenizer, fp32_dir, tmp_path, tied):
+    base = copy.deepcopy(tiny_model)
+    if not tied:
+        base = build_model(GLMConfig.from_preset("tiny", tie_word_embeddings=False)).eval()
+    table = base.word_embeddings.weight.detach().clone()
+    head_weight = table if tied else base.lm_head.weight.detach().clone()
+    model = quantize_model(copy.deepcopy(base), 4, head_bits=8)
+    assert isinstance(model.lm_head, QuantizedLinear) and model.lm_head.bits == 8
+    assert torch.equal(model.word_embeddings.weight, table)  # the lookup table is kept as it was
+    torch.testing.assert_close(model.lm_head.dequantized_weight(), head_weight, rtol=0, atol=head_weight.abs().max() / 254)
+    assert quantization_info(model)["head_bits"] == 8 and quantization_info(model)["bits"] == 4
+    ids, ctx = _inputs()
+    layers_only = quantize_model(copy.deepcopy(base), 4)
+    torch.testing.assert_close(model(ids, context_lengths=ctx), layers_only(ids, context_lengths=ctx),
+                               rtol=0.02, atol=0.02)
+    save_quantized(tmp_path / "q", model, tokenizer)
+    loaded, _ = load_model_quantized(tmp_path / "q")
+    assert quantization_info(loaded)["head_bits"] == 8
+    torch.testing.assert_close(loaded(ids, context_lengths=ctx), model(ids, context_lengths=ctx), rtol=1e-5, atol=1e-5)
+    with pytest.raises(QuantizationError, match="8-bit head"):
+        load_model_quantized(tmp_path / "q", 4, head_bits=4)
+    with pytest.raises(QuantizationError, match="already quantized"):
+        quantize_model(loaded, 4)
+    if tied:  # on the fly from a full-precision folder: the head comes from the table
+        fly, _ = load_model_quantized(fp32_dir, 4, head_bits=8)
+        for name, t in model.state_dict().items():
+            assert torch.equal(fly.state_dict()[name], t), name
+        with pytest.raises(QuantizationError, match="need the layers"):
+            load_model_quantized(fp32_dir, head_bits=8)
+
+
+def test_cli_head_bits(fp32_dir, tmp_path, capsys):
+    out = tmp_path / "q4h8"
+    assert main(["quantize", "--model", str(fp32_dir), "--bits", "4", "--head-bits", "8", "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["head_bits"] == 8
+    assert main(["generate", "--model", str(out), "--max-new-tokens", "4", "In the beginning"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", str(fp32_dir), "--head-bits", "8", "hi"]) == 2
+    assert "needs --bits" in capsys.readouterr().err

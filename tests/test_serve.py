@@ -20,6 +20,7 @@ from glm130b.cli import main
 from glm130b.infer.engine import GenerationConfig
 from glm130b.infer.generate import generate, infill
 from glm130b.model.masks import Block
+from glm130b.quant import kernels as K
 from glm130b.serve.app import create_app
 from glm130b.serve.batcher import Batcher, Event, Job, QueueFull
 from glm130b.tokenizer import default_tokenizer
@@ -128,6 +129,8 @@ def test_batcher_equals_single_requests(rotary, tokenizer):
         texts = [[tokenizer.decode(g.get(k, [])) for k in range(len(e))] for g, e in zip(got, expect, strict=True)]
         assert texts == expect
         assert len({t[0] for t in texts}) > 3  # the outputs differ: a real comparison
+        if K.cpu_kernels_available():
+            assert batcher.engine._fused  # the slotted cache ran the fused decode step
         _wait(lambda: batcher.running == 0 and batcher.queue_depth == 0)
     finally:
         batcher.close()

@@ -105,12 +105,13 @@ def _load(args):
 
     directory = resolve_model_dir(args.model)
     bits, group_size = getattr(args, "bits", None), getattr(args, "group_size", None)
-    if bits is not None or group_size is not None or _is_quantized(directory):
+    head_bits = getattr(args, "head_bits", None)
+    if bits is not None or group_size is not None or head_bits is not None or _is_quantized(directory):
         from glm130b.quant import load_model_quantized
 
-        if group_size is not None and bits is None and not _is_quantized(directory):
-            raise GLMError("--group-size needs --bits 8 or --bits 4")
-        return load_model_quantized(directory, bits, group_size)
+        if (group_size is not None or head_bits is not None) and bits is None and not _is_quantized(directory):
+            raise GLMError(f"{'--group-size' if group_size is not None else '--head-bits'} needs --bits 8 or --bits 4")
+        return load_model_quantized(directory, bits, group_size, head_bits=head_bits)
     return load_model(directory)
 
 
@@ -124,7 +125,8 @@ def cmd_quantize(args) -> int:
     from glm130b.quant import load_model_quantized, quantization_info, save_quantized, weight_bytes
 
     t0 = time.perf_counter()
-    model, tokenizer = load_model_quantized(resolve_model_dir(args.model), args.bits, args.group_size)
+    model, tokenizer = load_model_quantized(resolve_model_dir(args.model), args.bits, args.group_size,
+                                            head_bits=args.head_bits)
     out = save_quantized(args.out, model, tokenizer)
     info = {**quantization_info(model), "out": str(out), "weight_bytes": weight_bytes(model),
             "file_bytes": (Path(out) / "model.safetensors").stat().st_size,
@@ -157,6 +159,8 @@ def _load_for_generation(args):
                            "model and --bits")
         if args.group_size is not None and args.bits is None:
             raise GLMError("--group-size needs --bits 8 or --bits 4")
+        if getattr(args, "head_bits", None) is not None:
+            raise GLMError("--head-bits is not supported with --tp (the head stays vocabulary-parallel)")
         model, tokenizer = load_model(resolve_model_dir(args.model))
         return tensor_parallel_for_inference(model, tp, args.bits, args.group_size), tokenizer, config
     model, tokenizer = _load(args)
@@ -320,6 +324,8 @@ def cmd_convert(args) -> int:
 def _add_quant_flags(p) -> None:
     p.add_argument("--bits", type=int, choices=[8, 4], help="quantize the weights to INT8/INT4 while loading")
     p.add_argument("--group-size", dest="group_size", type=int, help="with --bits: one scale per this many inputs")
+    p.add_argument("--head-bits", dest="head_bits", type=int, choices=[8, 4],
+                   help="with --bits: quantize the output head too, per row (not GLM-130B's scheme; faster decoding)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, choices=[8, 4], required=True)
     p.add_argument("--group-size", dest="group_size", type=int,
                    help="one scale per this many inputs of a row (default: one per row, as GLM-130B)")
+    p.add_argument("--head-bits", dest="head_bits", type=int, choices=[8, 4],
+                   help="also quantize the output head, per row (default: keep it, as GLM-130B); a tied "
+                        "embedding table stays for the lookups")
     p.add_argument("--out", required=True, help="folder for the quantized model")
     p.set_defaults(func=cmd_quantize)
 

@@ -104,9 +104,13 @@ class Engine:
         self.two_d = self.config.rotary == "2d"
         self.device = model.final_layernorm.weight.device
         self.dtype = model.final_layernorm.weight.dtype  # activations
-        self.head = model.word_embeddings.weight if model.lm_head is None else model.lm_head.weight
         from torch.distributed.tensor import DTensor
 
+        # the output head: the tied embedding table, an untied nn.Linear's weight, or a module
+        # (a quantized head, glm130b.quant.quantize_head), called as it is
+        self.head_module = None if model.lm_head is None or isinstance(model.lm_head, torch.nn.Linear) else model.lm_head
+        self.head = None if self.head_module is not None else \
+            model.word_embeddings.weight if model.lm_head is None else model.lm_head.weight
         self.vocab_parallel = isinstance(self.head, DTensor)  # a tensor-parallel model (infer/parallel.py)
 
     @property
@@ -123,7 +127,7 @@ class Engine:
                 logits_at: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run ids [B, L] into the cache; return FP32 logits [B, V] at token `logits_at` [B] of
         each row (None: no logits, e.g. a prefill that only fills the cache)."""
-        if ids.shape[1] == 1 and self.fused_decode:
+        if ids.shape[1] == 1 and self.fused_decode and hasattr(cache, "fused_view"):
             fused = self._fused_decoder()
             if fused is not None:
                 logits = fused.step(ids, positions, allowed, cache, logits_at is not None)
@@ -171,6 +175,8 @@ class Engine:
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         from glm130b.quant.kernels import dense_linear
 
+        if self.head_module is not None:
+            return self.head_module(h).float()
         if self.vocab_parallel:
             return self._vocab_parallel_head(h)
         if self.fast_head:

@@ -50,10 +50,13 @@ def why_not(model) -> str | None:
 
     if any(isinstance(p, DTensor) for p in model.parameters()):
         return "a tensor-parallel model"
-    if model.lm_head is not None and not isinstance(model.lm_head, nn.Linear):
+    head = model.lm_head
+    if head is not None and not isinstance(head, (nn.Linear, QuantizedLinear)):
         return "an unsupported output head"
-    for t in (model.word_embeddings.weight, model.word_embeddings.weight if model.lm_head is None else model.lm_head.weight):
-        if t.dtype not in (torch.float32, torch.bfloat16):
+    if isinstance(head, QuantizedLinear) and head.qweight.device.type != "cpu":
+        return "a quantized head off the CPU"
+    for t in (model.word_embeddings.weight, head.weight if isinstance(head, nn.Linear) else None):
+        if t is not None and t.dtype not in (torch.float32, torch.bfloat16):
             return f"{t.dtype} embeddings or head"
     for block in model.layers:
         if not block.attention.use_sdpa:
@@ -94,9 +97,11 @@ class FusedDecoder:
                 _weight(ext, att.dense), block.post_attention_layernorm.weight.detach(),
                 block.post_attention_layernorm.bias.detach(), _weight(ext, mlp.dense_h_to_4h), _weight(ext, mlp.dense_4h_to_h))
         emb = model.word_embeddings.weight.detach().contiguous()
-        head = emb if model.lm_head is None else model.lm_head.weight.detach().contiguous()  # tied or not
-        self.stack.set_output(emb, model.final_layernorm.weight.detach(), model.final_layernorm.bias.detach(),
-                              ext.DecodeWeight(head, None, 0, None, K.FMT[head.dtype], cfg.hidden_size))
+        if model.lm_head is None:  # tied
+            head = ext.DecodeWeight(emb, None, 0, None, K.FMT[emb.dtype], cfg.hidden_size)
+        else:  # untied, or quantized
+            head = _weight(ext, model.lm_head)
+        self.stack.set_output(emb, model.final_layernorm.weight.detach(), model.final_layernorm.bias.detach(), head)
 
     @classmethod
     def for_model(cls, model) -> FusedDecoder | None:
@@ -104,13 +109,14 @@ class FusedDecoder:
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, cache,
              logits: bool) -> torch.Tensor | None:
-        """ids [B, 1], positions [B, 1] or [B, 2, 1], allowed [B or 1, 1, 1, seen + 1]: writes cache
-        slot `seen` of every layer (the caller advances the cache); FP32 logits [B, V] or None."""
-        cache.check_room(1)
+        """ids [B, 1], positions [B, 1] or [B, 2, 1], allowed [B or 1, 1, 1, T]; `cache` gives
+        `fused_view(B)` = (K list, V list, write slot of each row [B], T) and is written there
+        (the caller advances it). FP32 logits [B, V] or None."""
         b = ids.shape[0]
+        k, v, slots, t = cache.fused_view(b)
         mask = allowed.reshape(allowed.shape[0], -1)
         if mask.shape[0] != b:
             mask = mask.expand(b, -1)
         out = self.stack.step(ids.reshape(b).contiguous(), positions.reshape(b, -1).contiguous(), mask.contiguous(),
-                              cache.k, cache.v, cache.seen, logits, K.num_threads())
+                              k, v, slots, t, logits, K.num_threads())
         return out if logits else None

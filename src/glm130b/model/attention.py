@@ -111,6 +111,12 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.seen += n
 
+    def fused_view(self, batch: int):
+        """For the fused decode step (infer/fused.py): every row writes slot `seen` and attends
+        [0, seen + 1)."""
+        end = self.check_room(1)
+        return self.k, self.v, torch.full((batch,), self.seen, dtype=torch.long), end
+
 
 class SelfAttention(nn.Module):
     """Fused QKV with the official per-head interleaved rows: `W.view(nh, 3, d, H)`.

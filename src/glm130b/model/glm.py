@@ -103,8 +103,11 @@ class GLMModel(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(length)
         h = self.final_layernorm(h)
-        head = self.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(h, head)
+        if self.lm_head is None or isinstance(self.lm_head, nn.Linear):
+            head = self.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
+            logits = F.linear(h, head)
+        else:  # a quantized head (glm130b.quant.quantize_head)
+            logits = self.lm_head(h)
         return (logits, hidden_states) if output_hidden_states else logits
 
     def new_kv_cache(self, batch: int, max_len: int) -> KVCache:

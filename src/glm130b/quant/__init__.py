@@ -2,6 +2,7 @@
 
     from glm130b.quant import quantize_model, save_quantized, load_model_quantized
     quantize_model(model, bits=4, group_size=128)      # swaps the four matrices of every layer
+    quantize_model(model, bits=4, head_bits=8)         # ... and an INT8 output head (not GLM-130B's)
     save_quantized("runs/tiny-int4", model, tokenizer)
     model, tokenizer = load_model_quantized("runs/tiny-int4")   # never builds FP32 weights
 """
@@ -22,6 +23,7 @@ from glm130b.quant.weights import (
     dequantize_weight,
     pack_int4,
     quantization_info,
+    quantize_head,
     quantize_model,
     quantize_weight,
     unpack_int4,
@@ -32,5 +34,5 @@ from glm130b.quant.weights import (
 __all__ = [
     "QUANTIZED_MODULES", "SCHEME", "DenseLinear", "QuantizationError", "QuantizedLinear", "check_settings",
     "dequantize_weight", "is_quantized_folder", "load_model_quantized", "pack_int4", "quantization_info",
-    "quantize_model", "quantize_weight", "read_safetensors", "save_quantized", "unpack_int4", "use_fast_linears", "weight_bytes",
+    "quantize_head", "quantize_model", "quantize_weight", "read_safetensors", "save_quantized", "unpack_int4", "use_fast_linears", "weight_bytes",
 ]

@@ -125,31 +125,43 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_model_quantized(directory: str | Path, bits: int | None = None, group_size: int | None = None,
-                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                         head_bits: int | None = None):
     """Load (model, tokenizer) from any model folder, quantizing on the fly when `bits` is set.
 
-    * A quantized folder loads as saved (asking for other bits or group size is an error).
-    * A full-precision folder with `bits` (4 or 8) is quantized matrix by matrix while read.
+    * A quantized folder loads as saved (asking for other bits, group size or head bits is an
+      error).
+    * A full-precision folder with `bits` (4 or 8) is quantized matrix by matrix while read;
+      `head_bits` also quantizes the output head (quant/weights.py: quantize_head).
     * A full-precision folder without `bits` loads as glm130b.checkpoint.load_model would.
     `dtype` applies to the tensors that are not quantized (embeddings, norms, biases).
     """
     if bits is not None or group_size is not None:
         check_settings(bits, group_size)
+    if head_bits is not None:
+        check_settings(head_bits)
     directory = _model_dir(directory)
     config = load_config(directory)
     saved = config.extra.get("quantization")
     if saved:
-        s_bits, s_group = saved.get("bits"), saved.get("group_size")
+        s_bits, s_group, s_head = saved.get("bits"), saved.get("group_size"), saved.get("head_bits")
         try:
             check_settings(s_bits, s_group)
+            if s_head is not None:
+                check_settings(s_head)
         except QuantizationError as e:
             raise CheckpointError(f"{directory / CONFIG}: bad quantization entry ({e})") from None
-        if bits is not None and (bits, group_size) != (s_bits, s_group):
-            want = f"{bits}-bit" + (f", group size {group_size}" if group_size else "")
-            have = f"{s_bits}-bit" + (f", group size {s_group}" if s_group else "")
+        if (bits is not None and (bits, group_size) != (s_bits, s_group)) or \
+                (head_bits is not None and head_bits != s_head):
+            want = f"{bits or s_bits}-bit" + (f", group size {group_size}" if group_size else "") + \
+                (f", {head_bits}-bit head" if head_bits else "")
+            have = f"{s_bits}-bit" + (f", group size {s_group}" if s_group else "") + \
+                (f", {s_head}-bit head" if s_head else "")
             raise QuantizationError(f"{directory} is already quantized ({have}); cannot load it as {want}: "
                                     "quantize the full-precision model instead")
-        bits, group_size = s_bits, s_group
+        bits, group_size, head_bits = s_bits, s_group, s_head
+    elif head_bits is not None and bits is None:
+        raise QuantizationError("head bits need the layers quantized too: pass bits (8 or 4) as well")
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{directory} has no {WEIGHTS}")
@@ -157,7 +169,7 @@ def load_model_quantized(directory: str | Path, bits: int | None = None, group_s
     with torch.device("meta"):
         model = GLMModel(config)
     if bits is not None:
-        quantize_model(model, bits, group_size)
+        quantize_model(model, bits, group_size, head_bits)
     expected = {name: t for name, t in model.state_dict().items()}
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     seen: set[str] = set()
@@ -202,6 +214,9 @@ def load_model_quantized(directory: str | Path, bits: int | None = None, group_s
             tensor = tensor.float()
         _set_tensor(model, name, tensor)
         seen.add(name)
+    if head_bits is not None and not saved and config.tie_word_embeddings:  # the head from the table
+        model.lm_head.set_weight(model.word_embeddings.weight)
+        seen.update({"lm_head.qweight", "lm_head.scales"})
     missing = sorted(set(expected) - seen)
     if missing:
         raise CheckpointError(f"{weights}: missing {len(missing)} tensors, e.g. {missing[0]!r}")

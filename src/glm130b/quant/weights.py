@@ -9,6 +9,10 @@ The scheme (Zeng et al. 2022, and the official `quantization/` code):
 * Applied to the four matrices of every layer -- `attention.query_key_value`,
   `attention.dense`, `mlp.dense_h_to_4h`, `mlp.dense_4h_to_h` -- and nothing else:
   embeddings (and the tied output head), LayerNorms and biases keep their dtype.
+* Optionally (`head_bits`, not in GLM-130B) the output head too, per row: a QuantizedLinear
+  `lm_head`. A tied model keeps its embedding table for the lookups and gets the quantized copy
+  as its head (INT8: +1 byte per table entry; the head is the largest single read of a decode
+  step for a small model). llama.cpp does the like: its Q4_0 files carry a 6.5-bit output.
 
 Storage (what `QuantizedLinear` holds and quantized checkpoints contain):
 
@@ -263,14 +267,18 @@ def quantizable_linears(model: nn.Module):
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, bits: int, group_size: int | None = None) -> nn.Module:
-    """Swap the QKV, attention-output and both FFN matrices of every layer for QuantizedLinear.
+def quantize_model(model: nn.Module, bits: int, group_size: int | None = None,
+                   head_bits: int | None = None) -> nn.Module:
+    """Swap the QKV, attention-output and both FFN matrices of every layer for QuantizedLinear,
+    and with `head_bits` the output head too (per-row scales; see the module docstring).
 
     In place; returns the model. On the meta device nothing is computed (the swapped modules
     are empty shells to load quantized tensors into). Quantizing an already quantized model is
     an error. The model's forward is unchanged: a QuantizedLinear is called like nn.Linear.
     """
     check_settings(bits, group_size)
+    if head_bits is not None:
+        check_settings(head_bits)
     found = 0
     for name, parent, attr, child in list(quantizable_linears(model)):
         if isinstance(child, QuantizedLinear):
@@ -283,8 +291,23 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = None) -
         found += 1
     if not found:
         raise QuantizationError("the model has no query_key_value / dense / dense_h_to_4h / dense_4h_to_h layers")
+    if head_bits is not None:
+        quantize_head(model, head_bits)
     with_quantization_entry(model)
     return model
+
+
+@torch.no_grad()
+def quantize_head(model: nn.Module, bits: int) -> None:
+    """The output head as a per-row QuantizedLinear `lm_head` (from the tied embedding table, or
+    the untied head's weight); the embedding table itself is unchanged."""
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, QuantizedLinear):
+        raise QuantizationError(f"the output head is already quantized ({head.bits}-bit)")
+    weight = model.word_embeddings.weight if head is None else head.weight
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+    model.lm_head = QuantizedLinear.from_linear(linear, bits)
 
 
 def with_quantization_entry(model: nn.Module) -> None:
@@ -318,18 +341,22 @@ def use_fast_linears(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         if emb is not None and emb.weight.dtype != dtype:
             emb.weight = nn.Parameter(emb.weight.detach().to(dtype), requires_grad=False)
         head = getattr(model, "lm_head", None)
-        if head is not None and head.weight.dtype != dtype:
+        if isinstance(head, nn.Linear) and head.weight.dtype != dtype:
             head.weight = nn.Parameter(head.weight.detach().to(dtype), requires_grad=False)
     return model
 
 
 def quantization_info(model: nn.Module) -> dict | None:
     """{"bits", "group_size", "scheme", "modules"} of a quantized model, None if it is not."""
-    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    head = getattr(model, "lm_head", None)
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m is not head]
     if not layers:
         return None
-    return {"bits": layers[0].bits, "group_size": _model_group_size(layers), "scheme": SCHEME,
+    info = {"bits": layers[0].bits, "group_size": _model_group_size(layers), "scheme": SCHEME,
             "modules": list(QUANTIZED_MODULES)}
+    if isinstance(head, QuantizedLinear):
+        info["head_bits"] = head.bits
+    return info
 
 
 def _model_group_size(layers) -> int | None:

@@ -115,6 +115,10 @@ class _Step:
         self.cache.v[layer][self.rows, :, self.lengths] = v[:, :, 0]
         return self.cache.k[layer][:n, :, : self.end], self.cache.v[layer][:n, :, : self.end]
 
+    def fused_view(self, batch: int):
+        """For the fused decode step (infer/fused.py): rows [0, n) write at their lengths."""
+        return self.cache.k, self.cache.v, self.lengths, self.end
+
     def advance(self, n: int) -> None:
         pass
 

@@ -214,27 +214,32 @@ class DecodeStack {
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
-  // One token per row: ids [B] (int64), positions [B] (1D) or [B, 2] (2D), allowed: B x (seen+1)
-  // booleans (may row b attend cache slot j), k/v: each layer's FP32 cache [B, nh, max_len, d].
-  // Writes slot `seen` of every layer's cache; returns FP32 logits [B, V] (empty without them).
+  // One token per row: ids [B] (int64), positions [B] (1D) or [B, 2] (2D); k/v: each layer's
+  // FP32 cache [>= B rows, nh, max_len, d], of which rows [0, B) are used; row b writes its key
+  // and value at slot slots[b] (int64 [B]) and attends the slots j < T where allowed[b, j]
+  // (B x T booleans). Returns FP32 logits [B, V] (undefined without them).
   at::Tensor step(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& allowed,
-                  const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache, int64_t seen,
-                  bool logits, int64_t threads) const {
+                  const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache,
+                  const at::Tensor& slots, int64_t T, bool logits, int64_t threads) const {
     TORCH_CHECK(head_ && num_layers() > 0, "the stack is incomplete");
     TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.is_contiguous(), "ids must be int64 [B]");
-    const int64_t B = ids.size(0), T = seen + 1;
+    const int64_t B = ids.size(0);
     TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() &&
                     positions.numel() == B * (two_d_ ? 2 : 1),
                 "positions must be int64 [B]", two_d_ ? " x 2" : "");
     TORCH_CHECK(allowed.scalar_type() == at::kBool && allowed.is_contiguous() && allowed.numel() == B * T,
-                "allowed must be contiguous bool with B x (seen + 1) entries");
+                "allowed must be contiguous bool with B x T entries");
+    TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == B,
+                "slots must be int64 [B]");
+    const int64_t* slot_of = slots.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) TORCH_CHECK(0 <= slot_of[b] && slot_of[b] < T, "write slot outside [0, T)");
     TORCH_CHECK(static_cast<int64_t>(k_cache.size()) == num_layers() &&
                     static_cast<int64_t>(v_cache.size()) == num_layers(), "one K and one V cache per layer");
     for (const auto* caches : {&k_cache, &v_cache})
       for (const at::Tensor& c : *caches)
-        TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.dim() == 4 && c.size(0) == B &&
-                        c.size(1) == nh_ && c.size(3) == d_ && c.size(2) > seen && seen >= 0,
-                    "each cache must be contiguous FP32 [B, heads, max_len > seen, head_dim]");
+        TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.dim() == 4 && c.size(0) >= B &&
+                        c.size(1) == nh_ && c.size(3) == d_ && c.size(2) >= T && T >= 1,
+                    "each cache must be contiguous FP32 [>= B, heads, max_len >= T, head_dim]");
     const int64_t V = embedding_.size(0);
     const int64_t* id = ids.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) TORCH_CHECK(0 <= id[b] && id[b] < V, "token id ", id[b], " out of range");
@@ -282,7 +287,7 @@ class DecodeStack {
           for (float* v : {q, q + d})
             for (int64_t p = 0; p < parts; ++p)
               rotate(v + p * 2 * half, &cs[(b * parts + p) * half], &sn[(b * parts + p) * half], half);
-          const int64_t slot = ((b * nh + hd) * max_len + seen) * d;
+          const int64_t slot = ((b * nh + hd) * max_len + slot_of[b]) * d;
           std::memcpy(kc + slot, q + d, sizeof(float) * d);
           std::memcpy(vc + slot, q + 2 * d, sizeof(float) * d);
         }
@@ -367,6 +372,6 @@ void register_decode_step(pybind11::module& m) {
       .def("add_layer", &DecodeStack::add_layer)
       .def("set_output", &DecodeStack::set_output)
       .def("step", &DecodeStack::step, py::call_guard<py::gil_scoped_release>(), py::arg("ids"), py::arg("positions"),
-           py::arg("allowed"), py::arg("k_cache"), py::arg("v_cache"), py::arg("seen"), py::arg("logits"),
+           py::arg("allowed"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"), py::arg("T"), py::arg("logits"),
            py::arg("threads"));
 }
