@@ -336,6 +336,9 @@ def build_variants(base, names: list[str], group_size: int | None) -> dict:
     for name in names:
         kind, _, suffix = name.partition("_unfused")
         fused = not _ and not suffix
+        kv = None
+        if kind.endswith("_kv16"):  # an FP16 KV cache
+            kind, kv = kind[: -len("_kv16")], torch.float16
         if kind == "fp32_torch":
             variants[name] = (base, Engine(base, fast_head=False))
             continue
@@ -349,7 +352,7 @@ def build_variants(base, names: list[str], group_size: int | None) -> dict:
             use_fast_linears(m, torch.bfloat16)  # the unquantized rest (embeddings, head) in BF16
         else:
             raise ValueError(name)
-        variants[name] = (m, Engine(m, fused_decode=fused))
+        variants[name] = (m, Engine(m, fused_decode=fused, kv_dtype=kv))
     return variants
 
 

@@ -39,8 +39,8 @@ def _rows():
             Row([9, 10, 11, 12], Block(3, 0, continues=True))]
 
 
-def _step_logits(model, fused: bool, steps: int = 6) -> torch.Tensor:
-    engine = Engine(model, fused_decode=fused)
+def _step_logits(model, fused: bool, steps: int = 6, kv_dtype=torch.float32) -> torch.Tensor:
+    engine = Engine(model, fused_decode=fused, kv_dtype=kv_dtype)
     batch = Batch(engine, _rows(), steps + 1)
     tokens = torch.full((3,), 3, dtype=torch.long)
     out = []
@@ -67,9 +67,12 @@ def test_fused_step_matches_the_modules(cfg_kw, weights):
     K.set_int4_vnni(False)  # both paths on the FP32-activation kernels: rounding differences only
     try:
         ref, got = _step_logits(model, False), _step_logits(model, True)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-5)
+        # an FP16 cache on both paths: a key 1e-7 apart may round to neighbouring FP16 values
+        ref, got = _step_logits(model, False, kv_dtype=torch.float16), _step_logits(model, True, kv_dtype=torch.float16)
+        torch.testing.assert_close(got, ref, rtol=1e-3, atol=5e-4)
     finally:
         K.set_int4_vnni(True)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-5)
     if weights.startswith("int4"):  # with the VNNI kernel, x's 16-bit rounding may differ by a step
         ref, got = _step_logits(model, False), _step_logits(model, True)
         torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
@@ -80,7 +83,8 @@ def test_untied_head_and_generation_match():
     model = varied_model("1d")
     torch.testing.assert_close(_step_logits(model, True), _step_logits(model, False), rtol=1e-5, atol=1e-4)
     cfg = GenerationConfig(max_new_tokens=12)
-    runs = [generate_rows(Engine(model, fused_decode=f), _rows(), cfg, 3, set()) for f in (False, True)]
+    runs = [generate_rows(Engine(model, fused_decode=f, kv_dtype=torch.float32), _rows(), cfg, 3, set())
+            for f in (False, True)]
     assert [r.tokens for r in runs[0]] == [r.tokens for r in runs[1]]
 
 
@@ -88,8 +92,8 @@ def test_beam_search_reorders_the_cache_the_fused_step_reads():
     model = varied_model("2d")
     cfg = GenerationConfig(strategy="beam", num_beams=3, max_new_tokens=8)
     row = Row([5, 6, 7, 8, 9, 10], Block(5, 0, continues=True))
-    a = beam_search(Engine(model, fused_decode=False), row, cfg, 3, set())
-    b = beam_search(Engine(model, fused_decode=True), row, cfg, 3, set())
+    a = beam_search(Engine(model, fused_decode=False, kv_dtype=torch.float16), row, cfg, 3, set())
+    b = beam_search(Engine(model, fused_decode=True, kv_dtype=torch.float16), row, cfg, 3, set())
     assert a.tokens == b.tokens
 
 
@@ -123,3 +127,25 @@ def test_bad_inputs_are_errors_not_crashes():
     full.feed(torch.tensor([3]))
     with pytest.raises(ValueError, match="KV cache full"):
         full.feed(torch.tensor([3]))
+
+
+def test_fp16_kv_cache_is_the_fused_default_and_stays_close(monkeypatch):
+    """Where the fused step decodes, the cache is FP16 (half the memory and reads); its logits stay
+    within FP16 rounding of an FP32 cache's. $GLM130B_KV_CACHE overrides; elsewhere the cache
+    keeps the activations' dtype."""
+    model = varied_model("1d")
+    assert Engine(model).kv_dtype == torch.float16
+    assert Engine(model, fused_decode=False).kv_dtype == torch.float32
+    monkeypatch.setenv("GLM130B_KV_CACHE", "fp32")
+    assert Engine(model).kv_dtype == torch.float32
+    monkeypatch.setenv("GLM130B_KV_CACHE", "int3")
+    with pytest.raises(ValueError, match="fp16 or fp32"):
+        Engine(model)
+    monkeypatch.delenv("GLM130B_KV_CACHE")
+    engine = Engine(model)
+    batch = Batch(engine, _rows(), 4)
+    assert batch.cache.k[0].dtype == torch.float16
+    half, full = _step_logits(model, True, kv_dtype=torch.float16), _step_logits(model, True)
+    scale = full.abs().max().item()
+    assert (half - full).abs().max().item() <= 2e-3 * scale
+    assert (half - full).abs().max().item() > 0  # the cache really is narrower

@@ -22,6 +22,7 @@ one C++ call for the whole stack (infer/fused.py) when the model allows it.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -30,6 +31,8 @@ import torch
 from glm130b.errors import GLMError
 from glm130b.model.attention import KVCache
 from glm130b.model.masks import Block
+
+KV_ENV = "GLM130B_KV_CACHE"
 
 
 class GenerationError(GLMError, ValueError):
@@ -93,7 +96,8 @@ GREEDY = GenerationConfig()
 class Engine:
     """Runs a GLMModel (plain, quantized or with fast linears) for generation."""
 
-    def __init__(self, model, fast_head: bool = True, fused_decode: bool | None = None):
+    def __init__(self, model, fast_head: bool = True, fused_decode: bool | None = None,
+                 kv_dtype: torch.dtype | None = None):
         self.model = model
         self.fast_head = fast_head  # the output head through glm130b.quant.kernels (else F.linear)
         # one-token steps in one C++ call (infer/fused.py); default: with the fast head. Built at
@@ -104,6 +108,7 @@ class Engine:
         self.two_d = self.config.rotary == "2d"
         self.device = model.final_layernorm.weight.device
         self.dtype = model.final_layernorm.weight.dtype  # activations
+        self.kv_dtype = kv_dtype or self._default_kv_dtype()
         from torch.distributed.tensor import DTensor
 
         # the output head: the tied embedding table, an untied nn.Linear's weight, or a module
@@ -120,14 +125,15 @@ class Engine:
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         cfg = self.config
-        return KVCache(cfg.num_layers, batch, self.local_heads, max_len, cfg.head_dim, self.dtype, self.device)
+        return KVCache(cfg.num_layers, batch, self.local_heads, max_len, cfg.head_dim, self.kv_dtype, self.device)
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, cache: KVCache,
                 logits_at: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run ids [B, L] into the cache; return FP32 logits [B, V] at token `logits_at` [B] of
         each row (None: no logits, e.g. a prefill that only fills the cache)."""
-        if ids.shape[1] == 1 and self.fused_decode and hasattr(cache, "fused_view"):
+        if ids.shape[1] == 1 and self.fused_decode and hasattr(cache, "fused_view") and \
+                self.kv_dtype in (torch.float32, torch.float16):
             fused = self._fused_decoder()
             if fused is not None:
                 logits = fused.step(ids, positions, allowed, cache, logits_at is not None)
@@ -147,6 +153,22 @@ class Engine:
         else:
             h = h[torch.arange(h.shape[0], device=h.device), logits_at]  # [B, H]
         return self._head(model.final_layernorm(h))
+
+    def _default_kv_dtype(self) -> torch.dtype:
+        """The KV cache's dtype: FP16 where the fused CPU step decodes (half the cache's memory and
+        half its reads per token, as llama.cpp's default; the attention math stays FP32: 1.3x
+        faster decoding at a 1,000-token context), else the activations' dtype.
+        $GLM130B_KV_CACHE=fp32 (or fp16) overrides."""
+        choice = os.environ.get(KV_ENV, "").lower()
+        if choice in ("fp32", "float32"):
+            return torch.float32
+        if choice in ("fp16", "float16"):
+            return torch.float16
+        if choice:
+            raise GenerationError(f"${KV_ENV} must be fp16 or fp32, got {choice!r}")
+        fused = self.fused_decode and self.device.type == "cpu" and self.dtype == torch.float32 and \
+            self._fused_decoder() is not None
+        return torch.float16 if fused else self.dtype
 
     def _fused_decoder(self):
         if self._fused is None:

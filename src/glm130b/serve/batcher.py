@@ -75,8 +75,8 @@ class SlotCache:
     def __init__(self, engine: Engine, slots: int, max_len: int):
         cfg = engine.config
         shape = (slots, engine.local_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=engine.dtype, device=engine.device) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(shape, dtype=engine.dtype, device=engine.device) for _ in range(cfg.num_layers)]
+        self.k = [torch.zeros(shape, dtype=engine.kv_dtype, device=engine.device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=engine.kv_dtype, device=engine.device) for _ in range(cfg.num_layers)]
         self.max_len = max_len
 
     def move(self, src: int, dst: int, length: int) -> None:
@@ -95,7 +95,7 @@ class _Prefill:
         rows, n = slice(self.slot, self.slot + k.shape[0]), k.shape[2]
         self.cache.k[layer][rows, :, :n] = k
         self.cache.v[layer][rows, :, :n] = v
-        return self.cache.k[layer][rows, :, :n], self.cache.v[layer][rows, :, :n]
+        return self.cache.k[layer][rows, :, :n].to(k.dtype), self.cache.v[layer][rows, :, :n].to(v.dtype)
 
     def advance(self, n: int) -> None:
         pass
@@ -113,7 +113,7 @@ class _Step:
         n = len(self.lengths)
         self.cache.k[layer][self.rows, :, self.lengths] = k[:, :, 0]
         self.cache.v[layer][self.rows, :, self.lengths] = v[:, :, 0]
-        return self.cache.k[layer][:n, :, : self.end], self.cache.v[layer][:n, :, : self.end]
+        return self.cache.k[layer][:n, :, : self.end].to(k.dtype), self.cache.v[layer][:n, :, : self.end].to(v.dtype)
 
     def fused_view(self, batch: int):
         """For the fused decode step (infer/fused.py): rows [0, n) write at their lengths."""

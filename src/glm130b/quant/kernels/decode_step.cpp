@@ -15,6 +15,7 @@
 // row (glm130b/model/*.py is the readable version and the reference in the tests), written
 // against the KV cache the PyTorch prefill filled, so the two paths share one cache.
 #include <ATen/ops/empty.h>
+#include <c10/util/Half.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <cmath>
@@ -88,25 +89,45 @@ struct Layer {
   WeightPtr qkv, dense, up, down;
 };
 
-inline float dot(const float* a, const float* b, int64_t n) {
+// The KV cache holds FP32 or FP16 (uint16_t bits) values; attention math is FP32 either way.
+inline vf load_kv(const float* p) { return vload(p); }
+inline vf load_kv(const uint16_t* p) {
+#if defined(__AVX512F__)
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__AVX2__) && defined(__F16C__)
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  return c10::detail::fp16_ieee_to_fp32_value(*p);
+#endif
+}
+inline float kv_value(float v) { return v; }
+inline float kv_value(uint16_t v) { return c10::detail::fp16_ieee_to_fp32_value(v); }
+inline void store_kv(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, sizeof(float) * n); }
+inline void store_kv(uint16_t* dst, const float* src, int64_t n) {  // round to nearest even, as .to(float16)
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::detail::fp16_ieee_from_fp32_value(src[i]);
+}
+
+template <typename C>
+inline float dot(const float* a, const C* b, int64_t n) {
   vf acc = vzero();
   int64_t i = 0;
-  for (; i + LANES <= n; i += LANES) acc = vfma(vload(a + i), vload(b + i), acc);
+  for (; i + LANES <= n; i += LANES) acc = vfma(vload(a + i), load_kv(b + i), acc);
   float s = vsum(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * kv_value(b[i]);
   return s;
 }
 
-inline void axpy(float s, const float* x, float* y, int64_t n) {  // y += s * x
+template <typename C>
+inline void axpy(float s, const C* x, float* y, int64_t n) {  // y += s * x
   int64_t i = 0;
 #if defined(__AVX512F__)
   const __m512 sv = _mm512_set1_ps(s);
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(sv, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(sv, load_kv(x + i), _mm512_loadu_ps(y + i)));
 #elif defined(__AVX2__) && defined(__FMA__)
   const __m256 sv = _mm256_set1_ps(s);
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(sv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(sv, load_kv(x + i), _mm256_loadu_ps(y + i)));
 #endif
-  for (; i < n; ++i) y[i] += s * x[i];
+  for (; i < n; ++i) y[i] += s * kv_value(x[i]);
 }
 
 // exp and erf over arrays, vectorised: exp by range reduction to 2^n * exp(r), |r| <= ln2/2,
@@ -215,7 +236,7 @@ class DecodeStack {
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
   // One token per row: ids [B] (int64), positions [B] (1D) or [B, 2] (2D); k/v: each layer's
-  // FP32 cache [>= B rows, nh, max_len, d], of which rows [0, B) are used; row b writes its key
+  // FP32 or FP16 cache [>= B rows, nh, max_len, d], of which rows [0, B) are used; row b writes its key
   // and value at slot slots[b] (int64 [B]) and attends the slots j < T where allowed[b, j]
   // (B x T booleans). Returns FP32 logits [B, V] (undefined without them).
   at::Tensor step(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& allowed,
@@ -237,9 +258,10 @@ class DecodeStack {
                     static_cast<int64_t>(v_cache.size()) == num_layers(), "one K and one V cache per layer");
     for (const auto* caches : {&k_cache, &v_cache})
       for (const at::Tensor& c : *caches)
-        TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.dim() == 4 && c.size(0) >= B &&
-                        c.size(1) == nh_ && c.size(3) == d_ && c.size(2) >= T && T >= 1,
-                    "each cache must be contiguous FP32 [>= B, heads, max_len >= T, head_dim]");
+        TORCH_CHECK((c.scalar_type() == at::kFloat || c.scalar_type() == at::kHalf) &&
+                        c.scalar_type() == k_cache[0].scalar_type() && c.is_contiguous() && c.dim() == 4 &&
+                        c.size(0) >= B && c.size(1) == nh_ && c.size(3) == d_ && c.size(2) >= T && T >= 1,
+                    "each cache must be contiguous FP32 or FP16 [>= B, heads, max_len >= T, head_dim]");
     const int64_t V = embedding_.size(0);
     const int64_t* id = ids.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) TORCH_CHECK(0 <= id[b] && id[b] < V, "token id ", id[b], " out of range");
@@ -271,62 +293,23 @@ class DecodeStack {
         }
       }
     const bool* allow = allowed.data_ptr<bool>();
-    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
 
     for (int64_t l = 0; l < num_layers(); ++l) {
       const Layer& L = layers_[l];
       for (int64_t b = 0; b < B; ++b) L.ln1.apply(&h[b * H], &x[b * H], H, eps_);
       L.qkv->apply(x.data(), B, qkv.data(), xs, threads);
-      // rotary on q and k of each head (the official per-head [q | k | v] rows), then the cache
-      float* kc = k_cache[l].data_ptr<float>();
-      float* vc = v_cache[l].data_ptr<float>();
-      const int64_t max_len = k_cache[l].size(2);
+      // rotary on q and k of each head (the official per-head [q | k | v] rows)
       for (int64_t b = 0; b < B; ++b)
         for (int64_t hd = 0; hd < nh; ++hd) {
           float* q = &qkv[b * 3 * H + hd * 3 * d];
           for (float* v : {q, q + d})
             for (int64_t p = 0; p < parts; ++p)
               rotate(v + p * 2 * half, &cs[(b * parts + p) * half], &sn[(b * parts + p) * half], half);
-          const int64_t slot = ((b * nh + hd) * max_len + slot_of[b]) * d;
-          std::memcpy(kc + slot, q + d, sizeof(float) * d);
-          std::memcpy(vc + slot, q + 2 * d, sizeof(float) * d);
         }
-      // attention of each (row, head) over slots [0, seen], FP32 softmax
-      auto attend = [&](int64_t pair, std::vector<float>& score) {
-        const int64_t b = pair / nh, hd = pair % nh;
-        const float* q = &qkv[b * 3 * H + hd * 3 * d];
-        const float* K = kc + (b * nh + hd) * max_len * d;
-        const float* Vv = vc + (b * nh + hd) * max_len * d;
-        const bool* ok = allow + b * T;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < T; ++j) {
-          score[j] = ok[j] ? dot(q, K + j * d, d) * scale : -std::numeric_limits<float>::infinity();
-          mx = std::max(mx, score[j]);
-        }
-        float* out = &ctx[b * H + hd * d];
-        std::fill(out, out + d, 0.f);
-        if (mx == -std::numeric_limits<float>::infinity()) return;  // no visible slot (SDPA gives NaN)
-        for (int64_t j = 0; j < T; ++j) score[j] -= mx;  // masked slots stay -inf: exp gives 0
-        exp_inplace(score.data(), T);
-        float sum = 0.f;
-        for (int64_t j = 0; j < T; ++j) sum += score[j];
-        const float inv = 1.f / sum;
-        for (int64_t j = 0; j < T; ++j)
-          if (score[j] != 0.f) axpy(score[j] * inv, Vv + j * d, out, d);
-      };
-      const int64_t pairs = B * nh;
-      const int64_t at_threads = std::max<int64_t>(1, std::min<int64_t>({threads, pairs, (pairs * T * d) >> 15}));
-      if (at_threads == 1) {
-        std::vector<float> score(T);
-        for (int64_t i = 0; i < pairs; ++i) attend(i, score);
-      } else {
-#pragma omp parallel num_threads(static_cast<int>(at_threads))
-        {
-          std::vector<float> score(T);
-#pragma omp for schedule(static)
-          for (int64_t i = 0; i < pairs; ++i) attend(i, score);
-        }
-      }
+      if (k_cache[l].scalar_type() == at::kFloat)
+        attention<float>(qkv.data(), k_cache[l], v_cache[l], slot_of, allow, B, T, ctx.data(), threads);
+      else
+        attention<uint16_t>(qkv.data(), k_cache[l], v_cache[l], slot_of, allow, B, T, ctx.data(), threads);
       L.dense->apply(ctx.data(), B, a.data(), xs, threads);
       for (int64_t i = 0; i < B * H; ++i) h[i] = (pre_ln_ ? h[i] : alpha_ * x[i]) + a[i];
       for (int64_t b = 0; b < B; ++b) L.ln2.apply(&h[b * H], &m[b * H], H, eps_);
@@ -344,6 +327,59 @@ class DecodeStack {
     at::Tensor out = at::empty({B, head_->N}, at::TensorOptions().dtype(at::kFloat));
     head_->apply(x.data(), B, out.data_ptr<float>(), xs, threads);
     return out;
+  }
+
+  // Write each row's new key and value at its slot of the cache (C: float or FP16 bits), then
+  // attend: ctx[b, head] = softmax_j(q . k_j / sqrt(d), allowed slots j < T) v_j, in FP32.
+  template <typename C>
+  void attention(const float* qkv, const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* slot_of,
+                 const bool* allow, int64_t B, int64_t T, float* ctx, int64_t threads) const {
+    const int64_t H = H_, d = d_, nh = nh_, max_len = k_cache.size(2);
+    C* kc = static_cast<C*>(k_cache.data_ptr());
+    C* vc = static_cast<C*>(v_cache.data_ptr());
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t hd = 0; hd < nh; ++hd) {
+        const float* q = qkv + b * 3 * H + hd * 3 * d;
+        const int64_t slot = ((b * nh + hd) * max_len + slot_of[b]) * d;
+        store_kv(kc + slot, q + d, d);
+        store_kv(vc + slot, q + 2 * d, d);
+      }
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    auto attend = [&](int64_t pair, std::vector<float>& score) {
+      const int64_t b = pair / nh, hd = pair % nh;
+      const float* q = qkv + b * 3 * H + hd * 3 * d;
+      const C* K = kc + (b * nh + hd) * max_len * d;
+      const C* V = vc + (b * nh + hd) * max_len * d;
+      const bool* ok = allow + b * T;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < T; ++j) {
+        score[j] = ok[j] ? dot(q, K + j * d, d) * scale : -std::numeric_limits<float>::infinity();
+        mx = std::max(mx, score[j]);
+      }
+      float* out = ctx + b * H + hd * d;
+      std::fill(out, out + d, 0.f);
+      if (mx == -std::numeric_limits<float>::infinity()) return;  // no visible slot (SDPA gives NaN)
+      for (int64_t j = 0; j < T; ++j) score[j] -= mx;  // masked slots stay -inf: exp gives 0
+      exp_inplace(score.data(), T);
+      float sum = 0.f;
+      for (int64_t j = 0; j < T; ++j) sum += score[j];
+      const float inv = 1.f / sum;
+      for (int64_t j = 0; j < T; ++j)
+        if (score[j] != 0.f) axpy(score[j] * inv, V + j * d, out, d);
+    };
+    const int64_t pairs = B * nh;
+    const int64_t nt = std::max<int64_t>(1, std::min<int64_t>({threads, pairs, (pairs * T * d) >> 15}));
+    if (nt == 1) {
+      std::vector<float> score(T);
+      for (int64_t i = 0; i < pairs; ++i) attend(i, score);
+      return;
+    }
+#pragma omp parallel num_threads(static_cast<int>(nt))
+    {
+      std::vector<float> score(T);
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < pairs; ++i) attend(i, score);
+    }
   }
 
  private:
