@@ -64,7 +64,7 @@ def test_fused_step_matches_the_modules(cfg_kw, weights):
     with torch.no_grad():
         model.final_layernorm.weight.mul_(4.0)  # spread the logits so a wrong step shows
     assert why_not(model) is None
-    K.set_int4_vnni(False)  # both paths on the FP32-activation kernels: rounding differences only
+    before = K.set_int4_vnni(False)  # both paths on the FP32-activation kernels: rounding differences only
     try:
         ref, got = _step_logits(model, False), _step_logits(model, True)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-5)
@@ -72,7 +72,7 @@ def test_fused_step_matches_the_modules(cfg_kw, weights):
         ref, got = _step_logits(model, False, kv_dtype=torch.float16), _step_logits(model, True, kv_dtype=torch.float16)
         torch.testing.assert_close(got, ref, rtol=1e-3, atol=5e-4)
     finally:
-        K.set_int4_vnni(True)
+        K.set_int4_vnni(before)
     if weights.startswith("int4"):  # with the VNNI kernel, x's 16-bit rounding may differ by a step
         ref, got = _step_logits(model, False), _step_logits(model, True)
         torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
@@ -149,3 +149,59 @@ def test_fp16_kv_cache_is_the_fused_default_and_stays_close(monkeypatch):
     scale = full.abs().max().item()
     assert (half - full).abs().max().item() <= 2e-3 * scale
     assert (half - full).abs().max().item() > 0  # the cache really is narrower
+
+
+def test_replaced_weights_rebuild_the_stack_at_the_next_prefill():
+    """The stack holds the weights it was built from; a prefill that finds them replaced
+    (load_state_dict(assign=True), quantize_model, ...) builds it again."""
+    model = varied_model("1d")
+    engine = Engine(model, kv_dtype=torch.float32)
+    first = _feed_once(engine)
+    other = varied_model("1d", seed=5)
+    model.load_state_dict(other.state_dict(), assign=True)
+    again = _feed_once(engine)
+    fresh = _feed_once(Engine(model, kv_dtype=torch.float32))
+    torch.testing.assert_close(again, fresh)
+    assert (again - first).abs().max() > 1e-2
+    quantize_model(model, 4)
+    torch.testing.assert_close(_feed_once(engine), _feed_once(Engine(model, kv_dtype=torch.float32)))
+
+
+def _feed_once(engine) -> torch.Tensor:
+    batch = Batch(engine, _rows(), 2)
+    return batch.feed(torch.full((3,), 3, dtype=torch.long))
+
+
+def test_hooks_subclasses_and_failed_builds_fall_back_to_the_modules(monkeypatch):
+    model = build_model(GLMConfig.from_preset("tiny")).eval()
+    hooked = copy.deepcopy(model)
+    hooked.layers[0].mlp.register_forward_hook(lambda *a: None)
+    assert "hooks" in why_not(hooked)
+
+    class MyLinear(torch.nn.Linear):
+        pass
+
+    sub = copy.deepcopy(model)
+    old = sub.layers[1].attention.dense
+    sub.layers[1].attention.dense = MyLinear(old.in_features, old.out_features)
+    assert "MyLinear" in why_not(sub)
+    monkeypatch.setattr(FusedDecoder, "__init__", lambda self, m: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.warns(RuntimeWarning, match="boom"):
+        engine = Engine(model)
+        logits = _feed_once_tiny(engine)
+    assert engine._fused is False and torch.isfinite(logits).all()
+
+
+def _feed_once_tiny(engine) -> torch.Tensor:
+    batch = Batch(engine, [Row([5, 6, 7], Block(2, 0, continues=True))], 2)
+    return batch.feed(torch.tensor([3]))
+
+
+def test_fp16_cache_clamps_instead_of_overflowing():
+    from glm130b.model.attention import KVCache
+
+    cache = KVCache(1, 1, 2, 4, 8, torch.float16, "cpu")
+    big = torch.full((1, 2, 1, 8), 1e6)
+    k, _ = cache.update(0, big, -big)
+    assert torch.isfinite(cache.k[0]).all() and torch.isfinite(cache.v[0]).all()
+    assert k.dtype == torch.float32 and k.max().item() == 65504.0

@@ -53,12 +53,12 @@ def test_quantized_kernel_matches_reference(ext, bits, group, shape):
         ref = K.reference_linear(x, layer)
         for threads in (1, 2):
             K.set_num_threads(threads)
-            K.set_int4_vnni(False)  # the FP32-activation kernel: rounding only
+            before = K.set_int4_vnni(False)  # the FP32-activation kernel: rounding only
             try:
                 y = K.quantized_linear(x, layer)
             finally:
                 K.set_num_threads(None)
-                K.set_int4_vnni(True)
+                K.set_int4_vnni(before)
             tol = 2e-6 * (k ** 0.5) * ref.abs().max().item() + 1e-6
             assert (y - ref).abs().max().item() <= tol, (shape, batch, threads)
 
@@ -104,11 +104,11 @@ def test_int4_vnni_kernel_within_its_bound(ext, group, shape):
             bound = vnni_error_bound(x, w) + rounding
             assert bool(((y - ref).abs() <= bound).all()), (shape, group, batch, threads)
     if group in (None, 128, 256) and k >= 128:  # the VNNI path ran: its error is not FP32 rounding
-        K.set_int4_vnni(False)
+        before = K.set_int4_vnni(False)
         try:
             exact = K.quantized_linear(x, layer)
         finally:
-            K.set_int4_vnni(True)
+            K.set_int4_vnni(before)
         assert not torch.equal(exact, y)
 
 

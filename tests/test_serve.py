@@ -396,3 +396,26 @@ def test_web_page_in_headless_chromium(live, tmp_path):
 def test_cli_serve_bad_model(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env", [{"GLM130B_FUSED_DECODE": "0", "GLM130B_KV_CACHE": "fp16"},
+                                 {"GLM130B_KV_CACHE": "fp32"}])
+def test_batcher_with_any_cache_dtype_and_path(env, tokenizer, monkeypatch):
+    """The module path writes an FP16 slot cache too (an index_put does not convert dtypes), and
+    an FP32 cache works on the fused path: the batcher still gives each request's own tokens."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    model = varied_model("1d", seed=2)
+    batcher = Batcher(model, tokenizer, max_batch=3).start()
+    try:
+        greedy = GenerationConfig(max_new_tokens=8)
+        specs, expect = [], []
+        for p in PROMPTS[:3]:
+            ids = tokenizer.encode(p) + [tokenizer.gmask_id]
+            specs.append((ids, [Block(len(ids) - 1, 0, continues=True)], greedy))
+            expect.append(single(model, tokenizer, p, 8))
+        got = _run_jobs(batcher, specs)
+        assert [tokenizer.decode(g.get(0, [])) for g in got] == expect
+        assert batcher.engine.kv_dtype == (torch.float16 if env.get("GLM130B_KV_CACHE") == "fp16" else torch.float32)
+    finally:
+        batcher.close()

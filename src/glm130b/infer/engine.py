@@ -101,9 +101,10 @@ class Engine:
         self.model = model
         self.fast_head = fast_head  # the output head through glm130b.quant.kernels (else F.linear)
         # one-token steps in one C++ call (infer/fused.py); default: with the fast head. Built at
-        # the first step from the model's weights as they are then.
+        # the first step, and rebuilt when a prefill finds the model's weights replaced since.
         self.fused_decode = fast_head if fused_decode is None else fused_decode
         self._fused = None
+        self._fused_key = None
         self.config = model.config
         self.two_d = self.config.rotary == "2d"
         self.device = model.final_layernorm.weight.device
@@ -132,8 +133,9 @@ class Engine:
                 logits_at: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run ids [B, L] into the cache; return FP32 logits [B, V] at token `logits_at` [B] of
         each row (None: no logits, e.g. a prefill that only fills the cache)."""
-        if ids.shape[1] == 1 and self.fused_decode and hasattr(cache, "fused_view") and \
-                self.kv_dtype in (torch.float32, torch.float16):
+        if ids.shape[1] > 1:
+            self._check_fused_weights()
+        elif self.fused_decode and hasattr(cache, "fused_view") and self.kv_dtype in (torch.float32, torch.float16):
             fused = self._fused_decoder()
             if fused is not None:
                 logits = fused.step(ids, positions, allowed, cache, logits_at is not None)
@@ -166,16 +168,29 @@ class Engine:
             return torch.float16
         if choice:
             raise GenerationError(f"${KV_ENV} must be fp16 or fp32, got {choice!r}")
+        from glm130b.infer.fused import why_not
+
         fused = self.fused_decode and self.device.type == "cpu" and self.dtype == torch.float32 and \
-            self._fused_decoder() is not None
+            why_not(self.model) is None
         return torch.float16 if fused else self.dtype
 
     def _fused_decoder(self):
-        if self._fused is None:
-            from glm130b.infer.fused import FusedDecoder
+        """The FusedDecoder of the model's current weights, or None (the modules decode)."""
+        from glm130b.infer.fused import FusedDecoder, weights_key
 
+        if self._fused is None:
             self._fused = FusedDecoder.for_model(self.model) or False
+            self._fused_key = weights_key(self.model)
         return self._fused or None
+
+    def _check_fused_weights(self) -> None:
+        """At each prefill: if the model's weights or modules were replaced since the fused stack
+        was built (load_state_dict(assign=True), quantize_model, .to(), ...), build it again."""
+        if self._fused is not None:
+            from glm130b.infer.fused import weights_key
+
+            if weights_key(self.model) != self._fused_key:
+                self._fused = None
 
     def prefill_inputs(self, contexts: Sequence[Sequence[int]], pad_id: int = 0):
         """ids [B, P] (right-padded to the longest context), positions 0..P-1 (2D: block positions

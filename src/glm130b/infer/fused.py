@@ -14,6 +14,7 @@ parallel model, weights in a format the kernels do not read, or no C++ kernels.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -36,25 +37,34 @@ def _weight(ext, module):
     return ext.DecodeWeight(w.contiguous(), None, 0, bias, K.FMT[w.dtype], module.in_features)
 
 
+def weights_key(model) -> tuple:
+    """What the fused stack was built from: every module, tensor and storage of the model, and the
+    attention choice. A change means the stack must be built again."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return (tuple(id(m) for m in model.modules()), tuple((id(t), t.data_ptr(), t.dtype) for t in tensors),
+            tuple(block.attention.use_sdpa for block in model.layers))
+
+
 def why_not(model) -> str | None:
     """Why the fused step cannot run this model (None: it can)."""
     if os.environ.get(ENV_OFF, "") == "0":
         return f"turned off by {ENV_OFF}=0"
     cfg = model.config
     final = model.final_layernorm
-    if final.weight.device.type != "cpu":
-        return "the model is not on the CPU"
     if final.weight.dtype != torch.float32:
         return f"activations are {final.weight.dtype}, not FP32"
     from torch.distributed.tensor import DTensor
 
-    if any(isinstance(p, DTensor) for p in model.parameters()):
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(isinstance(t, DTensor) for t in tensors):
         return "a tensor-parallel model"
+    if any(t.device.type != "cpu" for t in tensors):
+        return "the model is not (all) on the CPU"
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return "forward hooks on the model (the fused step would skip them)"
     head = model.lm_head
-    if head is not None and not isinstance(head, (nn.Linear, QuantizedLinear)):
-        return "an unsupported output head"
-    if isinstance(head, QuantizedLinear) and head.qweight.device.type != "cpu":
-        return "a quantized head off the CPU"
+    if head is not None and type(head) not in (nn.Linear, QuantizedLinear):
+        return f"an output head of type {type(head).__name__}"
     for t in (model.word_embeddings.weight, head.weight if isinstance(head, nn.Linear) else None):
         if t is not None and t.dtype not in (torch.float32, torch.bfloat16):
             return f"{t.dtype} embeddings or head"
@@ -68,11 +78,10 @@ def why_not(model) -> str | None:
                 return "a LayerNorm without weight and bias"
         for m in (block.attention.query_key_value, block.attention.dense, block.mlp.dense_h_to_4h,
                   block.mlp.dense_4h_to_h):
-            if isinstance(m, QuantizedLinear):
-                if m.qweight.device.type != "cpu":
-                    return "quantized weights off the CPU"
-            elif not isinstance(m, (nn.Linear, DenseLinear)) or m.weight.dtype not in (torch.float32, torch.bfloat16):
+            if type(m) not in (nn.Linear, DenseLinear, QuantizedLinear):  # exact: a subclass may compute otherwise
                 return f"a {type(m).__name__} layer"
+            if type(m) is not QuantizedLinear and m.weight.dtype not in (torch.float32, torch.bfloat16):
+                return f"a {m.weight.dtype} layer"
     if _cpu.get() is None:
         return f"no C++ kernels ({_cpu.error()})"
     return None
@@ -105,7 +114,16 @@ class FusedDecoder:
 
     @classmethod
     def for_model(cls, model) -> FusedDecoder | None:
-        return None if why_not(model) is not None else cls(model)
+        """The decoder, or None when the model does not fit (or, with a warning, when building the
+        stack failed: the modules decode instead)."""
+        if why_not(model) is not None:
+            return None
+        try:
+            return cls(model)
+        except (RuntimeError, ValueError, TypeError) as e:
+            warnings.warn(f"glm130b: the fused decode step could not take this model ({e}); decoding through "
+                          "the modules", RuntimeWarning, stacklevel=3)
+            return None
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, cache,
              logits: bool) -> torch.Tensor | None:

@@ -81,6 +81,17 @@ def attention_sdpa(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
 
+FP16_MAX = 65504.0
+
+
+def fit_cache(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t for a cache of `dtype`: clamped to FP16's finite range first when the cache is FP16 and t
+    is wider (an overflow would turn into inf, and a row's whole attention into NaN)."""
+    if dtype == torch.float16 and t.dtype in (torch.float32, torch.bfloat16, torch.float64):
+        return t.clamp(-FP16_MAX, FP16_MAX)
+    return t
+
+
 class KVCache:
     """Pre-allocated keys and values of every layer for incremental decoding.
 
@@ -106,8 +117,8 @@ class KVCache:
 
     def update(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.check_room(k.shape[2])
-        self.k[layer_id][:, :, self.seen : end] = k
-        self.v[layer_id][:, :, self.seen : end] = v
+        self.k[layer_id][:, :, self.seen : end] = fit_cache(k, self.k[layer_id].dtype)
+        self.v[layer_id][:, :, self.seen : end] = fit_cache(v, self.v[layer_id].dtype)
         return self.k[layer_id][:, :, :end].to(k.dtype), self.v[layer_id][:, :, :end].to(v.dtype)
 
     def advance(self, n: int) -> None:

@@ -32,6 +32,7 @@ import torch
 
 from glm130b.errors import GLMError
 from glm130b.infer.engine import Engine, GenerationConfig, Row, make_generator, process_logits, sample_next
+from glm130b.model.attention import fit_cache
 from glm130b.model.masks import Block
 
 
@@ -93,8 +94,8 @@ class _Prefill:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         rows, n = slice(self.slot, self.slot + k.shape[0]), k.shape[2]
-        self.cache.k[layer][rows, :, :n] = k
-        self.cache.v[layer][rows, :, :n] = v
+        self.cache.k[layer][rows, :, :n] = fit_cache(k, self.cache.k[layer].dtype)
+        self.cache.v[layer][rows, :, :n] = fit_cache(v, self.cache.v[layer].dtype)
         return self.cache.k[layer][rows, :, :n].to(k.dtype), self.cache.v[layer][rows, :, :n].to(v.dtype)
 
     def advance(self, n: int) -> None:
@@ -111,8 +112,9 @@ class _Step:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         n = len(self.lengths)
-        self.cache.k[layer][self.rows, :, self.lengths] = k[:, :, 0]
-        self.cache.v[layer][self.rows, :, self.lengths] = v[:, :, 0]
+        store = self.cache.k[layer].dtype  # an index_put does not convert: the cache may be FP16
+        self.cache.k[layer][self.rows, :, self.lengths] = fit_cache(k[:, :, 0], store).to(store)
+        self.cache.v[layer][self.rows, :, self.lengths] = fit_cache(v[:, :, 0], store).to(store)
         return self.cache.k[layer][:n, :, : self.end].to(k.dtype), self.cache.v[layer][:n, :, : self.end].to(v.dtype)
 
     def fused_view(self, batch: int):

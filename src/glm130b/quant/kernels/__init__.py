@@ -54,11 +54,15 @@ def cpu_kernels_available() -> bool:
     return _cpu.get() is not None
 
 
-def set_int4_vnni(on: bool) -> None:
-    """Use (default) or skip the INT4 x 16-bit-activation VNNI kernel where the CPU has it."""
+def set_int4_vnni(on: bool) -> bool:
+    """Use (default) or skip the INT4 x 16-bit-activation VNNI kernel where the CPU has it;
+    returns the previous setting."""
     ext = _cpu.get()
-    if ext is not None:
-        ext.set_int4_vnni(bool(on))
+    if ext is None:
+        return False
+    before = ext.int4_vnni_enabled()
+    ext.set_int4_vnni(bool(on))
+    return before
 
 
 def backend_info() -> dict:

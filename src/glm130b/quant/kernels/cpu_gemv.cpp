@@ -86,9 +86,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &dequantize, "rows of an INT8/INT4 matrix as FP32", pybind11::arg("w"),
         pybind11::arg("scales"), pybind11::arg("group_size"), pybind11::arg("fmt"), pybind11::arg("K"),
         pybind11::arg("r0"), pybind11::arg("r1"), pybind11::arg("threads"));
-  m.def("set_int4_vnni", [](bool on) { int4_vnni_enabled() = on; },
+  m.def("set_int4_vnni", [](bool on) { int4_vnni_enabled().store(on); },
         "use (default) or skip the INT4 x 16-bit-activation VNNI kernel where it applies");
-  m.def("int4_vnni_enabled", []() { return bool(GLM_I4_VNNI) && int4_vnni_enabled(); });
+  m.def("int4_vnni_enabled", []() { return bool(GLM_I4_VNNI) && int4_vnni_enabled().load(); });
   m.attr("int4_vnni") = bool(GLM_I4_VNNI);
   register_decode_step(m);
   m.attr("isa") = ISA;

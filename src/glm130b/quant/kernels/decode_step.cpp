@@ -38,6 +38,7 @@ struct Weight {
   Weight(at::Tensor w_, c10::optional<at::Tensor> scales_, int64_t group_size, c10::optional<at::Tensor> bias_,
          int64_t fmt_, int64_t K_)
       : w(std::move(w_)), fmt(static_cast<int>(fmt_)), K(K_) {
+    TORCH_CHECK(w.device().is_cpu(), "the fused decode step takes CPU weights");
     if (scales_.has_value()) scales = scales_->contiguous();
     if (bias_.has_value() && bias_->defined()) bias = bias_->contiguous();
     p = weight_problem(w, scales.defined() ? c10::optional<at::Tensor>(scales) : c10::nullopt, group_size,
@@ -79,6 +80,7 @@ struct Norm {
 };
 
 Norm make_norm(const at::Tensor& w, const at::Tensor& b, int64_t H) {
+  TORCH_CHECK(w.device().is_cpu() && b.device().is_cpu(), "the fused decode step takes CPU weights");
   TORCH_CHECK(w.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && w.numel() == H && b.numel() == H,
               "LayerNorm weight and bias must be FP32 [hidden]");
   return Norm{w.contiguous(), b.contiguous()};
@@ -103,8 +105,11 @@ inline vf load_kv(const uint16_t* p) {
 inline float kv_value(float v) { return v; }
 inline float kv_value(uint16_t v) { return c10::detail::fp16_ieee_to_fp32_value(v); }
 inline void store_kv(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, sizeof(float) * n); }
-inline void store_kv(uint16_t* dst, const float* src, int64_t n) {  // round to nearest even, as .to(float16)
-  for (int64_t i = 0; i < n; ++i) dst[i] = c10::detail::fp16_ieee_from_fp32_value(src[i]);
+// Round to nearest even, as .to(float16), after clamping to FP16's finite range (as
+// model/attention.py's fit_cache: an overflow would be inf, and the row's attention NaN).
+inline void store_kv(uint16_t* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    dst[i] = c10::detail::fp16_ieee_from_fp32_value(std::max(-65504.f, std::min(65504.f, src[i])));
 }
 
 template <typename C>
@@ -224,6 +229,7 @@ class DecodeStack {
 
   // The embedding table (FP32 or BF16 [V, H]), the final LayerNorm and the output head.
   void set_output(const at::Tensor& embedding, const at::Tensor& final_w, const at::Tensor& final_b, WeightPtr head) {
+    TORCH_CHECK(embedding.device().is_cpu(), "the fused decode step takes CPU weights");
     TORCH_CHECK(embedding.dim() == 2 && embedding.size(1) == H_ && embedding.is_contiguous() &&
                     (embedding.scalar_type() == at::kFloat || embedding.scalar_type() == at::kBFloat16),
                 "the embedding must be contiguous FP32 or BF16 [V, H]");
@@ -244,6 +250,10 @@ class DecodeStack {
                   const at::Tensor& slots, int64_t T, bool logits, int64_t threads) const {
     TORCH_CHECK(head_ && num_layers() > 0, "the stack is incomplete");
     TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.is_contiguous(), "ids must be int64 [B]");
+    for (const at::Tensor* t : {&ids, &positions, &allowed, &slots})
+      TORCH_CHECK(t->device().is_cpu(), "the fused decode step takes CPU tensors");
+    for (const auto* caches : {&k_cache, &v_cache})
+      for (const at::Tensor& c : *caches) TORCH_CHECK(c.device().is_cpu(), "the fused decode step takes CPU caches");
     const int64_t B = ids.size(0);
     TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() &&
                     positions.numel() == B * (two_d_ ? 2 : 1),

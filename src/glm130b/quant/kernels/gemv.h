@@ -22,6 +22,7 @@
 #include <cstring>
 #include <omp.h>
 
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -611,8 +612,8 @@ inline void vnni_work(const Problem& p, const QuantX& qx, int64_t begin, int64_t
 struct QuantX {};
 #endif
 
-inline bool& int4_vnni_enabled() {  // the VNNI path on (default) or off (tests compare both)
-  static bool on = true;
+inline std::atomic<bool>& int4_vnni_enabled() {  // the VNNI path on (default) or off (tests compare both)
+  static std::atomic<bool> on{true};
   return on;
 }
 
