@@ -62,8 +62,10 @@ def best_time(fn, repeats: int) -> float:
 
 
 def read_bandwidth(mb: int = 512, repeats: int = 5) -> dict:
-    """Bytes/s of a sum over a buffer far bigger than the caches: torch on every core, torch on
-    one thread, numpy; the best is the roofline's bandwidth (a strict one)."""
+    """Bytes/s of reading a buffer far bigger than the caches: torch's sum on every core and on
+    one thread, numpy's sum, and our FP32 matrix-vector kernel over it (a pure streaming read on
+    every core, and the fastest reader on some machines); the best is the roofline's bandwidth
+    (a strict one)."""
     buf = torch.ones(mb * 2**20 // 4)
     nbytes = buf.numel() * 4
     threads = torch.get_num_threads()
@@ -76,6 +78,9 @@ def read_bandwidth(mb: int = 512, repeats: int = 5) -> dict:
         torch.set_num_threads(threads)
     arr = buf.numpy()
     out["numpy_sum"] = nbytes / best_time(lambda: arr.sum(), repeats)
+    if K.cpu_kernels_available():
+        matrix, x = buf.view(-1, 4096), torch.ones(1, 4096)
+        out["gemv_fp32_all_cores"] = nbytes / best_time(lambda: K.dense_linear(x, matrix, None), repeats)
     out["best"] = max(out.values())
     return out
 
