@@ -122,7 +122,8 @@ def test_bad_inputs_are_errors_not_crashes():
     fused = engine._fused
     cache = batch.cache
     with pytest.raises(RuntimeError, match="allowed"):
-        fused.step(torch.tensor([[3]]), torch.tensor([[3]]), torch.ones(1, 1, 1, 2, dtype=torch.bool), cache, True)
+        fused.step(torch.tensor([[3]]), torch.tensor([[3]]), torch.ones(1, 1, 1, 2, dtype=torch.bool), cache,
+                   torch.tensor([0]))
     full = Batch(engine, [Row([5, 6, 7], Block(2, 0, continues=True))], 1)
     full.feed(torch.tensor([3]))
     with pytest.raises(ValueError, match="KV cache full"):
@@ -205,3 +206,35 @@ def test_fp16_cache_clamps_instead_of_overflowing():
     k, _ = cache.update(0, big, -big)
     assert torch.isfinite(cache.k[0]).all() and torch.isfinite(cache.v[0]).all()
     assert k.dtype == torch.float32 and k.max().item() == 65504.0
+
+
+@pytest.mark.parametrize("rotary", ["1d", "2d"])
+def test_short_prefills_run_fused_and_match(rotary, monkeypatch):
+    """A short prefill (rows of different lengths, padding masked) runs as one fused call: the same
+    logits at each row's last token and the same cache as the modules'; a long one uses the modules."""
+    from glm130b.infer import engine as engine_module
+    from glm130b.infer import fused as fused_module
+
+    model = varied_model(rotary)
+    contexts = [r.context for r in _rows()]
+    last = torch.tensor([len(c) - 1 for c in contexts])
+    calls = []
+    real = fused_module.FusedDecoder.step
+    monkeypatch.setattr(fused_module.FusedDecoder, "step",
+                        lambda self, *a, **k: calls.append(a[0].shape) or real(self, *a, **k))
+    results = []
+    for fused in (False, True):
+        engine = Engine(model, fused_decode=fused, kv_dtype=torch.float32)
+        cache = engine.new_cache(len(contexts), 12)
+        logits = engine.forward(*engine.prefill_inputs(contexts), cache, logits_at=last)
+        results.append((logits, cache.k[1][:, :, :9].clone(), cache.seen))
+        assert calls == ([torch.Size([3, 9])] if fused else [])
+    (ref, ref_k, ref_seen), (got, got_k, got_seen) = results
+    assert ref_seen == got_seen == 9
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got_k, ref_k, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(engine_module, "FUSED_PREFILL_WORK", 10)  # now too long: the modules run it
+    engine = Engine(model, kv_dtype=torch.float32)
+    calls.clear()
+    engine.forward(*engine.prefill_inputs(contexts), engine.new_cache(3, 12))
+    assert calls == []

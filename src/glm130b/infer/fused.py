@@ -126,15 +126,19 @@ class FusedDecoder:
             return None
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, cache,
-             logits: bool) -> torch.Tensor | None:
-        """ids [B, 1], positions [B, 1] or [B, 2, 1], allowed [B or 1, 1, 1, T]; `cache` gives
-        `fused_view(B)` = (K list, V list, write slot of each row [B], T) and is written there
-        (the caller advances it). FP32 logits [B, V] or None."""
-        b = ids.shape[0]
-        k, v, slots, t = cache.fused_view(b)
-        mask = allowed.reshape(allowed.shape[0], -1)
+             logits_at: torch.Tensor | None) -> torch.Tensor | None:
+        """ids [B, L], positions [B, L] or [B, 2, L], allowed [B or 1, 1, L, T]; `cache` gives
+        `fused_view(B, L)` = (K list, V list, first write slot of each row [B], T) and is written
+        there (the caller advances it). FP32 logits [B, V] of token logits_at[b] of each row, or
+        None."""
+        b, length = ids.shape
+        k, v, slots, t = cache.fused_view(b, length)
+        if positions.dim() == 3:  # 2D: [B, 2, L] -> [B, L, 2]
+            positions = positions.transpose(1, 2)
+        mask = allowed.reshape(allowed.shape[0], length, -1)
         if mask.shape[0] != b:
-            mask = mask.expand(b, -1)
-        out = self.stack.step(ids.reshape(b).contiguous(), positions.reshape(b, -1).contiguous(), mask.contiguous(),
-                              k, v, slots, t, logits, K.num_threads())
-        return out if logits else None
+            mask = mask.expand(b, -1, -1)
+        at = None if logits_at is None else logits_at.to(torch.long).contiguous()
+        out = self.stack.step(ids.contiguous(), positions.contiguous(), mask.contiguous(), k, v, slots, t, at,
+                              K.num_threads())
+        return out if logits_at is not None else None

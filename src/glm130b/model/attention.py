@@ -124,10 +124,10 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.seen += n
 
-    def fused_view(self, batch: int):
-        """For the fused decode step (infer/fused.py): every row writes slot `seen` and attends
-        [0, seen + 1)."""
-        end = self.check_room(1)
+    def fused_view(self, batch: int, length: int = 1):
+        """For the fused step (infer/fused.py): every row writes slots [seen, seen + length) and
+        attends [0, seen + length)."""
+        end = self.check_room(length)
         return self.k, self.v, torch.full((batch,), self.seen, dtype=torch.long), end
 
 

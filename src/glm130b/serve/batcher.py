@@ -98,6 +98,12 @@ class _Prefill:
         self.cache.v[layer][rows, :, :n] = fit_cache(v, self.cache.v[layer].dtype)
         return self.cache.k[layer][rows, :, :n].to(k.dtype), self.cache.v[layer][rows, :, :n].to(v.dtype)
 
+    def fused_view(self, batch: int, length: int):
+        """For the fused step (infer/fused.py): cache rows [slot, slot + batch) from slot 0."""
+        rows = slice(self.slot, self.slot + batch)
+        return ([k[rows] for k in self.cache.k], [v[rows] for v in self.cache.v],
+                torch.zeros(batch, dtype=torch.long), length)
+
     def advance(self, n: int) -> None:
         pass
 
@@ -117,8 +123,10 @@ class _Step:
         self.cache.v[layer][self.rows, :, self.lengths] = fit_cache(v[:, :, 0], store).to(store)
         return self.cache.k[layer][:n, :, : self.end].to(k.dtype), self.cache.v[layer][:n, :, : self.end].to(v.dtype)
 
-    def fused_view(self, batch: int):
-        """For the fused decode step (infer/fused.py): rows [0, n) write at their lengths."""
+    def fused_view(self, batch: int, length: int = 1):
+        """For the fused step (infer/fused.py): rows [0, n) write one token at their lengths."""
+        if length != 1:
+            raise ValueError("a batcher step feeds one token per row")
         return self.cache.k, self.cache.v, self.lengths, self.end
 
     def advance(self, n: int) -> None:

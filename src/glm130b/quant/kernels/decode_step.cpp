@@ -1,4 +1,5 @@
-// One decode step of a whole GLM stack on the CPU, in one call from Python.
+// One decode step of a whole GLM stack on the CPU, in one call from Python (and, with several
+// tokens per row, the prefill of short contexts).
 //
 // At batch 1 a decode step reads every weight once; the matrix products (gemv.h) run at memory
 // speed, and in eager PyTorch the ~25 small operations around them per layer (LayerNorms,
@@ -7,11 +8,11 @@
 // the same math runs as plain loops over the FP32 activations, with no dispatch, no
 // allocation per op and no Python in between: the embedding row, then for each layer
 //
-//   x = LN1(h); qkv = x W_qkv + b; rotary(q, k); cache[seen] = (k, v);
+//   x = LN1(h); qkv = x W_qkv + b; rotary(q, k); cache[slot] = (k, v);
 //   a = softmax(q K^T / sqrt(d), masked) V W_o + b;   h = alpha * x + a     (Pre-LN: h + a)
 //   m = LN2(h); u = m W_up + b; g = u_a * gelu(u_b);  h = alpha * m + g W_down + b  (Pre-LN: h + ...)
 //
-// then the final LayerNorm and the output head. It is the model's forward for one token per
+// then the final LayerNorm and the output head. It is the model's forward for a few tokens per
 // row (glm130b/model/*.py is the readable version and the reference in the tests), written
 // against the KV cache the PyTorch prefill filled, so the two paths share one cache.
 #include <ATen/ops/empty.h>
@@ -241,29 +242,40 @@ class DecodeStack {
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
-  // One token per row: ids [B] (int64), positions [B] (1D) or [B, 2] (2D); k/v: each layer's
-  // FP32 or FP16 cache [>= B rows, nh, max_len, d], of which rows [0, B) are used; row b writes its key
-  // and value at slot slots[b] (int64 [B]) and attends the slots j < T where allowed[b, j]
-  // (B x T booleans). Returns FP32 logits [B, V] (undefined without them).
+  // L tokens per row (L = 1: a decode step; more: a short prefill): ids [B, L] (int64),
+  // positions [B, L] (1D) or [B, L, 2] (2D); k/v: each layer's FP32 or FP16 cache
+  // [>= B rows, nh, max_len, d], of which rows [0, B) are used; token i of row b writes its key
+  // and value at slot slots[b] + i (int64 [B]) and attends the slots j < T where
+  // allowed[b, i, j] (B x L x T booleans; every row's L keys are written before any attends).
+  // Returns FP32 logits [B, V] of token logits_at[b] of each row (undefined when logits_at is).
   at::Tensor step(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& allowed,
                   const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache,
-                  const at::Tensor& slots, int64_t T, bool logits, int64_t threads) const {
+                  const at::Tensor& slots, int64_t T, const c10::optional<at::Tensor>& logits_at,
+                  int64_t threads) const {
     TORCH_CHECK(head_ && num_layers() > 0, "the stack is incomplete");
-    TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.is_contiguous(), "ids must be int64 [B]");
+    TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == at::kLong && ids.is_contiguous(), "ids must be int64 [B, L]");
     for (const at::Tensor* t : {&ids, &positions, &allowed, &slots})
       TORCH_CHECK(t->device().is_cpu(), "the fused decode step takes CPU tensors");
     for (const auto* caches : {&k_cache, &v_cache})
       for (const at::Tensor& c : *caches) TORCH_CHECK(c.device().is_cpu(), "the fused decode step takes CPU caches");
-    const int64_t B = ids.size(0);
+    const int64_t B = ids.size(0), L = ids.size(1), R = B * L;  // R token rows
     TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() &&
-                    positions.numel() == B * (two_d_ ? 2 : 1),
-                "positions must be int64 [B]", two_d_ ? " x 2" : "");
-    TORCH_CHECK(allowed.scalar_type() == at::kBool && allowed.is_contiguous() && allowed.numel() == B * T,
-                "allowed must be contiguous bool with B x T entries");
+                    positions.numel() == R * (two_d_ ? 2 : 1),
+                "positions must be int64 [B, L]", two_d_ ? " x 2" : "");
+    TORCH_CHECK(allowed.scalar_type() == at::kBool && allowed.is_contiguous() && allowed.numel() == R * T,
+                "allowed must be contiguous bool with B x L x T entries");
     TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == B,
                 "slots must be int64 [B]");
     const int64_t* slot_of = slots.data_ptr<int64_t>();
-    for (int64_t b = 0; b < B; ++b) TORCH_CHECK(0 <= slot_of[b] && slot_of[b] < T, "write slot outside [0, T)");
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(0 <= slot_of[b] && slot_of[b] + L <= T, "write slots outside [0, T)");
+    const int64_t* pick = nullptr;
+    if (logits_at.has_value() && logits_at->defined()) {
+      TORCH_CHECK(logits_at->scalar_type() == at::kLong && logits_at->is_contiguous() && logits_at->numel() == B &&
+                      logits_at->device().is_cpu(), "logits_at must be int64 [B]");
+      pick = logits_at->data_ptr<int64_t>();
+      for (int64_t b = 0; b < B; ++b) TORCH_CHECK(0 <= pick[b] && pick[b] < L, "logits_at outside the row");
+    }
     TORCH_CHECK(static_cast<int64_t>(k_cache.size()) == num_layers() &&
                     static_cast<int64_t>(v_cache.size()) == num_layers(), "one K and one V cache per layer");
     for (const auto* caches : {&k_cache, &v_cache})
@@ -274,14 +286,14 @@ class DecodeStack {
                     "each cache must be contiguous FP32 or FP16 [>= B, heads, max_len >= T, head_dim]");
     const int64_t V = embedding_.size(0);
     const int64_t* id = ids.data_ptr<int64_t>();
-    for (int64_t b = 0; b < B; ++b) TORCH_CHECK(0 <= id[b] && id[b] < V, "token id ", id[b], " out of range");
+    for (int64_t r = 0; r < R; ++r) TORCH_CHECK(0 <= id[r] && id[r] < V, "token id ", id[r], " out of range");
 
     const int64_t H = H_, d = d_, nh = nh_, F = F_;
-    std::vector<float> h(B * H), x(B * H), qkv(B * 3 * H), ctx(B * H), a(B * H), m(B * H),
-        u(B * (geglu_ ? 2 : 1) * F), g(B * F);
+    std::vector<float> h(R * H), x(R * H), qkv(R * 3 * H), ctx(R * H), a(R * H), m(R * H),
+        u(R * (geglu_ ? 2 : 1) * F), g(R * F);
     Scratch xs;
     // the embedding rows
-    for (int64_t b = 0; b < B; ++b) {
+    for (int64_t b = 0; b < R; ++b) {
       if (embedding_.scalar_type() == at::kFloat) {
         std::memcpy(&h[b * H], embedding_.data_ptr<float>() + id[b] * H, sizeof(float) * H);
       } else {
@@ -291,9 +303,9 @@ class DecodeStack {
     }
     // rotary angle tables of each row: [B][parts][half], parts = 2 for 2D (positions, block positions)
     const int64_t half = static_cast<int64_t>(inv_freq_.size()), parts = two_d_ ? 2 : 1;
-    std::vector<float> cs(B * parts * half), sn(B * parts * half);
+    std::vector<float> cs(R * parts * half), sn(R * parts * half);
     const int64_t* pos = positions.data_ptr<int64_t>();
-    for (int64_t b = 0; b < B; ++b)
+    for (int64_t b = 0; b < R; ++b)
       for (int64_t p = 0; p < parts; ++p) {
         const float t = static_cast<float>(pos[b * parts + p]);
         for (int64_t i = 0; i < half; ++i) {
@@ -305,11 +317,11 @@ class DecodeStack {
     const bool* allow = allowed.data_ptr<bool>();
 
     for (int64_t l = 0; l < num_layers(); ++l) {
-      const Layer& L = layers_[l];
-      for (int64_t b = 0; b < B; ++b) L.ln1.apply(&h[b * H], &x[b * H], H, eps_);
-      L.qkv->apply(x.data(), B, qkv.data(), xs, threads);
+      const Layer& Ly = layers_[l];
+      for (int64_t b = 0; b < R; ++b) Ly.ln1.apply(&h[b * H], &x[b * H], H, eps_);
+      Ly.qkv->apply(x.data(), R, qkv.data(), xs, threads);
       // rotary on q and k of each head (the official per-head [q | k | v] rows)
-      for (int64_t b = 0; b < B; ++b)
+      for (int64_t b = 0; b < R; ++b)
         for (int64_t hd = 0; hd < nh; ++hd) {
           float* q = &qkv[b * 3 * H + hd * 3 * d];
           for (float* v : {q, q + d})
@@ -317,23 +329,23 @@ class DecodeStack {
               rotate(v + p * 2 * half, &cs[(b * parts + p) * half], &sn[(b * parts + p) * half], half);
         }
       if (k_cache[l].scalar_type() == at::kFloat)
-        attention<float>(qkv.data(), k_cache[l], v_cache[l], slot_of, allow, B, T, ctx.data(), threads);
+        attention<float>(qkv.data(), k_cache[l], v_cache[l], slot_of, L, allow, R, T, ctx.data(), threads);
       else
-        attention<uint16_t>(qkv.data(), k_cache[l], v_cache[l], slot_of, allow, B, T, ctx.data(), threads);
-      L.dense->apply(ctx.data(), B, a.data(), xs, threads);
-      for (int64_t i = 0; i < B * H; ++i) h[i] = (pre_ln_ ? h[i] : alpha_ * x[i]) + a[i];
-      for (int64_t b = 0; b < B; ++b) L.ln2.apply(&h[b * H], &m[b * H], H, eps_);
-      L.up->apply(m.data(), B, u.data(), xs, threads);
+        attention<uint16_t>(qkv.data(), k_cache[l], v_cache[l], slot_of, L, allow, R, T, ctx.data(), threads);
+      Ly.dense->apply(ctx.data(), R, a.data(), xs, threads);
+      for (int64_t i = 0; i < R * H; ++i) h[i] = (pre_ln_ ? h[i] : alpha_ * x[i]) + a[i];
+      for (int64_t b = 0; b < R; ++b) Ly.ln2.apply(&h[b * H], &m[b * H], H, eps_);
+      Ly.up->apply(m.data(), R, u.data(), xs, threads);
       const int64_t width = geglu_ ? 2 * F : F;
-      for (int64_t b = 0; b < B; ++b) {  // GeGLU: u = [a | b] -> a * gelu(b); GELU: gelu(u)
+      for (int64_t b = 0; b < R; ++b) {  // GeGLU: u = [a | b] -> a * gelu(b); GELU: gelu(u)
         const float* ub = &u[b * width];
         gelu(geglu_ ? ub + F : ub, geglu_ ? ub : nullptr, &g[b * F], F, gelu_tanh_);
       }
-      L.down->apply(g.data(), B, a.data(), xs, threads);
-      for (int64_t i = 0; i < B * H; ++i) h[i] = (pre_ln_ ? h[i] : alpha_ * m[i]) + a[i];
+      Ly.down->apply(g.data(), R, a.data(), xs, threads);
+      for (int64_t i = 0; i < R * H; ++i) h[i] = (pre_ln_ ? h[i] : alpha_ * m[i]) + a[i];
     }
-    if (!logits) return at::Tensor();
-    for (int64_t b = 0; b < B; ++b) final_.apply(&h[b * H], &x[b * H], H, eps_);
+    if (!pick) return at::Tensor();
+    for (int64_t b = 0; b < B; ++b) final_.apply(&h[(b * L + pick[b]) * H], &x[b * H], H, eps_);
     at::Tensor out = at::empty({B, head_->N}, at::TensorOptions().dtype(at::kFloat));
     head_->apply(x.data(), B, out.data_ptr<float>(), xs, threads);
     return out;
@@ -343,30 +355,30 @@ class DecodeStack {
   // attend: ctx[b, head] = softmax_j(q . k_j / sqrt(d), allowed slots j < T) v_j, in FP32.
   template <typename C>
   void attention(const float* qkv, const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* slot_of,
-                 const bool* allow, int64_t B, int64_t T, float* ctx, int64_t threads) const {
+                 int64_t L, const bool* allow, int64_t R, int64_t T, float* ctx, int64_t threads) const {
     const int64_t H = H_, d = d_, nh = nh_, max_len = k_cache.size(2);
     C* kc = static_cast<C*>(k_cache.data_ptr());
     C* vc = static_cast<C*>(v_cache.data_ptr());
-    for (int64_t b = 0; b < B; ++b)
+    for (int64_t r = 0; r < R; ++r)  // token row r = token r % L of cache row r / L
       for (int64_t hd = 0; hd < nh; ++hd) {
-        const float* q = qkv + b * 3 * H + hd * 3 * d;
-        const int64_t slot = ((b * nh + hd) * max_len + slot_of[b]) * d;
+        const float* q = qkv + r * 3 * H + hd * 3 * d;
+        const int64_t slot = (((r / L) * nh + hd) * max_len + slot_of[r / L] + r % L) * d;
         store_kv(kc + slot, q + d, d);
         store_kv(vc + slot, q + 2 * d, d);
       }
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
     auto attend = [&](int64_t pair, std::vector<float>& score) {
-      const int64_t b = pair / nh, hd = pair % nh;
-      const float* q = qkv + b * 3 * H + hd * 3 * d;
+      const int64_t r = pair / nh, hd = pair % nh, b = r / L;
+      const float* q = qkv + r * 3 * H + hd * 3 * d;
       const C* K = kc + (b * nh + hd) * max_len * d;
       const C* V = vc + (b * nh + hd) * max_len * d;
-      const bool* ok = allow + b * T;
+      const bool* ok = allow + r * T;
       float mx = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < T; ++j) {
         score[j] = ok[j] ? dot(q, K + j * d, d) * scale : -std::numeric_limits<float>::infinity();
         mx = std::max(mx, score[j]);
       }
-      float* out = ctx + b * H + hd * d;
+      float* out = ctx + r * H + hd * d;
       std::fill(out, out + d, 0.f);
       if (mx == -std::numeric_limits<float>::infinity()) return;  // no visible slot (SDPA gives NaN)
       for (int64_t j = 0; j < T; ++j) score[j] -= mx;  // masked slots stay -inf: exp gives 0
@@ -377,7 +389,7 @@ class DecodeStack {
       for (int64_t j = 0; j < T; ++j)
         if (score[j] != 0.f) axpy(score[j] * inv, V + j * d, out, d);
     };
-    const int64_t pairs = B * nh;
+    const int64_t pairs = R * nh;
     const int64_t nt = std::max<int64_t>(1, std::min<int64_t>({threads, pairs, (pairs * T * d) >> 15}));
     if (nt == 1) {
       std::vector<float> score(T);
@@ -418,6 +430,6 @@ void register_decode_step(pybind11::module& m) {
       .def("add_layer", &DecodeStack::add_layer)
       .def("set_output", &DecodeStack::set_output)
       .def("step", &DecodeStack::step, py::call_guard<py::gil_scoped_release>(), py::arg("ids"), py::arg("positions"),
-           py::arg("allowed"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"), py::arg("T"), py::arg("logits"),
+           py::arg("allowed"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"), py::arg("T"), py::arg("logits_at"),
            py::arg("threads"));
 }
