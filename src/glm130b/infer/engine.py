@@ -34,7 +34,7 @@ from glm130b.model.masks import Block
 
 KV_ENV = "GLM130B_KV_CACHE"
 # Every decode step runs as one fused C++ step, and so does a prefill of B rows x L tokens while
-# B * L * L (its attention's work) stays below this: a server's joining requests (measured on
+# B * L * L (its attention's work) is at most this: a server's joining requests (measured on
 # glm-small: 1 x 6 tokens 4.7 -> 3.1 ms, 8 x 6 14.6 -> 11.6 ms; at 1 x 32 both paths take the same
 # time). Longer prefills use the modules (SDPA, and BLAS for long ones).
 FUSED_PREFILL_WORK = 512
@@ -105,8 +105,8 @@ class Engine:
                  kv_dtype: torch.dtype | None = None):
         self.model = model
         self.fast_head = fast_head  # the output head through glm130b.quant.kernels (else F.linear)
-        # one-token steps in one C++ call (infer/fused.py); default: with the fast head. Built at
-        # the first step, and rebuilt when a prefill finds the model's weights replaced since.
+        # decode steps and short prefills in one C++ call (infer/fused.py); default: with the fast
+        # head. Built at the first step, and rebuilt when a prefill finds the weights replaced since.
         self.fused_decode = fast_head if fused_decode is None else fused_decode
         self._fused = None
         self._fused_key = None

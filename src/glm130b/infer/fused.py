@@ -135,10 +135,12 @@ class FusedDecoder:
         k, v, slots, t = cache.fused_view(b, length)
         if positions.dim() == 3:  # 2D: [B, 2, L] -> [B, L, 2]
             positions = positions.transpose(1, 2)
-        mask = allowed.reshape(allowed.shape[0], length, -1)
+        keys = allowed.shape[-1]  # the C++ step checks it against T
+        mask = allowed.expand(allowed.shape[0], 1, length, keys).reshape(allowed.shape[0], length, keys)
         if mask.shape[0] != b:
             mask = mask.expand(b, -1, -1)
-        at = None if logits_at is None else logits_at.to(torch.long).contiguous()
+        # token indices within each row, as the modules' indexing takes them (negative from the end)
+        at = None if logits_at is None else (logits_at.to(torch.long) % length).contiguous()
         out = self.stack.step(ids.contiguous(), positions.contiguous(), mask.contiguous(), k, v, slots, t, at,
                               K.num_threads())
         return out if logits_at is not None else None

@@ -356,7 +356,7 @@ inline Problem weight_problem(const at::Tensor& w, const c10::optional<at::Tenso
 inline int64_t x_width(int fmt, int64_t K, int64_t Ku) { return fmt == I4 ? 2 * Ku : K; }
 
 // Padded row stride of the prepared x: the padding keeps rows of x from sitting exactly a
-// multiple of 4 KiB apart (L1 set conflicts when 8 rows are read side by side).
+// multiple of 4 KiB apart (L1 set conflicts when several rows are read side by side).
 inline int64_t x_stride(int fmt, int64_t M, int64_t K, int64_t Ku) {
   const int64_t width = x_width(fmt, K, Ku);
   return M > 1 ? ((width + 15) / 16) * 16 + 16 : width;
