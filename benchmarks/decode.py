@@ -339,8 +339,8 @@ def build_variants(base, names: list[str], group_size: int | None) -> dict:
     modules one by one instead of the fused C++ step (infer/fused.py), for the comparison."""
     variants = {}
     for name in names:
-        kind, _, suffix = name.partition("_unfused")
-        fused = not _ and not suffix
+        fused = not name.endswith("_unfused")
+        kind = name.removesuffix("_unfused")
         kv = None
         if kind.endswith("_kv16"):  # an FP16 KV cache
             kind, kv = kind[: -len("_kv16")], torch.float16

@@ -15,8 +15,8 @@ The engine runs GLMModel's own modules (embedding, blocks, final LayerNorm) in t
 only the output head is its own: logits are computed for the rows that need them (the last
 token of each row, never the whole prefill), with the fast GEMV of glm130b.quant.kernels. The
 activations are FP32 unless the model's LayerNorms are in another dtype, so BF16 / INT8 / INT4
-weights run with FP32 activations. On the CPU, one-token steps (decoding) run the same math in
-one C++ call for the whole stack (infer/fused.py) when the model allows it.
+weights run with FP32 activations. On the CPU, decode steps and short prefills run the same math
+in one C++ call for the whole stack (infer/fused.py) when the model allows it.
 """
 
 from __future__ import annotations

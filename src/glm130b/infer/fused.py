@@ -1,10 +1,11 @@
-"""The fused CPU decode step: one C++ call runs a token through the whole stack.
+"""The fused CPU decode step: one C++ call runs a token (or a short prefill) through the whole stack.
 
 In eager PyTorch a decode step of a small model spends more time in the ~25 small operations
 per layer around the matrix products (dispatch, allocation, Python) than in the products
 themselves; `quant/kernels/decode_step.cpp` runs the same math as plain loops around the same
-GEMV kernels (see its header). The engine (infer/engine.py) uses it for every one-token step on
-the CPU when the model fits; the prefill, the GPU and everything unusual stay on the modules.
+GEMV kernels (see its header). The engine (infer/engine.py) uses it on the CPU, when the model
+fits, for every decode step and for short prefills; long prefills, the GPU and everything
+unusual stay on the modules.
 
 `FusedDecoder.for_model(model)` returns None, with the reason in `why_not(model)`, when the model
 does not fit: not on the CPU, activations not FP32, the reference attention asked for, a tensor
@@ -141,6 +142,5 @@ class FusedDecoder:
             mask = mask.expand(b, -1, -1)
         # token indices within each row, as the modules' indexing takes them (negative from the end)
         at = None if logits_at is None else (logits_at.to(torch.long) % length).contiguous()
-        out = self.stack.step(ids.contiguous(), positions.contiguous(), mask.contiguous(), k, v, slots, t, at,
-                              K.num_threads())
-        return out if logits_at is not None else None
+        return self.stack.step(ids.contiguous(), positions.contiguous(), mask.contiguous(), k, v, slots, t, at,
+                               K.num_threads())  # None without logits_at

@@ -85,11 +85,11 @@ FP16_MAX = 65504.0
 
 
 def fit_cache(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t for a cache of `dtype`: clamped to FP16's finite range first when the cache is FP16 and t
+    """t in a cache's `dtype`: clamped to FP16's finite range first when the cache is FP16 and t
     is wider (an overflow would turn into inf, and a row's whole attention into NaN)."""
     if dtype == torch.float16 and t.dtype in (torch.float32, torch.bfloat16, torch.float64):
-        return t.clamp(-FP16_MAX, FP16_MAX)
-    return t
+        t = t.clamp(-FP16_MAX, FP16_MAX)
+    return t.to(dtype)
 
 
 class KVCache:

@@ -284,9 +284,7 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = None,
         if isinstance(child, QuantizedLinear):
             raise QuantizationError(f"{name} is already quantized ({child.bits}-bit)")
         if isinstance(child, DenseLinear):  # quantize its weight like an nn.Linear's
-            linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
-            linear.weight, linear.bias = child.weight, child.bias
-            child = linear
+            child = _linear_of(child.weight, child.bias)
         setattr(parent, attr, QuantizedLinear.from_linear(child, bits, group_size))
         found += 1
     if not found:
@@ -305,9 +303,16 @@ def quantize_head(model: nn.Module, bits: int) -> None:
     if isinstance(head, QuantizedLinear):
         raise QuantizationError(f"the output head is already quantized ({head.bits}-bit)")
     weight = model.word_embeddings.weight if head is None else head.weight
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    model.lm_head = QuantizedLinear.from_linear(_linear_of(weight, None), bits)
+
+
+def _linear_of(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear around existing tensors (nothing allocated), for QuantizedLinear.from_linear."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     linear.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
-    model.lm_head = QuantizedLinear.from_linear(linear, bits)
+    if bias is not None:
+        linear.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+    return linear
 
 
 def with_quantization_entry(model: nn.Module) -> None:

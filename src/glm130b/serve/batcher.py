@@ -118,9 +118,9 @@ class _Step:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         n = len(self.lengths)
-        store = self.cache.k[layer].dtype  # an index_put does not convert: the cache may be FP16
-        self.cache.k[layer][self.rows, :, self.lengths] = fit_cache(k[:, :, 0], store).to(store)
-        self.cache.v[layer][self.rows, :, self.lengths] = fit_cache(v[:, :, 0], store).to(store)
+        # (fit_cache converts too: an index_put, unlike a slice copy, does not)
+        self.cache.k[layer][self.rows, :, self.lengths] = fit_cache(k[:, :, 0], self.cache.k[layer].dtype)
+        self.cache.v[layer][self.rows, :, self.lengths] = fit_cache(v[:, :, 0], self.cache.v[layer].dtype)
         return self.cache.k[layer][:n, :, : self.end].to(k.dtype), self.cache.v[layer][:n, :, : self.end].to(v.dtype)
 
     def fused_view(self, batch: int, length: int = 1):

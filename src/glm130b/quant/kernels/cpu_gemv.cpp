@@ -4,7 +4,6 @@
 // The Python module also carries the fused decode step of decode_step.cpp.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "gemv.h"
@@ -23,7 +22,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<
   const at::Tensor sc = scales.has_value() ? scales->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   Problem p = weight_problem(w, sc, group_size, b, fmt, K);
-  at::Tensor y = p.bias ? b.unsqueeze(0).expand({M, N}).clone(at::MemoryFormat::Contiguous) : at::zeros({M, N}, x.options());
+  at::Tensor y = at::empty({M, N}, x.options());
   p.y = y.data_ptr<float>();
   Scratch scratch;
   gemv(p, x.data_ptr<float>(), M, K, static_cast<int>(fmt), threads, scratch);

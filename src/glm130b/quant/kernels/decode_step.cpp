@@ -49,10 +49,6 @@ struct Weight {
 
   // y[M, N] = x[M, K] @ W^T + bias.
   void apply(const float* x, int64_t M, float* y, Scratch& scratch, int64_t threads) const {
-    for (int64_t m = 0; m < M; ++m) {
-      if (p.bias) std::memcpy(y + m * N, p.bias, sizeof(float) * N);
-      else std::fill(y + m * N, y + (m + 1) * N, 0.f);
-    }
     Problem q = p;
     q.y = y;
     gemv(q, x, M, K, fmt, threads, scratch);

@@ -616,9 +616,13 @@ struct Scratch {  // per-call buffers of gemv(), reusable across calls
   QuantX qx;
 };
 
-// p.y [M, N] (holding the bias, or zeros) += x[M, K] @ W^T: prepares x for the kernel that
-// takes this weight (INT4 with VNNI, or the FP32 kernels) and runs it.
+// p.y [M, N] = x[M, K] @ W^T + bias (p.bias, or none): prepares x for the kernel that takes
+// this weight (INT4 with VNNI, or the FP32 kernels) and runs it.
 inline void gemv(Problem p, const float* x, int64_t M, int64_t K, int fmt, int64_t threads, Scratch& s) {
+  for (int64_t m = 0; m < M; ++m) {  // the kernels add their products to y
+    if (p.bias) std::memcpy(p.y + m * p.N, p.bias, sizeof(float) * p.N);
+    else std::fill(p.y + m * p.N, p.y + (m + 1) * p.N, 0.f);
+  }
   if (M == 0 || p.N == 0) return;
 #if GLM_I4_VNNI
   if (fmt == I4 && int4_vnni_enabled() && vnni_fits(p)) {
