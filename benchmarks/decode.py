@@ -345,7 +345,7 @@ def build_variants(base, names: list[str], group_size: int | None) -> dict:
         if kind.endswith("_kv16"):  # an FP16 KV cache
             kind, kv = kind[: -len("_kv16")], torch.float16
         if kind == "fp32_torch":
-            variants[name] = (base, Engine(base, fast_head=False))
+            variants[name] = (base, Engine(base, fused_decode=False))
             continue
         m = copy.deepcopy(base)
         if kind == "fp32":

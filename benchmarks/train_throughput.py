@@ -19,7 +19,7 @@ import torch
 
 from glm130b.config import GLMConfig
 from glm130b.model.glm import GLMModel, glm_loss
-from glm130b.train.trainer import parameter_groups
+from glm130b.train.optimizer import parameter_groups
 
 
 def sync(device: str) -> None:

@@ -78,9 +78,12 @@ def test_engine_logits_equal_model_forward(model):
     allowed = attention_allowed(12, torch.tensor([5, 9]))
     with torch.no_grad():
         ref = model(ids, pos, allowed=allowed)
-    torch.testing.assert_close(Engine(model).logits(ids, pos, allowed), ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(Engine(use_fast_linears(copy.deepcopy(model))).logits(ids, pos, allowed), ref,
-                               rtol=1e-4, atol=1e-4)
+    at = torch.tensor([11, 7])
+    for m in (model, use_fast_linears(copy.deepcopy(model))):
+        for fused in (False, True):
+            engine = Engine(m, fused_decode=fused)
+            got = engine.forward(ids, pos, allowed, engine.new_cache(2, 12), logits_at=at)
+            torch.testing.assert_close(got, ref[torch.arange(2), at], rtol=1e-4, atol=1e-4)
 
 
 def test_greedy_tokens_are_the_argmax_of_the_full_sequence(model, tokenizer):
@@ -378,9 +381,9 @@ def test_tensor_parallel_generation_matches_one_process(tmp_path, tokenizer):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines()[0] == single_fill
     # each rank quantizes its own shard: with groups inside a shard, exactly the full model's groups
-    from glm130b.quant import load_model_quantized
+    from glm130b.checkpoint import load_model
 
-    q, _ = load_model_quantized(tmp_path / "m", 8, 4)
+    q, _ = load_model(tmp_path / "m", bits=8, group_size=4)
     single_q = generate(q, tokenizer, prompt, max_new_tokens=12)
     out = subprocess.run(torchrun + ["generate", "--model", str(tmp_path / "m"), "--tp", "2", "--bits", "8",
                                      "--group-size", "4", "--max-new-tokens", "12", prompt],

@@ -15,9 +15,7 @@ from glm130b.config import GLMConfig
 from glm130b.eval import metrics as M
 from glm130b.eval.formats import BLANK, MMLU_CATEGORIES, Item, read_json_records
 from glm130b.eval.scoring import (
-    choice_block_allowed,
     choice_row,
-    hidden_states,
     score_batch,
     score_rows,
     single_token_row,
@@ -70,30 +68,6 @@ def trained_tiny(tmp_path_factory):
     train(TrainConfig(preset="tiny", steps=30, batch_size=4, seq_len=64, warmup_steps=3, lr=3e-3, out=str(out)),
           default_tokenizer())
     return load_model(out)
-
-
-# ---------------------------------------------------------------------------------------------
-# Masks and positions
-# ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("ctx", [1, 2, 5])
-@pytest.mark.parametrize("n", [1, 3])
-def test_one_block_mask_is_masks_py_rule(ctx, n):
-    assert torch.equal(choice_block_allowed(ctx, [n]), attention_allowed(ctx + n, ctx)[0, 0])
-
-
-def test_blocks_see_context_and_themselves_only():
-    ctx, blocks = 3, [2, 3, 1]
-    allowed = choice_block_allowed(ctx, blocks, total_length=11)
-    starts = [3, 5, 8]
-    for k, (s, n) in enumerate(zip(starts, blocks, strict=True)):
-        for i in range(s, s + n):
-            assert allowed[i, :ctx].all()  # the whole context
-            assert allowed[i, s : i + 1].all() and not allowed[i, i + 1 : s + n].any()  # causal in its block
-            for k2, (s2, n2) in enumerate(zip(starts, blocks, strict=True)):
-                if k2 != k:
-                    assert not allowed[i, s2 : s2 + n2].any()  # never another block
-    assert allowed[:ctx, :ctx].all() and not allowed[:ctx, ctx:].any()  # context: bidirectional, no Part B
-    assert allowed[9, 9] and allowed[9].sum() == 1 and not allowed[:9, 9:].any()  # padding
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,8 +139,8 @@ def test_head_skipping_forward_equals_model_forward(model, tok):
     ids = torch.randint(10, 16000, (2, 12))
     pos = torch.arange(12).expand(2, 12)
     allowed = attention_allowed(12, torch.tensor([5, 9]))
-    h = hidden_states(model, ids, pos, allowed)
-    logits = torch.nn.functional.linear(h, model.word_embeddings.weight)
+    h = model.final_layernorm(model.run_blocks(model.embed(ids), pos, allowed))
+    logits = model.head(h)
     assert torch.allclose(logits, model(ids, pos, allowed=allowed), atol=1e-5)
 
     class Wrapped(torch.nn.Module):  # no GLMModel attributes: the scorer falls back to model(...)

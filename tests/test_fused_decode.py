@@ -199,7 +199,7 @@ def _feed_once_tiny(engine) -> torch.Tensor:
 
 
 def test_fp16_cache_clamps_instead_of_overflowing():
-    from glm130b.model.attention import KVCache
+    from glm130b.model.kv_cache import KVCache
 
     cache = KVCache(1, 1, 2, 4, 8, torch.float16, "cpu")
     big = torch.full((1, 2, 1, 8), 1e6)

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from glm130b.checkpoint import CheckpointError
 from glm130b.config import GLMConfig
-from glm130b.interop.sat import CheckpointError, config_from_official_shapes, load_official
+from glm130b.interop.sat import config_from_official_shapes, load_official
 from glm130b.model.attention import attention_reference, attention_sdpa
 from glm130b.model.glm import GLMModel, build_model, glm_loss
 from glm130b.model.masks import Block, attention_allowed, position_ids
@@ -46,7 +47,7 @@ def test_logits_match_official_code(oracle, kind, impl):
     assert torch.equal(pos, ref[f"{kind}.position_ids"])
     assert torch.equal(allowed[0, 0], ref[f"{kind}.attention_allowed"].bool())
     with torch.no_grad():
-        logits, hidden = model(ids, pos, allowed=allowed, output_hidden_states=True)
+        logits, hidden = model(ids, pos, allowed=allowed, return_hidden=True)
     assert (logits - ref[f"{kind}.logits"]).abs().max().item() < 1e-4
     for i, h in enumerate(hidden):
         assert (h - ref[f"{kind}.hidden_states.layer{i}"]).abs().max().item() < 1e-4
@@ -85,18 +86,6 @@ def test_sdpa_equals_reference_attention(dtype, tol):
         assert (ref - out).abs().max().item() < tol
 
 
-def test_glm_mask_rule():
-    allowed = attention_allowed(6, torch.tensor([3]))[0, 0]
-    for i in range(6):
-        for j in range(6):
-            assert bool(allowed[i, j]) == (j < 3 or j <= i)
-
-
-def test_position_ids_two_d():
-    pos = position_ids(4, [Block(1, 3)], two_d=True)
-    assert pos.tolist() == [[0, 1, 2, 3, 1, 1, 1], [0, 0, 0, 0, 1, 2, 3]]
-
-
 def test_context_is_independent_of_part_b():
     """No leakage: changing Part-B tokens leaves every Part-A hidden state unchanged."""
     torch.manual_seed(0)
@@ -106,8 +95,8 @@ def test_context_is_independent_of_part_b():
     other[0, 12:] = torch.randint(10, 1000, (8,))
     ctx = torch.tensor([12])
     with torch.no_grad():
-        _, h1 = model(ids, context_lengths=ctx, output_hidden_states=True)
-        _, h2 = model(other, context_lengths=ctx, output_hidden_states=True)
+        _, h1 = model(ids, context_lengths=ctx, return_hidden=True)
+        _, h2 = model(other, context_lengths=ctx, return_hidden=True)
     for a, b in zip(h1, h2, strict=True):
         assert torch.allclose(a[:, :12], b[:, :12], atol=1e-6)
         assert not torch.allclose(a[:, 12:], b[:, 12:])
@@ -124,10 +113,10 @@ def test_kv_cache_decoding_matches_full_forward(rotary):
     with torch.no_grad():
         full = model(ids, pos, context_lengths=torch.tensor([ctx]))
         cache = model.new_kv_cache(1, 14)
-        steps = [model(ids[:, :ctx], pos[..., :ctx], context_lengths=torch.tensor([ctx]), kv_cache=cache)]
+        steps = [model(ids[:, :ctx], pos[..., :ctx], context_lengths=torch.tensor([ctx]), cache=cache)]
         for t in range(ctx, 14):
             allowed = torch.ones(1, 1, 1, t + 1, dtype=torch.bool)
-            steps.append(model(ids[:, t : t + 1], pos[..., t : t + 1], allowed=allowed, kv_cache=cache))
+            steps.append(model(ids[:, t : t + 1], pos[..., t : t + 1], allowed=allowed, cache=cache))
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
 

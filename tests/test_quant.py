@@ -14,23 +14,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from glm130b.checkpoint import load_model, save_model
+from glm130b.checkpoint import CheckpointError, load_model, read_safetensors, save_model
 from glm130b.cli import main
 from glm130b.config import GLMConfig
-from glm130b.interop.sat import CheckpointError
 from glm130b.model.glm import build_model
 from glm130b.quant import (
     QuantizationError,
     QuantizedLinear,
     check_settings,
     dequantize_weight,
-    load_model_quantized,
     pack_int4,
     quantization_info,
     quantize_model,
     quantize_weight,
-    read_safetensors,
-    save_quantized,
     unpack_int4,
     weight_bytes,
 )
@@ -199,7 +195,7 @@ def test_int4_weight_bytes(tiny_model):
 @pytest.mark.parametrize("bits,group", [(8, None), (4, None), (4, 64)])
 def test_quantized_folder_round_trip(tiny_model, tokenizer, tmp_path, bits, group):
     model = quantize_model(copy.deepcopy(tiny_model), bits, group)
-    save_quantized(tmp_path / "q", model, tokenizer)
+    save_model(tmp_path / "q", model, tokenizer)
     state = load_file(str(tmp_path / "q" / "model.safetensors"))
     assert state["layers.0.attention.query_key_value.qweight"].dtype == (torch.int8 if bits == 8 else torch.uint8)
     assert "layers.0.attention.query_key_value.weight" not in state
@@ -207,7 +203,7 @@ def test_quantized_folder_round_trip(tiny_model, tokenizer, tmp_path, bits, grou
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     assert cfg["extra"]["quantization"]["bits"] == bits
     assert cfg["extra"]["quantization"]["group_size"] == group
-    loaded, _ = load_model_quantized(tmp_path / "q")
+    loaded, _ = load_model(tmp_path / "q")
     for (n1, t1), (n2, t2) in zip(sorted(model.state_dict().items()), sorted(loaded.state_dict().items()),
                                   strict=True):
         assert n1 == n2 and t1.dtype == t2.dtype and torch.equal(t1, t2), n1
@@ -217,19 +213,19 @@ def test_quantized_folder_round_trip(tiny_model, tokenizer, tmp_path, bits, grou
 
 
 def test_on_the_fly_quantization_equals_quantize_model(tiny_model, fp32_dir):
-    loaded, _ = load_model_quantized(fp32_dir, 4, 32)
+    loaded, _ = load_model(fp32_dir, bits=4, group_size=32)
     direct = quantize_model(copy.deepcopy(tiny_model), 4, 32)
     for name, t in direct.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], t), name
-    plain, _ = load_model_quantized(fp32_dir)  # no bits: a plain load
+    plain, _ = load_model(fp32_dir)  # no bits: a plain load
     assert quantization_info(plain) is None
 
 
 def test_loading_errors(tiny_model, tokenizer, fp32_dir, tmp_path):
     q = tmp_path / "q4"
-    save_quantized(q, quantize_model(copy.deepcopy(tiny_model), 4), tokenizer)
+    save_model(q, quantize_model(copy.deepcopy(tiny_model), 4), tokenizer)
     with pytest.raises(QuantizationError, match="already quantized"):
-        load_model_quantized(q, 8)
+        load_model(q, bits=8)
     loaded, _ = load_model(q)  # the plain loader dispatches quantized folders
     assert quantization_info(loaded)["bits"] == 4
     corrupt = tmp_path / "corrupt"
@@ -238,11 +234,9 @@ def test_loading_errors(tiny_model, tokenizer, fp32_dir, tmp_path):
         (corrupt / name).write_bytes((q / name).read_bytes())
     (corrupt / "model.safetensors").write_bytes((q / "model.safetensors").read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="corrupt"):
-        load_model_quantized(corrupt)
+        load_model(corrupt)
     with pytest.raises(QuantizationError, match="bits must be"):
-        load_model_quantized(fp32_dir, 2)
-    with pytest.raises(QuantizationError):
-        save_quantized(tmp_path / "x", tiny_model, tokenizer)
+        load_model(fp32_dir, bits=2)
 
 
 def test_streaming_reader_matches_safetensors(fp32_dir):
@@ -275,19 +269,19 @@ def test_loading_never_materialises_full_precision_matrices(tiny_model, tokenize
             return out
 
     q = tmp_path / "q"
-    save_quantized(q, quantize_model(copy.deepcopy(tiny_model), 4, 32), tokenizer)
+    save_model(q, quantize_model(copy.deepcopy(tiny_model), 4, 32), tokenizer)
     with Record() as rec:
-        load_model_quantized(q)
+        load_model(q)
     assert not shapes & set(rec.created), rec.created
     with Record() as rec:  # from a full-precision folder, each matrix is read (once) and quantized
-        load_model_quantized(fp32_dir, 4, 32)
+        load_model(fp32_dir, bits=4, group_size=32)
     assert shapes & set(rec.created)
 
 
 PEAK_SCRIPT = textwrap.dedent("""
     import gc, json, sys
     import torch
-    from glm130b.quant import load_model_quantized
+    from glm130b.checkpoint import load_model
 
     def status(key):  # kB
         for line in open("/proc/self/status"):
@@ -296,12 +290,12 @@ PEAK_SCRIPT = textwrap.dedent("""
 
     torch.set_num_threads(1)
     warm, path, bits = sys.argv[1], sys.argv[2], [int(b) for b in sys.argv[3:]]
-    load_model_quantized(warm)  # first use of torch, the tokenizer library, ...: not the load's cost
+    load_model(warm)  # first use of torch, the tokenizer library, ...: not the load's cost
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
         f.write("5")
     base = status("VmRSS:")
-    model, _ = load_model_quantized(path, *bits)
+    model, _ = load_model(path, **dict(zip(("bits", "group_size"), bits)))
     print(json.dumps({"base_kb": base, "peak_kb": status("VmHWM:")}))
 """)
 
@@ -318,7 +312,7 @@ def _peak_bytes(warm: Path, path: Path, *bits) -> int:
 def test_peak_memory_while_loading(tmp_path, tokenizer, tiny_model):
     """A quantized folder loads in <= 1.3x its file size; quantizing a full-precision folder on
     the fly stays far below the full-precision model (one matrix at a time)."""
-    warm = save_quantized(tmp_path / "warm", quantize_model(copy.deepcopy(tiny_model), 8), tokenizer)
+    warm = save_model(tmp_path / "warm", quantize_model(copy.deepcopy(tiny_model), 8), tokenizer)
     # 134M parameters, 8 layers of 1024 x 4096 GeGLU: a 134 MB INT4 folder (made without running the
     # quantizer: random packed values are as good for a memory test)
     cfg = GLMConfig(name="mem", vocab_size=tokenizer.vocab_size, hidden_size=1024, num_layers=8, num_heads=8,
@@ -331,7 +325,7 @@ def test_peak_memory_while_loading(tmp_path, tokenizer, tiny_model):
             t.copy_(torch.randint(0, 256, t.shape, dtype=torch.uint8))
         else:
             t.normal_(std=0.02)
-    q = save_quantized(tmp_path / "q4", model, tokenizer)
+    q = save_model(tmp_path / "q4", model, tokenizer)
     del model
     q_bytes = (q / "model.safetensors").stat().st_size
     assert q_bytes > 100e6
@@ -396,20 +390,20 @@ def test_quantized_head_round_trip_and_logits(tiny_model, tokenizer, fp32_dir, t
     layers_only = quantize_model(copy.deepcopy(base), 4)
     torch.testing.assert_close(model(ids, context_lengths=ctx), layers_only(ids, context_lengths=ctx),
                                rtol=0.02, atol=0.02)
-    save_quantized(tmp_path / "q", model, tokenizer)
-    loaded, _ = load_model_quantized(tmp_path / "q")
+    save_model(tmp_path / "q", model, tokenizer)
+    loaded, _ = load_model(tmp_path / "q")
     assert quantization_info(loaded)["head_bits"] == 8
     torch.testing.assert_close(loaded(ids, context_lengths=ctx), model(ids, context_lengths=ctx), rtol=1e-5, atol=1e-5)
     with pytest.raises(QuantizationError, match="8-bit head"):
-        load_model_quantized(tmp_path / "q", 4, head_bits=4)
+        load_model(tmp_path / "q", bits=4, head_bits=4)
     with pytest.raises(QuantizationError, match="already quantized"):
         quantize_model(loaded, 4)
     if tied:  # on the fly from a full-precision folder: the head comes from the table
-        fly, _ = load_model_quantized(fp32_dir, 4, head_bits=8)
+        fly, _ = load_model(fp32_dir, bits=4, head_bits=8)
         for name, t in model.state_dict().items():
             assert torch.equal(fly.state_dict()[name], t), name
         with pytest.raises(QuantizationError, match="need the layers"):
-            load_model_quantized(fp32_dir, head_bits=8)
+            load_model(fp32_dir, head_bits=8)
 
 
 def test_cli_head_bits(fp32_dir, tmp_path, capsys):

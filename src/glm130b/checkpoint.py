@@ -1,8 +1,20 @@
-"""Model folders: `model.safetensors` + `config.json` + `tokenizer.json`.
+"""Model folders, and the one loader every command uses.
 
-This is the format every command reads (`--model DIR`). Saving writes every file in a temporary folder
-beside the target first and then renames each into place, so a crash or a full disk never
-leaves a half-written file where a good one was.
+A model folder is `model.safetensors` + `config.json` + `tokenizer.json` (`--model DIR`). A
+quantized folder is the same: `model.safetensors` holds `<layer>.qweight` (int8, or uint8 with
+two INT4 values per byte) and `<layer>.scales` (FP32) in place of each quantized
+`<layer>.weight`, and `config.json` carries the scheme in `extra.quantization` = {"bits",
+"group_size", "scheme", "modules"[, "head_bits"]} (quant/weights.py).
+
+`load_model(dir, device=, dtype=, bits=, group_size=, head_bits=)` loads any folder: the model is
+built on the meta device, quantized layers (saved, or asked for with `bits`) are swapped in as
+empty shells, and each tensor is read from the file straight into its place on `device` (a
+streaming safetensors reader; no mmap, whose page cache would count twice). Full-precision
+matrices to quantize go through one reused buffer and are quantized before the next is read, so
+peak memory is the loaded model plus one full-precision matrix.
+
+Saving writes every file in a temporary folder beside the target first and then renames each
+into place, so a crash or a full disk never leaves a half-written file where a good one was.
 """
 
 from __future__ import annotations
@@ -10,35 +22,53 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from torch import nn
 
 from glm130b.config import ConfigError, GLMConfig
-from glm130b.interop.sat import CheckpointError, check_state_dict
+from glm130b.errors import GLMError
 from glm130b.io import staging_folder
 from glm130b.model.glm import GLMModel
+from glm130b.quant.weights import (
+    QuantizationError,
+    QuantizedLinear,
+    check_settings,
+    quantize_model,
+    with_quantization_entry,
+)
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 
 
+class CheckpointError(GLMError, ValueError):
+    """A checkpoint that is missing, corrupt, or does not fit the model it is loaded into."""
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
 def save_model(directory: str | Path, model: GLMModel, tokenizer, dtype: torch.dtype | None = None,
                extra: dict | None = None, context: int | None = None) -> Path:
-    """Write the model folder atomically (weights optionally cast to `dtype`, e.g. fp16).
+    """Write the model folder atomically (weights optionally cast to `dtype`, e.g. fp16; a
+    quantized model keeps its integer weights and records its scheme in the config).
     `context`: the config's max_seq_len to record, when shorter than the model's (a trained run
     records its training windows: rotary positions past them were never trained)."""
     directory = Path(directory)
+    with_quantization_entry(model)
     with staging_folder(directory, f"could not save the model to {directory}") as tmp:
         state = {}
         for name, tensor in model.state_dict().items():
             tensor = tensor.detach().cpu()
-            if dtype is not None and tensor.is_floating_point():
+            if dtype is not None and tensor.is_floating_point() and not name.endswith(".scales"):
                 tensor = tensor.to(dtype)
             state[name] = tensor.contiguous()
+        from safetensors.torch import save_file
+
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "glm130b": "1"})
         config = model.config
         if context is not None and context < config.max_seq_len:
@@ -63,6 +93,91 @@ def _swap_in(tmp: Path, directory: Path) -> None:
     tmp.rmdir()
 
 
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path: str | Path, buffer_for=None):
+    """Yield (name, tensor) from a .safetensors file, one tensor at a time, read with readinto.
+
+    `buffer_for(name, dtype, shape)` may return a tensor to read into instead of a new one
+    (a reused scratch buffer: freed large tensors would otherwise stay in the heap). Raises
+    CheckpointError for a corrupt file. The caller decides what to keep.
+    """
+    path = Path(path)
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed in finally
+    except OSError as e:
+        raise CheckpointError(f"{path} is unreadable ({e.strerror or e})") from None
+    try:
+        size = path.stat().st_size
+        head = f.read(8)
+        if len(head) != 8:
+            raise CheckpointError(f"{path} is corrupt or unreadable (too short for a safetensors header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100 * 2**20):
+            raise CheckpointError(f"{path} is corrupt or unreadable (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path} is corrupt or unreadable (header is not JSON)") from None
+        header.pop("__metadata__", None)
+        base = 8 + n
+        entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        for name, entry in entries:
+            dtype = _DTYPES.get(entry.get("dtype"))
+            begin, end = entry["data_offsets"]
+            shape = tuple(entry["shape"])
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry.get('dtype')!r}")
+            tensor = buffer_for(name, dtype, shape) if buffer_for is not None else None
+            if tensor is None:
+                tensor = torch.empty(shape, dtype=dtype)
+            nbytes = tensor.numel() * tensor.element_size()
+            if end - begin != nbytes or base + end > size:
+                raise CheckpointError(f"{path} is corrupt or unreadable (tensor {name} is truncated)")
+            f.seek(base + begin)
+            if nbytes and f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
+                raise CheckpointError(f"{path} is corrupt or unreadable (tensor {name} is truncated)")
+            yield name, tensor
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path} is corrupt or unreadable ({e})") from None
+    finally:
+        f.close()
+
+
+def read_state(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's model.safetensors, as saved (for converters)."""
+    return dict(read_safetensors(_weights_of(_model_dir(directory))))
+
+
+def check_state_dict(state: dict[str, torch.Tensor], model: nn.Module, source: str = "checkpoint") -> None:
+    """Raise CheckpointError naming the first missing, unexpected or mis-shaped tensor."""
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise CheckpointError(f"{source}: missing {len(missing)} tensors, e.g. {missing[0]!r}")
+    if unexpected:
+        raise CheckpointError(f"{source}: {len(unexpected)} unexpected tensors, e.g. {unexpected[0]!r}")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != tuple(shape):
+            raise CheckpointError(
+                f"{source}: {name} has shape {tuple(state[name].shape)}, the model expects {tuple(shape)}"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
 def load_config(directory: str | Path) -> GLMConfig:
     directory = _model_dir(directory)
     try:
@@ -71,29 +186,126 @@ def load_config(directory: str | Path) -> GLMConfig:
         raise CheckpointError(str(e)) from None
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """Load (model, tokenizer) from a model folder, with one-line errors for bad folders."""
+def is_quantized_folder(directory: str | Path) -> bool:
+    return bool(load_config(directory).extra.get("quantization"))
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               bits: int | None = None, group_size: int | None = None, head_bits: int | None = None):
+    """(model, tokenizer) from any model folder, with one-line errors for bad folders.
+
+    * A quantized folder loads as saved (asking for other bits, group size or head bits is an
+      error).
+    * A full-precision folder with `bits` (4 or 8) is quantized matrix by matrix while read
+      (`group_size`: per group of inputs; `head_bits`: the output head too, quant/weights.py).
+    * Otherwise the weights load as saved, cast to `dtype`.
+    `dtype` applies to every floating tensor that is not quantized (embeddings, norms, biases).
+    """
     directory = _model_dir(directory)
     config = load_config(directory)
-    if config.extra.get("quantization"):
-        from glm130b.quant import load_model_quantized
-
-        return load_model_quantized(directory, device=device, dtype=dtype)
-    weights = directory / WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"{directory} has no {WEIGHTS}")
-    try:
-        state = load_file(str(weights), device=str(device))
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"{weights} is corrupt or unreadable ({e})") from None
+    bits, group_size, head_bits, saved = _quantization_of(directory, config, bits, group_size, head_bits)
+    weights = _weights_of(directory)
     with torch.device("meta"):
         model = GLMModel(config)
-    check_state_dict(state, model, str(weights))
-    model = model.to_empty(device=device)
-    model.load_state_dict(state, strict=True)
-    model = model.to(dtype)
+    if bits is not None:
+        quantize_model(model, bits, group_size, head_bits)
+    expected = model.state_dict()
+    to_quantize = {} if saved else {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    seen: set[str] = set()
+    scratch: dict = {}
+
+    def buffer_for(name, dtype_, shape):
+        """Full-precision matrices to quantize go through one reused buffer."""
+        module_name, _, attr = name.rpartition(".")
+        if module_name not in to_quantize or attr != "weight" or len(shape) != 2:
+            return None
+        n = shape[0] * shape[1]
+        buf = scratch.get(dtype_)
+        if buf is None or buf.numel() < n:
+            largest = max(m.in_features * m.out_features for m in to_quantize.values())
+            buf = scratch[dtype_] = torch.empty(max(n, largest), dtype=dtype_)
+        return buf[:n].view(shape)
+
+    for name, tensor in read_safetensors(weights, buffer_for):
+        module_name, _, attr = name.rpartition(".")
+        if module_name in to_quantize and attr == "weight":
+            layer = to_quantize[module_name]
+            if tuple(tensor.shape) != (layer.out_features, layer.in_features):
+                raise CheckpointError(f"{weights}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                                      f"{(layer.out_features, layer.in_features)}")
+            layer.set_weight(tensor.to(device))
+            seen.update({f"{module_name}.qweight", f"{module_name}.scales"})
+            continue
+        if name not in expected:
+            hint = " (a quantized tensor in a folder whose config has no quantization entry)" \
+                if attr in ("qweight", "scales") else ""
+            raise CheckpointError(f"{weights}: unexpected tensor {name!r}{hint}")
+        want = expected[name]
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise CheckpointError(f"{weights}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                                  f"{tuple(want.shape)}")
+        if want.dtype != tensor.dtype and not (want.is_floating_point() and tensor.is_floating_point()):
+            raise CheckpointError(f"{weights}: {name} is {tensor.dtype}, the model expects {want.dtype}")
+        if attr == "scales":
+            tensor = tensor.float()
+        elif tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        _set_tensor(model, name, tensor.to(device))
+        seen.add(name)
+    if head_bits is not None and not saved and config.tie_word_embeddings:  # the head from the table
+        model.lm_head.set_weight(model.word_embeddings.weight)
+        seen.update({"lm_head.qweight", "lm_head.scales"})
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise CheckpointError(f"{weights}: missing {len(missing)} tensors, e.g. {missing[0]!r}")
+    scratch.clear()
     model.eval()
+    if bits is not None:
+        with_quantization_entry(model)
     return model, load_folder_tokenizer(directory, config)
+
+
+def _quantization_of(directory: Path, config: GLMConfig, bits, group_size, head_bits):
+    """(bits, group_size, head_bits, saved) to load with: a folder's saved scheme, checked
+    against what was asked, or the asked settings for a full-precision folder."""
+    if (group_size is not None or head_bits is not None) and bits is None and not config.extra.get("quantization"):
+        flag = "a group size" if group_size is not None else "head bits"
+        raise QuantizationError(f"{flag} need the layers quantized too: pass bits (8 or 4) as well")
+    if bits is not None:
+        check_settings(bits, group_size)
+    if head_bits is not None:
+        check_settings(head_bits)
+    saved = config.extra.get("quantization")
+    if not saved:
+        return bits, group_size, head_bits, False
+    s_bits, s_group, s_head = saved.get("bits"), saved.get("group_size"), saved.get("head_bits")
+    try:
+        check_settings(s_bits, s_group)
+        if s_head is not None:
+            check_settings(s_head)
+    except QuantizationError as e:
+        raise CheckpointError(f"{directory / CONFIG}: bad quantization entry ({e})") from None
+    if (bits is not None and (bits, group_size) != (s_bits, s_group)) or \
+            (head_bits is not None and head_bits != s_head):
+        want = f"{bits or s_bits}-bit" + (f", group size {group_size}" if group_size else "") + \
+            (f", {head_bits}-bit head" if head_bits else "")
+        have = f"{s_bits}-bit" + (f", group size {s_group}" if s_group else "") + \
+            (f", {s_head}-bit head" if s_head else "")
+        raise QuantizationError(f"{directory} is already quantized ({have}); cannot load it as {want}: "
+                                "quantize the full-precision model instead")
+    return s_bits, s_group, s_head, True
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if attr in module._parameters:
+        grad = module._parameters[attr].requires_grad and tensor.is_floating_point()
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=grad)
+    elif attr in module._buffers:
+        module._buffers[attr] = tensor
+    else:
+        raise CheckpointError(f"unexpected tensor {name!r}")
 
 
 def load_folder_tokenizer(directory: Path, config: GLMConfig):
@@ -112,6 +324,13 @@ def load_folder_tokenizer(directory: Path, config: GLMConfig):
             f"{directory}: tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}"
         )
     return tokenizer
+
+
+def _weights_of(directory: Path) -> Path:
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{directory} has no {WEIGHTS}")
+    return weights
 
 
 def _model_dir(directory: str | Path) -> Path:

@@ -58,7 +58,9 @@ def cmd_train(args) -> int:
 
     values: dict = {}
     if args.config:
-        values.update(_read_yaml(args.config))
+        from glm130b.io import read_yaml
+
+        values.update(read_yaml(args.config))
     for key in ("preset", "out", "steps", "batch_size", "seq_len", "lr", "warmup_steps", "precision", "seed",
                 "instructions", "gmask_prob", "instruction_share", "checkpoint_every", "grad_accum", "resume",
                 "keep_checkpoints", "tp", "pp", "dp", "pipeline_schedule", "microbatches", "device", "compile"):
@@ -86,48 +88,28 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _read_yaml(path: str) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise GLMError(f"config file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise GLMError(f"config file {path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise GLMError(f"config file {path} must hold a mapping of option: value")
-    return data
-
-
 def _load(args):
-    from glm130b.checkpoint import load_model
+    """checkpoint.load_model with the verb's --bits / --group-size / --head-bits."""
+    from glm130b.checkpoint import is_quantized_folder, load_model
 
     directory = resolve_model_dir(args.model)
     bits, group_size = getattr(args, "bits", None), getattr(args, "group_size", None)
     head_bits = getattr(args, "head_bits", None)
-    if bits is not None or group_size is not None or head_bits is not None or _is_quantized(directory):
-        from glm130b.quant import load_model_quantized
-
-        if (group_size is not None or head_bits is not None) and bits is None and not _is_quantized(directory):
-            raise GLMError(f"{'--group-size' if group_size is not None else '--head-bits'} needs --bits 8 or --bits 4")
-        return load_model_quantized(directory, bits, group_size, head_bits=head_bits)
-    return load_model(directory)
-
-
-def _is_quantized(directory) -> bool:
-    from glm130b.checkpoint import load_config
-
-    return bool(load_config(directory).extra.get("quantization"))
+    if (group_size is not None or head_bits is not None) and bits is None and not is_quantized_folder(directory):
+        raise GLMError(f"{'--group-size' if group_size is not None else '--head-bits'} needs --bits 8 or --bits 4")
+    return load_model(directory, bits=bits, group_size=group_size, head_bits=head_bits)
 
 
 def cmd_quantize(args) -> int:
-    from glm130b.quant import load_model_quantized, quantization_info, save_quantized, weight_bytes
+    from glm130b.checkpoint import is_quantized_folder, load_model, save_model
+    from glm130b.quant import QuantizationError, quantization_info, weight_bytes
 
     t0 = time.perf_counter()
-    model, tokenizer = load_model_quantized(resolve_model_dir(args.model), args.bits, args.group_size,
-                                            head_bits=args.head_bits)
-    out = save_quantized(args.out, model, tokenizer)
+    directory = resolve_model_dir(args.model)
+    if is_quantized_folder(directory) and args.bits is None:
+        raise QuantizationError(f"{directory} is already quantized; quantize the full-precision model")
+    model, tokenizer = load_model(directory, bits=args.bits, group_size=args.group_size, head_bits=args.head_bits)
+    out = save_model(args.out, model, tokenizer)
     info = {**quantization_info(model), "out": str(out), "weight_bytes": weight_bytes(model),
             "file_bytes": (Path(out) / "model.safetensors").stat().st_size,
             "seconds": round(time.perf_counter() - t0, 2)}
@@ -151,10 +133,10 @@ def _load_for_generation(args):
     config = _generation_config(args)  # bad settings fail before the model is loaded
     tp = getattr(args, "tp", None) or 1
     if tp > 1:
-        from glm130b.checkpoint import load_model
+        from glm130b.checkpoint import is_quantized_folder, load_model
         from glm130b.infer.parallel import tensor_parallel_for_inference
 
-        if _is_quantized(resolve_model_dir(args.model)):
+        if is_quantized_folder(resolve_model_dir(args.model)):
             raise GLMError("--tp shards full-precision weights and quantizes each shard: give the unquantized "
                            "model and --bits")
         if args.group_size is not None and args.bits is None:

@@ -8,14 +8,13 @@ Everything here streams line by line, so no file is ever held in memory whole.
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from glm130b.errors import GLMError
+from glm130b.io import read_jsonl as read_jsonl_lines
 
 SOURCES = ("en_kjv", "en_wordnet", "zh_cuv", "zh_classics")
 PARALLEL = "parallel_kjv_cuv"
@@ -33,26 +32,9 @@ class Document:
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict]:
-    """Yield one dict per non-blank line of a `.jsonl` or `.jsonl.gz` file (gzip chosen by suffix)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CorpusError(f"{path}: file not found")
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CorpusError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise CorpusError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-                yield obj
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        # a truncated gzip stream, a file that is not gzip at all, or bytes that are not UTF-8
-        raise CorpusError(f"{path}: cannot read ({e})") from None
+    """Yield one dict per non-blank line of a `.jsonl` or `.jsonl.gz` file (glm130b.io.read_jsonl)."""
+    for _, obj in read_jsonl_lines(path, CorpusError):
+        yield obj
 
 
 def corpus_dir() -> Path:

@@ -44,7 +44,6 @@ builder with the same seed and pass `skip=samples_trained` to `samples()`.
 from __future__ import annotations
 
 import copy
-import json
 import operator
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ import numpy as np
 import torch
 
 from glm130b.errors import GLMError
+from glm130b.io import read_jsonl
 from glm130b.model.masks import Block, position_ids
 
 MODES = ("mask", "smask", "gmask", "instruction")
@@ -418,30 +418,15 @@ class InstructionFormatError(GLMError, ValueError):
 
 def read_instructions(path: str | Path) -> Iterator[dict[str, str]]:
     """Yield {"prompt", "answer"} dicts from a JSONL file (blank lines skipped, extra keys dropped)."""
-    path = Path(path)
-    try:
-        f = path.open(encoding="utf-8")
-    except FileNotFoundError:
-        raise InstructionFormatError(f"instruction file not found: {path}") from None
-    with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InstructionFormatError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise InstructionFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            for key in ("prompt", "answer"):
-                if key not in record:
-                    raise InstructionFormatError(f"{where}: missing field {key!r}")
-                if not isinstance(record[key], str):
-                    raise InstructionFormatError(
-                        f"{where}: field {key!r} must be a string, got {type(record[key]).__name__}"
-                    )
-            yield {"prompt": record["prompt"], "answer": record["answer"]}
+    for where, record in read_jsonl(path, InstructionFormatError):
+        for key in ("prompt", "answer"):
+            if key not in record:
+                raise InstructionFormatError(f"{where}: missing field {key!r}")
+            if not isinstance(record[key], str):
+                raise InstructionFormatError(
+                    f"{where}: field {key!r} must be a string, got {type(record[key]).__name__}"
+                )
+        yield {"prompt": record["prompt"], "answer": record["answer"]}
 
 
 def encode_instructions(

@@ -8,7 +8,7 @@ See docs/eval.md for the task list, the scoring rules and the decisions behind t
 
 from glm130b.eval.formats import BLANK, READERS, DataError, Item, read_items
 from glm130b.eval.runner import evaluate, results_table, run_command
-from glm130b.eval.scoring import Row, choice_block_allowed, choice_row, score_rows, single_token_row
+from glm130b.eval.scoring import Row, choice_row, score_rows, single_token_row
 from glm130b.eval.tasks import (
     TaskConfig,
     TaskError,
@@ -22,6 +22,6 @@ from glm130b.eval.tasks import (
 __all__ = [
     "BLANK", "READERS", "DataError", "Item", "read_items",
     "evaluate", "results_table", "run_command",
-    "Row", "choice_block_allowed", "choice_row", "score_rows", "single_token_row",
+    "Row", "choice_row", "score_rows", "single_token_row",
     "TaskConfig", "TaskError", "TaskResult", "available_tasks", "load_items", "load_task", "run_task",
 ]

@@ -75,43 +75,29 @@ def apply_precision(model, precision: str):
     if precision == "fp16":
         return model.to(torch.float16)
     if precision in ("int8", "int4"):
-        return quantize(model, int(precision[3:]))
+        from glm130b.quant import quantize_model
+
+        return quantize_model(model, int(precision[3:]))
     raise GLMError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
 
 
 def load_at_precision(model_dir: Path, precision: str, single: bool = True):
     """(model, tokenizer, precision label) from a model folder. int8/int4 quantize while reading
-    (glm130b.quant.load_model_quantized: no FP32 copy of the quantized matrices is kept); a folder
+    (glm130b.checkpoint.load_model: no FP32 copy of the quantized matrices is kept); a folder
     saved quantized loads as saved (label int4/int8)."""
-    from glm130b.checkpoint import load_model
+    from glm130b.checkpoint import is_quantized_folder, load_model
 
-    try:
-        from glm130b.quant import is_quantized_folder, load_model_quantized
-    except ImportError:
-        is_quantized_folder = load_model_quantized = None
     if precision in ("int8", "int4"):
-        if load_model_quantized is None:
-            quantize_available()
-        model, tokenizer = load_model_quantized(model_dir, bits=int(precision[3:]))
+        model, tokenizer = load_model(model_dir, bits=int(precision[3:]))
         return model.eval(), tokenizer, precision
-    if is_quantized_folder is not None and is_quantized_folder(model_dir):
+    if is_quantized_folder(model_dir):
         if not single:
             raise GLMError(f"{model_dir} is saved quantized; --compare needs the full-precision model folder")
-        model, tokenizer = load_model_quantized(model_dir)
+        model, tokenizer = load_model(model_dir)
         info = (model.config.extra or {}).get("quantization") or {}
         return model.eval(), tokenizer, f"int{info.get('bits', '?')} (saved)"
     model, tokenizer = load_model(model_dir)
     return apply_precision(model, precision).eval(), tokenizer, precision
-
-
-def quantize(model, bits: int):
-    try:
-        from glm130b.quant import quantize_model
-    except ImportError:
-        raise GLMError(f"--bits {bits} / int{bits} needs glm130b.quant.quantize_model, which this install does not "
-                       "have yet (quantization is being built); evaluate in fp32, bf16 or fp16 for now") from None
-    out = quantize_model(model, bits)
-    return model if out is None else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,9 +187,6 @@ def run_command(model_dir: str | Path, tasks: Sequence[str], limit: int | None =
     for p in precisions:
         if p not in PRECISIONS:
             raise GLMError(f"unknown precision {p!r} in --compare; choose from {', '.join(PRECISIONS)}")
-    if any(p.startswith("int") for p in precisions):
-        quantize_available()
-
     started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     checksum = None
@@ -242,14 +225,6 @@ def run_command(model_dir: str | Path, tasks: Sequence[str], limit: int | None =
 
         atomic_write_text(output, json.dumps(_jsonable(report), indent=2, ensure_ascii=False) + "\n")
     return report
-
-
-def quantize_available() -> None:
-    try:
-        from glm130b.quant import quantize_model  # noqa: F401
-    except ImportError:
-        raise GLMError("int8/int4 need glm130b.quant.quantize_model, which this install does not have yet "
-                       "(quantization is being built); compare fp32, bf16 and fp16 for now") from None
 
 
 def _jsonable(x):

@@ -3,7 +3,8 @@
 A scoring row is Part A (the context, with one blank: the mask token) followed by blocks
 `<sop> + c[:-1]` for one or more continuations c. Block k's tokens see the whole context and,
 causally, their own block, never another block; the context sees only itself (GLM's
-bidirectional Part A). That is `masks.attention_allowed`'s rule applied to each block on its own,
+bidirectional Part A). That is `masks.attention_allowed`'s rule applied to each block on its own
+(`masks.blocks_allowed`),
 so packing all choices of an item into one row gives exactly the scores of scoring each choice in
 a row of its own (tested), while the context is computed once.
 
@@ -12,8 +13,8 @@ for every token, a [gMASK] block continues after the context (P, P+1, ... for ea
 models add block positions 1..n inside each block.
 
 The forward pass skips the output head for every position that is not scored: the head is a
-third of a small model's compute and most of a row is context (`hidden_states` + `logits_at`;
-tested equal to the model's own forward).
+third of a small model's compute and most of a row is context (GLMModel's pieces: embed,
+run_blocks, final_layernorm, head; tested equal to the model's own forward).
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from glm130b.model.masks import attention_allowed
+from glm130b.model.masks import Block, attention_allowed, blocks_allowed, position_ids
 
 
 @dataclass
@@ -90,48 +90,10 @@ def single_token_row(context: Sequence[int], mask_position: int, continues: bool
                [(p, int(t)) for t in tokens], list(range(len(tokens))), tag)
 
 
-def block_ids(context_length: int, block_lengths: Sequence[int], total_length: int | None = None) -> torch.Tensor:
-    """0 for context tokens, k (1-based) for block k, -1 for padding."""
-    parts = [torch.zeros(context_length, dtype=torch.long)]
-    parts += [torch.full((n,), k + 1, dtype=torch.long) for k, n in enumerate(block_lengths)]
-    ids = torch.cat(parts)
-    if total_length is not None and total_length > len(ids):
-        ids = torch.cat((ids, torch.full((total_length - len(ids),), -1, dtype=torch.long)))
-    return ids
-
-
-def choice_block_allowed(context_length: int, block_lengths: Sequence[int], total_length: int | None = None) -> torch.Tensor:
-    """Attention mask [L, L] (True = may attend) for a context followed by independent causal blocks.
-
-    Each block follows masks.attention_allowed's rule, `(j < context_length) or (j <= i)`,
-    restricted to its own block; the context sees only the context; padding rows (when
-    `total_length` exceeds the content) see only themselves so that softmax stays defined.
-    """
-    bid = block_ids(context_length, block_lengths, total_length)
-    length = len(bid)
-    i = torch.arange(length).view(-1, 1)
-    j = torch.arange(length).view(1, -1)
-    real_row = (bid >= 0).view(-1, 1)
-    same_block = (bid.view(-1, 1) == bid.view(1, -1)) & (bid.view(-1, 1) > 0)
-    allowed = real_row & ((j < context_length) | (same_block & (j <= i)))
-    pad_row = (bid < 0).view(-1, 1)
-    return allowed | (pad_row & (i == j))
-
-
 def row_position_ids(row: Row, two_d: bool, total_length: int | None = None) -> torch.Tensor:
-    """[L] (1D) or [2, L] (2D) positions of a row, padded with 0."""
-    p = row.context_length
-    pos = list(range(p))
-    block_pos = [0] * p
-    for n in row.block_lengths:
-        pos += list(range(p, p + n)) if row.continues else [row.mask_position] * n
-        block_pos += list(range(1, n + 1))
-    pad = (total_length or len(pos)) - len(pos)
-    pos += [0] * pad
-    block_pos += [0] * pad
-    if two_d:
-        return torch.tensor([pos, block_pos], dtype=torch.long)
-    return torch.tensor(pos, dtype=torch.long)
+    """[L] (1D) or [2, L] (2D) positions of a row (masks.position_ids, blocks independent), padded with 0."""
+    blocks = [Block(row.mask_position, n, row.continues) for n in row.block_lengths]
+    return position_ids(row.context_length, blocks, two_d, independent=True, total_length=total_length)
 
 
 def collate(rows: Sequence[Row], two_d: bool, pad_id: int, device=None):
@@ -145,31 +107,13 @@ def collate(rows: Sequence[Row], two_d: bool, pad_id: int, device=None):
         # the plain GLM layout: build it with masks.py itself
         allowed = attention_allowed(length, torch.tensor([r.context_length for r in rows]))
     else:
-        allowed = torch.stack([choice_block_allowed(r.context_length, r.block_lengths, length) for r in rows]).unsqueeze(1)
+        allowed = torch.stack([blocks_allowed(r.context_length, r.block_lengths, length) for r in rows]).unsqueeze(1)
     return ids.to(device), pos.to(device), allowed.to(device)
 
 
 # ---------------------------------------------------------------------------------------------
 # Forward with logits only where needed
 # ---------------------------------------------------------------------------------------------
-def _is_plain_glm(model) -> bool:
-    return all(hasattr(model, a) for a in ("word_embeddings", "layers", "final_layernorm", "lm_head"))
-
-
-def hidden_states(model, ids: torch.Tensor, pos: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Final hidden states [B, L, H] (after the final LayerNorm): GLMModel.forward without the head."""
-    h = model.word_embeddings(ids)  # Embedding Gradient Shrink is the identity in the forward pass
-    for block in model.layers:
-        h = block(h, pos, allowed, None)
-    return model.final_layernorm(h)
-
-
-def head_logits(model, h: torch.Tensor) -> torch.Tensor:
-    if model.lm_head is not None:
-        return model.lm_head(h)
-    return F.linear(h, model.word_embeddings.weight)
-
-
 @torch.no_grad()
 def score_batch(model, rows: Sequence[Row], pad_id: int, keep_token_logprobs: bool = False,
                 head_chunk: int = 2048) -> list[RowScore]:
@@ -189,12 +133,12 @@ def score_batch(model, rows: Sequence[Row], pad_id: int, keep_token_logprobs: bo
     # unique (row, position) pairs: the single-token path asks for one position many times
     flat = b_index * ids.shape[1] + p_index
     uniq, inverse = torch.unique(flat, return_inverse=True)
-    if _is_plain_glm(model):
-        h = hidden_states(model, ids, pos, allowed)
-        h_sel = h.reshape(-1, h.shape[-1])[uniq]
+    if hasattr(model, "run_blocks"):  # a GLMModel: the head only where a token is scored
+        h = model.run_blocks(model.embed(ids), pos, allowed)
+        h_sel = model.final_layernorm(h.reshape(-1, h.shape[-1])[uniq])
         logp_parts = []
         for s in range(0, len(uniq), head_chunk):
-            lp = torch.log_softmax(head_logits(model, h_sel[s : s + head_chunk]).float(), dim=-1)
+            lp = torch.log_softmax(model.head(h_sel[s : s + head_chunk]).float(), dim=-1)
             logp_parts.append(lp)
         logp = torch.cat(logp_parts) if logp_parts else torch.empty(0)
     else:  # anything else that is called like GLMModel

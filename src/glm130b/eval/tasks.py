@@ -37,6 +37,7 @@ from glm130b.errors import GLMError
 from glm130b.eval import metrics as M
 from glm130b.eval.formats import BLANK, CATEGORY_MAPS, READERS, DataError, Item, read_items
 from glm130b.eval.scoring import Row, RowScore, choice_row, score_rows, single_token_row
+from glm130b.io import read_yaml
 
 TASK_TYPES = ("mul", "ll", "gen", "lm")
 MASK_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]")
@@ -153,23 +154,7 @@ def load_task(spec: str | Path | TaskConfig | dict) -> TaskConfig:
         else:
             known = ", ".join(available_tasks()) or "none"
             raise TaskError(f"unknown task {spec!r}: not a YAML file and not in tasks/ (known: {known})")
-    return _from_dict(_read_yaml(path), path)
-
-
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TaskError(f"task file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise TaskError(f"cannot read task file {path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise TaskError(f"task file {path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise TaskError(f"task file {path} must hold a mapping of key: value")
-    return data
+    return _from_dict(read_yaml(path, TaskError, "task file"), path)
 
 
 def _from_dict(data: dict, path: Path | None) -> TaskConfig:

@@ -11,12 +11,11 @@ Positions follow masks.py: a [MASK]/[sMASK] block repeats its blank's position, 
 block continues counting after the context (after the context and the earlier blocks, when
 several blocks share one cache).
 
-The engine runs GLMModel's own modules (embedding, blocks, final LayerNorm) in the model's order;
-only the output head is its own: logits are computed for the rows that need them (the last
-token of each row, never the whole prefill), with the fast GEMV of glm130b.quant.kernels. The
-activations are FP32 unless the model's LayerNorms are in another dtype, so BF16 / INT8 / INT4
-weights run with FP32 activations. On the CPU, decode steps and short prefills run the same math
-in one C++ call for the whole stack (infer/fused.py) when the model allows it.
+The engine runs GLMModel's own forward, asking for logits only at the token of each row that
+needs them (never the whole prefill). The activations are FP32 unless the model's LayerNorms are
+in another dtype, so BF16 / INT8 / INT4 weights run with FP32 activations. On the CPU, decode
+steps and short prefills run the same math in one C++ call for the whole stack
+(infer/fused.py) when the model allows it.
 """
 
 from __future__ import annotations
@@ -27,10 +26,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from glm130b.errors import GLMError
-from glm130b.model.attention import KVCache
-from glm130b.model.masks import Block
+from glm130b.model.kv_cache import KVCache
+from glm130b.model.masks import Block, prefill_inputs, step_allowed, step_positions
 
 KV_ENV = "GLM130B_KV_CACHE"
 # Every decode step runs as one fused C++ step, and so does a prefill of B rows x L tokens while
@@ -99,15 +99,14 @@ GREEDY = GenerationConfig()
 # The forward pass
 # --------------------------------------------------------------------------------------------
 class Engine:
-    """Runs a GLMModel (plain, quantized or with fast linears) for generation."""
+    """Runs a GLMModel (plain, quantized or with fast linears) for generation: GLMModel's own
+    forward, or on the CPU the fused C++ step for decode steps and short prefills."""
 
-    def __init__(self, model, fast_head: bool = True, fused_decode: bool | None = None,
-                 kv_dtype: torch.dtype | None = None):
+    def __init__(self, model, fused_decode: bool = True, kv_dtype: torch.dtype | None = None):
         self.model = model
-        self.fast_head = fast_head  # the output head through glm130b.quant.kernels (else F.linear)
-        # decode steps and short prefills in one C++ call (infer/fused.py); default: with the fast
-        # head. Built at the first step, and rebuilt when a prefill finds the weights replaced since.
-        self.fused_decode = fast_head if fused_decode is None else fused_decode
+        # decode steps and short prefills in one C++ call (infer/fused.py). Built at the first step,
+        # and rebuilt when a prefill finds the weights replaced since.
+        self.fused_decode = fused_decode
         self._fused = None
         self._fused_key = None
         self.config = model.config
@@ -115,53 +114,31 @@ class Engine:
         self.device = model.final_layernorm.weight.device
         self.dtype = model.final_layernorm.weight.dtype  # activations
         self.kv_dtype = kv_dtype or self._default_kv_dtype()
-        from torch.distributed.tensor import DTensor
 
-        # the output head: the tied embedding table, an untied nn.Linear's weight, or a module
-        # (a quantized head, glm130b.quant.quantize_head), called as it is
-        self.head_module = None if model.lm_head is None or isinstance(model.lm_head, torch.nn.Linear) else model.lm_head
-        self.head = None if self.head_module is not None else \
-            model.word_embeddings.weight if model.lm_head is None else model.lm_head.weight
-        self.vocab_parallel = isinstance(self.head, DTensor)  # a tensor-parallel model (infer/parallel.py)
-
-    @property
-    def local_heads(self) -> int:
-        """Attention heads of this process (all of them, or nh / tp under tensor parallelism)."""
-        return self.model.layers[0].attention.num_heads
-
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        cfg = self.config
-        return KVCache(cfg.num_layers, batch, self.local_heads, max_len, cfg.head_dim, self.kv_dtype, self.device)
+    def new_cache(self, rows: int, max_len: int) -> KVCache:
+        return self.model.new_kv_cache(rows, max_len, self.kv_dtype)
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, cache: KVCache,
                 logits_at: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Run ids [B, L] into the cache; return FP32 logits [B, V] at token `logits_at` [B] of
-        each row (None: no logits, e.g. a prefill that only fills the cache)."""
+        """Run ids [B, L] into the cache's selected rows; return FP32 logits [B, V] at token
+        `logits_at` [B] of each row (None: no logits, e.g. a prefill that only fills the cache)."""
         if ids.shape[1] > 1:
             self._check_fused_weights()
         short = ids.shape[1] == 1 or ids.numel() * ids.shape[1] <= FUSED_PREFILL_WORK
-        if self.fused_decode and short and hasattr(cache, "fused_view") and \
-                self.kv_dtype in (torch.float32, torch.float16):
+        if self.fused_decode and short and cache.k[0].dtype in (torch.float32, torch.float16):
             fused = self._fused_decoder()
             if fused is not None:  # decode steps and short prefills in one C++ call
                 logits = fused.step(ids, positions, allowed, cache, logits_at)
                 cache.advance(ids.shape[1])
                 return logits
-        model = self.model
-        h = model.word_embeddings(ids)
-        if h.dtype != self.dtype:
-            h = h.to(self.dtype)
-        for block in model.layers:
-            h = block(h, positions, allowed, cache)
-        cache.advance(ids.shape[1])
-        if logits_at is None:
+        logits = self.model(ids, positions, allowed=allowed, cache=cache, logits_at=logits_at,
+                            logits=logits_at is not None)
+        if logits is None:
             return None
-        if h.shape[1] == 1:
-            h = h[:, 0]
-        else:
-            h = h[torch.arange(h.shape[0], device=h.device), logits_at]  # [B, H]
-        return self._head(model.final_layernorm(h))
+        if isinstance(logits, DTensor):  # tensor parallel: vocabulary-sharded logits
+            logits = logits.full_tensor()
+        return logits.float()
 
     def _default_kv_dtype(self) -> torch.dtype:
         """The KV cache's dtype: FP16 where the fused CPU step decodes (half the cache's memory and
@@ -200,51 +177,8 @@ class Engine:
                 self._fused = None
 
     def prefill_inputs(self, contexts: Sequence[Sequence[int]], pad_id: int = 0):
-        """ids [B, P] (right-padded to the longest context), positions 0..P-1 (2D: block positions
-        0) and the mask [B, 1, P, P] letting every token see its own row's context and no padding:
-        the inputs that encode several contexts bidirectionally in one forward."""
-        dev = self.device
-        lengths = torch.tensor([len(c) for c in contexts], device=dev)
-        longest = int(lengths.max())
-        ids = torch.full((len(contexts), longest), pad_id, dtype=torch.long, device=dev)
-        for i, context in enumerate(contexts):
-            ids[i, : len(context)] = torch.tensor(context, dtype=torch.long)
-        pos = torch.arange(longest, device=dev).expand(len(contexts), longest)
-        if self.two_d:
-            pos = torch.stack((pos, torch.zeros_like(pos)), dim=1)
-        j = torch.arange(longest, device=dev)
-        allowed = (j.view(1, 1, 1, -1) < lengths.view(-1, 1, 1, 1)).expand(-1, 1, longest, -1)
-        return ids, pos, allowed
-
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
-        from glm130b.quant.kernels import dense_linear
-
-        if self.head_module is not None:
-            return self.head_module(h).float()
-        if self.vocab_parallel:
-            return self._vocab_parallel_head(h)
-        if self.fast_head:
-            return dense_linear(h, self.head, None).float()
-        w = self.head if self.head.dtype == h.dtype else self.head.to(h.dtype)
-        return torch.nn.functional.linear(h, w).float()
-
-    def _vocab_parallel_head(self, h) -> torch.Tensor:
-        """Tensor parallel: the final LayerNorm's output is a replicated DTensor and the head is
-        vocabulary-sharded; each rank computes its logits, then they are all-gathered."""
-        from torch.distributed.tensor import DTensor, Shard
-
-        h = h.to_local()
-        local = torch.nn.functional.linear(h, self.head.to_local().to(h.dtype)).float()
-        return DTensor.from_local(local, self.head.device_mesh, [Shard(local.dim() - 1)],
-                                  run_check=False).full_tensor()
-
-    def logits(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """Full logits [B, L, V] without a cache (for tests against GLMModel.forward)."""
-        model = self.model
-        h = model.word_embeddings(ids).to(self.dtype)
-        for block in model.layers:
-            h = block(h, positions, allowed, None)
-        return self._head(model.final_layernorm(h))
+        """masks.prefill_inputs on this engine's device: (ids, positions, allowed)."""
+        return prefill_inputs(contexts, self.two_d, pad_id, self.device)
 
 
 @dataclass
@@ -265,8 +199,7 @@ class Batch:
                  first_position: Sequence[int] | None = None):
         self.engine = engine
         self.rows = list(rows)
-        dev = engine.device
-        self.ctx = torch.tensor([len(r.context) for r in self.rows], device=dev)
+        self.ctx = torch.tensor([len(r.context) for r in self.rows])
         self.P = int(self.ctx.max())
         # where a continuing ([gMASK]) block starts counting: after the context (and earlier blocks)
         self.first = list(first_position) if first_position is not None else [len(r.context) for r in self.rows]
@@ -280,32 +213,24 @@ class Batch:
         self.first = list(first_position)
         self.step = 0
 
-    def positions(self, step: int) -> torch.Tensor:
-        """Position ids [B, 1] (1D) or [B, 2, 1] (2D) of the step-th generated token of each row."""
-        pos = [self.first[i] + step if r.block.continues else r.block.mask_position for i, r in enumerate(self.rows)]
-        p = torch.tensor(pos, dtype=torch.long, device=self.engine.device).view(-1, 1)
-        if self.engine.two_d:
-            return torch.stack((p, torch.full_like(p, step + 1)), dim=1)
-        return p
-
     def room(self) -> int:
-        return self.cache.max_len - self.cache.seen
+        return self.cache.room()
 
     def feed(self, tokens: torch.Tensor, logits: bool = True) -> torch.Tensor | None:
         """Feed one token per row [B]; FP32 logits [B, V] for the next (unless logits=False)."""
-        k = self.cache.seen + 1
-        j = torch.arange(k, device=self.engine.device).view(1, 1, 1, k)
-        allowed = (j < self.ctx.view(-1, 1, 1, 1)) | (j >= self.P)
+        dev = self.engine.device
+        slot = self.cache.seen
+        allowed = step_allowed(self.ctx, self.P, slot, slot + 1, device=dev)
+        positions = step_positions([r.block for r in self.rows], self.first, [self.step] * len(self.rows),
+                                   self.engine.two_d, device=dev)
         at = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device) if logits else None
-        out = self.engine.forward(tokens.view(-1, 1), self.positions(self.step), allowed, self.cache, logits_at=at)
+        out = self.engine.forward(tokens.view(-1, 1), positions, allowed, self.cache, logits_at=at)
         self.step += 1
         return out
 
     def reorder(self, index: torch.Tensor) -> None:
         """Beam search: row i continues row index[i] (cache rows are gathered)."""
-        for layer in range(len(self.cache.k)):
-            self.cache.k[layer] = self.cache.k[layer].index_select(0, index)
-            self.cache.v[layer] = self.cache.v[layer].index_select(0, index)
+        self.cache.reorder(index)
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,12 +248,14 @@ def banned_ngram_tokens(tokens: Sequence[int], n: int) -> set[int]:
     return {tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i : i + n - 1]) == prefix}
 
 
-def process_logits(logits: torch.Tensor, rows: Sequence[Row], cfg: GenerationConfig, stop_ids: set[int],
-                   vocab_limit: int | None = None) -> torch.Tensor:
-    """Apply min length, no-repeat-ngram and the vocabulary limit (in place on FP32 logits)."""
+def process_logits(logits: torch.Tensor, rows: Sequence[Row], cfg: GenerationConfig | Sequence[GenerationConfig],
+                   stop_ids: set[int], vocab_limit: int | None = None) -> torch.Tensor:
+    """Apply min length, no-repeat-ngram and the vocabulary limit (in place on FP32 logits).
+    `cfg`: the rows' settings, or one per row (the serving batcher's requests)."""
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
         logits[:, vocab_limit:] = -math.inf
-    for i, r in enumerate(rows):
+    cfgs = [cfg] * len(rows) if isinstance(cfg, GenerationConfig) else cfg
+    for i, (r, cfg) in enumerate(zip(rows, cfgs, strict=True)):
         if len(r.tokens) < cfg.min_new_tokens and stop_ids:
             logits[i, list(stop_ids)] = -math.inf
         if cfg.no_repeat_ngram_size:
@@ -364,15 +291,20 @@ def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Ge
 TokenCallback = Callable[[int, int], None]  # (row index, token)
 
 
+def stop_cut(text: str, stop_strings: Sequence[str]) -> int | None:
+    """Where the earliest stop string starts in `text` (None: none is there). The engine, the
+    serving batcher and the text stream all cut here."""
+    cuts = [c for c in (text.find(s) for s in stop_strings) if c >= 0]
+    return min(cuts) if cuts else None
+
+
 def _check_stop_strings(row: Row, cfg: GenerationConfig, decode) -> None:
+    """Mark the row done, with its text cut, once its text holds a stop string."""
     if not cfg.stop_strings or decode is None:
         return
-    text = decode(row.tokens)
-    cuts = [text.find(s) for s in cfg.stop_strings]
-    cuts = [c for c in cuts if c >= 0]
-    if cuts:
-        row.text_end = min(cuts)
-        row.done = True
+    cut = stop_cut(decode(row.tokens), cfg.stop_strings)
+    if cut is not None:
+        row.text_end, row.done = cut, True
 
 
 def generate_rows(engine: Engine, rows: Sequence[Row], cfg: GenerationConfig, sop_id: int, stop_ids: set[int],

@@ -20,6 +20,7 @@ import warnings
 import torch
 from torch import nn
 
+from glm130b.model.layout import layer_matrices
 from glm130b.quant import kernels as K
 from glm130b.quant.kernels import cpu as _cpu
 from glm130b.quant.weights import DenseLinear, QuantizedLinear
@@ -77,8 +78,7 @@ def why_not(model) -> str | None:
         for ln in (block.input_layernorm, block.post_attention_layernorm):
             if not isinstance(ln, nn.LayerNorm) or ln.weight is None or ln.bias is None:
                 return "a LayerNorm without weight and bias"
-        for m in (block.attention.query_key_value, block.attention.dense, block.mlp.dense_h_to_4h,
-                  block.mlp.dense_4h_to_h):
+        for _, m in layer_matrices(block):
             if type(m) not in (nn.Linear, DenseLinear, QuantizedLinear):  # exact: a subclass may compute otherwise
                 return f"a {type(m).__name__} layer"
             if type(m) is not QuantizedLinear and m.weight.dtype not in (torch.float32, torch.bfloat16):
@@ -101,11 +101,10 @@ class FusedDecoder:
             inv_freq=first.attention.inv_freq.float(), eps=first.input_layernorm.eps,
             alpha=1.0 if first.pre_ln else first.alpha, pre_ln=first.pre_ln)
         for block in model.layers:
-            att, mlp = block.attention, block.mlp
-            self.stack.add_layer(
-                block.input_layernorm.weight.detach(), block.input_layernorm.bias.detach(), _weight(ext, att.query_key_value),
-                _weight(ext, att.dense), block.post_attention_layernorm.weight.detach(),
-                block.post_attention_layernorm.bias.detach(), _weight(ext, mlp.dense_h_to_4h), _weight(ext, mlp.dense_4h_to_h))
+            qkv, dense, up, down = (_weight(ext, m) for _, m in layer_matrices(block))  # the table's order
+            ln1, ln2 = block.input_layernorm, block.post_attention_layernorm
+            self.stack.add_layer(ln1.weight.detach(), ln1.bias.detach(), qkv, dense, ln2.weight.detach(),
+                                 ln2.bias.detach(), up, down)
         emb = model.word_embeddings.weight.detach().contiguous()
         if model.lm_head is None:  # tied
             head = ext.DecodeWeight(emb, None, 0, None, K.FMT[emb.dtype], cfg.hidden_size)

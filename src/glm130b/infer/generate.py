@@ -32,6 +32,7 @@ from glm130b.infer.engine import (
     feed_last,
     generate_rows,
     make_generator,
+    stop_cut,
 )
 from glm130b.model.glm import GLMModel
 from glm130b.model.masks import Block
@@ -138,8 +139,9 @@ class TextStream:
         text = self.tokenizer.decode(self.tokens)
         if text.endswith("\ufffd"):  # wait for whole UTF-8 characters
             return
-        cuts = [c for c in (text.find(s) for s in self.stops) if c >= 0]
-        end = min(cuts) if cuts else len(text) - self._holdback(text)
+        end = stop_cut(text, self.stops)
+        if end is None:
+            end = len(text) - self._holdback(text)
         if end > self.printed:
             self.on_text(text[self.printed : end])
             self.printed = end

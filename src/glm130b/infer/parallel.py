@@ -18,6 +18,7 @@ import os
 import torch
 
 from glm130b.errors import GLMError
+from glm130b.model.layout import LAYER_MATRICES
 
 
 def tensor_parallel_for_inference(model, tp: int, bits: int | None = None, group_size: int | None = None):
@@ -66,8 +67,6 @@ class ShardQuantizedLinear(torch.nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-STYLES = {"attention.query_key_value": "colwise", "attention.dense": "rowwise",
-          "mlp.dense_h_to_4h": "colwise", "mlp.dense_4h_to_h": "rowwise"}
 
 
 @torch.no_grad()
@@ -77,8 +76,9 @@ def quantize_shards(model, bits: int, group_size: int | None = None) -> None:
 
     check_settings(bits, group_size)
     for block in model.layers:
-        for path, style in STYLES.items():
-            parent_name, _, attr = path.rpartition(".")
+        for matrix in LAYER_MATRICES:
+            style = "rowwise" if matrix.split == "row" else "colwise"
+            parent_name, _, attr = matrix.module.rpartition(".")
             parent = block.get_submodule(parent_name)
             dist_linear = getattr(parent, attr)
             weight, bias = dist_linear.weight.to_local(), dist_linear.bias

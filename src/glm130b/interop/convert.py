@@ -17,15 +17,19 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from glm130b.config import PRESETS, GLMConfig
-from glm130b.errors import GLMError, first_line
-from glm130b.interop.hf import hf_tokenizer, read_hf, write_hf
-from glm130b.interop.sat import (
+from glm130b.checkpoint import (
     CheckpointError,
     check_state_dict,
+    load_config,
+    load_folder_tokenizer,
+    read_state,
+    save_model,
+)
+from glm130b.config import PRESETS, GLMConfig
+from glm130b.errors import GLMError
+from glm130b.interop.hf import hf_tokenizer, read_hf, write_hf
+from glm130b.interop.sat import (
     config_from_official_shapes,
     official_to_ours,
     ours_to_official,
@@ -40,16 +44,11 @@ FORMATS_OUT = ("ours", "hf", "sat")
 
 def read_ours(directory) -> tuple[GLMConfig, dict[str, torch.Tensor], object | None]:
     """(config, state, tokenizer or None) of one of our (unquantized) model folders."""
-    from glm130b.checkpoint import WEIGHTS, load_config, load_folder_tokenizer
-
     directory = Path(directory)
     cfg = load_config(directory)
     if cfg.extra.get("quantization"):
         raise CheckpointError(f"{directory} is quantized; convert the unquantized model (and pass --bits)")
-    try:
-        state = load_file(str(directory / WEIGHTS))
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"{directory / WEIGHTS} is missing or corrupt ({first_line(e)})") from None
+    state = read_state(directory)
     try:
         tokenizer = load_folder_tokenizer(directory, cfg)
     except CheckpointError:
@@ -119,12 +118,10 @@ def convert(src, dst, from_fmt: str, to_fmt: str, tp: int | None = None, bits: i
     elif to_fmt == "hf":
         write_hf(dst, cfg, model.state_dict(), tokenizer, dtype=cast[dtype] or torch.float16)
     elif bits is not None:
-        from glm130b.quant import quantize_model, save_quantized
+        from glm130b.quant import quantize_model
 
-        save_quantized(dst, quantize_model(model.float(), bits, group_size), tokenizer)
+        save_model(dst, quantize_model(model.float(), bits, group_size), tokenizer)
     else:
-        from glm130b.checkpoint import save_model
-
         save_model(dst, model, tokenizer, dtype=cast[dtype])
     return {"from": from_fmt, "to": to_fmt, "src": str(src), "dst": str(dst), "preset": cfg.name,
             "parameters": params, "tp": (tp or 1) if to_fmt == "sat" else None, "bits": bits,

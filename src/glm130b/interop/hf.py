@@ -22,9 +22,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from glm130b.checkpoint import CheckpointError
 from glm130b.config import GLMConfig
 from glm130b.errors import first_line
-from glm130b.interop.sat import PREFIX, CheckpointError
+from glm130b.interop.sat import PREFIX
 from glm130b.io import SaveError, staging_folder
 
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import torch
 
+from glm130b.checkpoint import CheckpointError, check_state_dict
 from glm130b.config import GLMConfig
-from glm130b.errors import GLMError, first_line
+from glm130b.errors import first_line
+from glm130b.model.layout import split_rule
 
 PREFIX = "transformer."
-
-
-class CheckpointError(GLMError, ValueError):
-    """A checkpoint that does not fit the model it is loaded into."""
 
 
 def official_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -34,22 +32,6 @@ def official_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def ours_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {PREFIX + name: tensor for name, tensor in state.items()}
-
-
-def check_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module, source: str = "checkpoint") -> None:
-    """Raise CheckpointError naming the first missing, unexpected or mis-shaped tensor."""
-    expected = {name: p.shape for name, p in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing:
-        raise CheckpointError(f"{source}: missing {len(missing)} tensors, e.g. {missing[0]!r}")
-    if unexpected:
-        raise CheckpointError(f"{source}: {len(unexpected)} unexpected tensors, e.g. {unexpected[0]!r}")
-    for name, shape in expected.items():
-        if tuple(state[name].shape) != tuple(shape):
-            raise CheckpointError(
-                f"{source}: {name} has shape {tuple(state[name].shape)}, the model expects {tuple(shape)}"
-            )
 
 
 def load_official(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -74,23 +56,13 @@ def config_from_official_shapes(state: dict[str, torch.Tensor], num_heads: int, 
 # Tensor-parallel shards (SwissArmyTransformer's mp_rank_XX_model_states.pt)
 # --------------------------------------------------------------------------------------------
 SHARD_FILE = "mp_rank_{rank:02d}_model_states.pt"
-COLUMN = ("attention.query_key_value.weight", "attention.query_key_value.bias", "word_embeddings.weight")
-ROW = ("attention.dense.weight", "mlp.dense_4h_to_h.weight")
-GLU = ("mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias")
 
 
 def tp_rule(name: str) -> str:
-    """How tensor parallelism splits an official tensor: "column" (dim 0), "row" (dim 1),
-    "glu" (dim 0 of each GeGLU half: a shard holds [its linear rows; its gated rows]) or
-    "replicated" (LayerNorms, row-parallel biases). Heads are split in whole per-head blocks,
-    so QKV needs no special case (its rows are per-head interleaved)."""
-    if name.endswith(GLU):
-        return "glu"
-    if name.endswith(COLUMN) or name == "lm_head.weight":
-        return "column"
-    if name.endswith(ROW):
-        return "row"
-    return "replicated"
+    """How tensor parallelism splits an official tensor (model/layout.py's table). Heads are
+    split in whole per-head blocks, so QKV needs no special case (its rows are per-head
+    interleaved); "glu": a shard holds [its linear rows; its gated rows]."""
+    return split_rule(name)
 
 
 def merge_tp(name: str, shards: list[torch.Tensor], glu_halves: bool = True) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm130b.config import GLMConfig
+from glm130b.model.kv_cache import KVCache
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,56 +82,6 @@ def attention_sdpa(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
 
-FP16_MAX = 65504.0
-
-
-def fit_cache(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t in a cache's `dtype`: clamped to FP16's finite range first when the cache is FP16 and t
-    is wider (an overflow would turn into inf, and a row's whole attention into NaN)."""
-    if dtype == torch.float16 and t.dtype in (torch.float32, torch.bfloat16, torch.float64):
-        t = t.clamp(-FP16_MAX, FP16_MAX)
-    return t.to(dtype)
-
-
-class KVCache:
-    """Pre-allocated keys and values of every layer for incremental decoding.
-
-    Layers write the new keys/values at [seen, seen + L) and attend over [0, seen + L);
-    the model advances `seen` once all layers have run. The cache may be stored in a narrower
-    dtype than the activations (FP16 halves its memory and its reads per token); `update` then
-    returns the keys and values in the activations' dtype.
-    """
-
-    def __init__(self, num_layers: int, batch: int, heads: int, max_len: int, head_dim: int, dtype, device):
-        shape = (batch, heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.max_len = max_len
-        self.seen = 0
-
-    def check_room(self, n: int) -> int:
-        """The end of the next n positions; an error if they do not fit."""
-        end = self.seen + n
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
-        return end
-
-    def update(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.check_room(k.shape[2])
-        self.k[layer_id][:, :, self.seen : end] = fit_cache(k, self.k[layer_id].dtype)
-        self.v[layer_id][:, :, self.seen : end] = fit_cache(v, self.v[layer_id].dtype)
-        return self.k[layer_id][:, :, :end].to(k.dtype), self.v[layer_id][:, :, :end].to(v.dtype)
-
-    def advance(self, n: int) -> None:
-        self.seen += n
-
-    def fused_view(self, batch: int, length: int = 1):
-        """For the fused step (infer/fused.py): every row writes slots [seen, seen + length) and
-        attends [0, seen + length)."""
-        end = self.check_room(length)
-        return self.k, self.v, torch.full((batch,), self.seen, dtype=torch.long), end
-
-
 class SelfAttention(nn.Module):
     """Fused QKV with the official per-head interleaved rows: `W.view(nh, 3, d, H)`.
 
@@ -156,7 +107,7 @@ class SelfAttention(nn.Module):
         x: torch.Tensor,
         position_ids: torch.Tensor,
         allowed: torch.Tensor,
-        kv_cache: KVCache | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         b, length, _ = x.shape
         qkv = self.query_key_value(x).view(b, length, self.num_heads, 3 * self.head_dim)
@@ -164,8 +115,8 @@ class SelfAttention(nn.Module):
         if self.inv_freq.device != x.device:
             self.inv_freq = self.inv_freq.to(x.device)
         q, k = apply_position_encoding(q, k, position_ids, self.inv_freq)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_id, k, v)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, k, v)
         attend = attention_sdpa if self.use_sdpa else attention_reference
         ctx = attend(q, k, v, allowed, self.layer_id)
         ctx = ctx.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim)

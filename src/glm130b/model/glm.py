@@ -12,9 +12,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from glm130b.config import GLMConfig
-from glm130b.model.attention import KVCache
+from glm130b.model.kv_cache import KVCache
 from glm130b.model.layers import GLMBlock, shrink_embedding_gradient
 from glm130b.model.masks import attention_allowed
 
@@ -71,50 +72,99 @@ class GLMModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ----------------------------------------------------------------------------------------
+    # The forward pass: the one place that runs embedding -> blocks -> final LayerNorm -> head.
+    # A pipeline stage (train/parallel_plan.py: GLMStage) holds a slice of the same modules and
+    # runs this same forward; the engine and the scorer call it or its pieces.
+    # ----------------------------------------------------------------------------------------
     def forward(
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         context_lengths: torch.Tensor | None = None,
         allowed: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        output_hidden_states: bool = False,
+        cache: KVCache | None = None,
+        logits_at: torch.Tensor | None = None,
+        return_hidden: bool = False,
+        logits: bool = True,
     ):
-        """Logits [B, L, V] for input_ids [B, L].
+        """Logits [B, L, V] for input_ids [B, L] (a later pipeline stage: hidden states [B, L, H]).
 
-        position_ids: [B, L] (1D rotary) or [B, 2, L] (2D); defaults to 0..L-1 (and block
-        positions 0). The mask is `allowed` [B, 1, L, K] (True = may attend) or, when absent,
-        the GLM mask built from `context_lengths` [B] (masks.attention_allowed).
-        With `output_hidden_states`, also returns each block's output (before the final LN).
+        position_ids: [B, L] (1D rotary) or [B, 2, L] (2D); default 0..L-1 (block positions 0).
+        The mask is `allowed` [B or 1, 1, L, K] (True = may attend), or, without it, the GLM
+        training mask of `context_lengths` [B] (masks.attention_allowed).
+        `cache`: keys/values are written there (and read back) and it advances by L.
+        `logits_at` [B]: logits [B, V] of one token per row only (the head is skipped elsewhere).
+        `return_hidden`: also each block's output (before the final LayerNorm), as a list.
+        `logits=False`: run the blocks only and return None (a prefill that fills the cache).
         """
-        b, length = input_ids.shape
+        b, length = input_ids.shape[:2]
         if position_ids is None:
             position_ids = default_position_ids(b, length, self.config.rotary == "2d", input_ids.device)
         if allowed is None:
             if context_lengths is None:
                 raise ValueError("pass context_lengths (the GLM context length of each sample) or allowed")
             allowed = attention_allowed(length, context_lengths, device=input_ids.device)
-        h = shrink_embedding_gradient(self.word_embeddings(input_ids), self.config.emb_grad_shrink)
-        hidden_states = []
-        for block in self.layers:
-            h = block(h, position_ids, allowed, kv_cache)
-            if output_hidden_states:
-                hidden_states.append(h)
-        if kv_cache is not None:
-            kv_cache.advance(length)
-        h = self.final_layernorm(h)
-        if self.lm_head is None or isinstance(self.lm_head, nn.Linear):
-            head = self.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
-            logits = F.linear(h, head)
-        else:  # a quantized head (glm130b.quant.quantize_head)
-            logits = self.lm_head(h)
-        return (logits, hidden_states) if output_hidden_states else logits
+        h = self.embed(input_ids) if self.embeds else input_ids
+        hidden = [] if return_hidden else None
+        h = self.run_blocks(h, position_ids, allowed, cache, hidden)
+        if cache is not None:
+            cache.advance(length)
+        if self.final_layernorm is None:  # not the last pipeline stage
+            return h
+        if not logits:
+            return None
+        if logits_at is not None:
+            h = h[torch.arange(b, device=h.device), logits_at.to(h.device)]  # [B, H]
+        out = self.head(self.final_layernorm(h))
+        return (out, hidden) if return_hidden else out
 
-    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
-        p = self.word_embeddings.weight
+    embeds = True  # False on a pipeline stage after the first: its input is hidden states
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (Embedding Gradient Shrink in training), in the blocks' dtype (BF16
+        weights with FP32 activations are a layout the inference engine runs)."""
+        h = shrink_embedding_gradient(self.word_embeddings(input_ids), self.config.emb_grad_shrink)
+        dtype = self.activation_dtype
+        return h if dtype is None or h.dtype == dtype else h.to(dtype)
+
+    @property
+    def activation_dtype(self) -> torch.dtype | None:
+        block = next(iter(self.blocks()), None)
+        return None if block is None else block.input_layernorm.weight.dtype
+
+    def blocks(self):
+        """The blocks this module holds, in order."""
+        return self.layers.values() if isinstance(self.layers, nn.ModuleDict) else iter(self.layers)
+
+    def run_blocks(self, h, position_ids, allowed, cache=None, hidden: list | None = None) -> torch.Tensor:
+        for block in self.blocks():
+            h = block(h, position_ids, allowed, cache)
+            if hidden is not None:
+                hidden.append(h)
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of final hidden states: the tied embedding table, an untied head's weight, or a
+        head module of another kind (a quantized head, glm130b.quant.quantize_head). Without a
+        gradient, small batches on the CPU use the fast GEMV (quant/kernels); under tensor
+        parallelism the weight is a vocabulary-sharded DTensor and so are the logits."""
+        head = self.lm_head
+        if head is not None and not isinstance(head, nn.Linear):
+            return head(h)
+        weight = self.word_embeddings.weight if head is None else head.weight
+        if torch.is_grad_enabled() or isinstance(weight, DTensor):
+            return F.linear(h, weight if weight.dtype == h.dtype else weight.to(h.dtype))
+        from glm130b.quant.kernels import dense_linear
+
+        return dense_linear(h, weight, None)
+
+    def new_kv_cache(self, rows: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """A cache for `rows` sequences of up to `max_len` tokens (the local heads under tensor
+        parallelism; the activations' dtype unless `dtype` says otherwise)."""
         cfg = self.config
-        heads = self.layers[0].attention.num_heads  # the local head count under tensor parallelism
-        return KVCache(cfg.num_layers, batch, heads, max_len, cfg.head_dim, p.dtype, p.device)
+        norm = self.final_layernorm.weight
+        heads = self.layers[0].attention.num_heads
+        return KVCache(cfg.num_layers, rows, heads, max_len, cfg.head_dim, dtype or norm.dtype, norm.device)
 
     def set_attention_impl(self, impl: str) -> None:
         """"sdpa" (fast, default) or "reference" (the official step-by-step math)."""

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm130b.config import GLMConfig
-from glm130b.model.attention import KVCache, SelfAttention
+from glm130b.model.attention import SelfAttention
+from glm130b.model.kv_cache import KVCache
 
 
 def shrink_embedding_gradient(e: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -69,10 +70,10 @@ class GLMBlock(nn.Module):
         h: torch.Tensor,
         position_ids: torch.Tensor,
         allowed: torch.Tensor,
-        kv_cache: KVCache | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         x = self.input_layernorm(h)
-        a = self.attention(x, position_ids, allowed, kv_cache)
+        a = self.attention(x, position_ids, allowed, cache)
         h = (h if self.pre_ln else self.alpha * x) + a
         m = self.post_attention_layernorm(h)
         return (h if self.pre_ln else self.alpha * m) + self.mlp(m)

@@ -34,9 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm130b.errors import GLMError
+from glm130b.model.layout import QUANTIZED_MODULES  # the matrices GLM-130B quantizes (the layout table)
 
-# The matrices GLM-130B quantizes, by the name of the module inside each layer.
-QUANTIZED_MODULES = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 SUPPORTED_BITS = (4, 8)
 SCHEME = "glm130b-symmetric-absmax"
 
@@ -185,8 +184,11 @@ class QuantizedLinear(nn.Module):
         """The integer values, int8 [out, in] (unpacked for INT4)."""
         return self.qweight if self.bits == 8 else unpack_int4(self.qweight, self.in_features)
 
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_weight(self.int_weight(), self.scales, self.group_size, dtype)
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
+        """The matrix (or its `rows`) in `dtype`: the reference every kernel is tested against."""
+        q = self.qweight[rows]
+        q = q if self.bits == 8 else unpack_int4(q, self.in_features)
+        return dequantize_weight(q, self.scales[rows], self.group_size, dtype)
 
     def weight_bytes(self) -> int:
         """Bytes of the quantized matrix and its scales (bias excluded)."""

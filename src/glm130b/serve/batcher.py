@@ -31,9 +31,16 @@ from dataclasses import dataclass, field
 import torch
 
 from glm130b.errors import GLMError
-from glm130b.infer.engine import Engine, GenerationConfig, Row, make_generator, process_logits, sample_next
-from glm130b.model.attention import fit_cache
-from glm130b.model.masks import Block
+from glm130b.infer.engine import (
+    Engine,
+    GenerationConfig,
+    Row,
+    make_generator,
+    process_logits,
+    sample_next,
+    stop_cut,
+)
+from glm130b.model.masks import Block, step_allowed, step_positions
 
 
 class QueueFull(GLMError):
@@ -70,73 +77,9 @@ class Job:
         self.cancelled = True
 
 
-class SlotCache:
-    """Keys/values of up to `slots` sequences, each with its own length."""
-
-    def __init__(self, engine: Engine, slots: int, max_len: int):
-        cfg = engine.config
-        shape = (slots, engine.local_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=engine.kv_dtype, device=engine.device) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(shape, dtype=engine.kv_dtype, device=engine.device) for _ in range(cfg.num_layers)]
-        self.max_len = max_len
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        for k, v in zip(self.k, self.v, strict=True):
-            k[dst, :, :length] = k[src, :, :length]
-            v[dst, :, :length] = v[src, :, :length]
-
-
-class _Prefill:
-    """The engine's cache interface for encoding contexts into rows [slot, slot + k) at once."""
-
-    def __init__(self, cache: SlotCache, slot: int):
-        self.cache, self.slot = cache, slot
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        rows, n = slice(self.slot, self.slot + k.shape[0]), k.shape[2]
-        self.cache.k[layer][rows, :, :n] = fit_cache(k, self.cache.k[layer].dtype)
-        self.cache.v[layer][rows, :, :n] = fit_cache(v, self.cache.v[layer].dtype)
-        return self.cache.k[layer][rows, :, :n].to(k.dtype), self.cache.v[layer][rows, :, :n].to(v.dtype)
-
-    def fused_view(self, batch: int, length: int):
-        """For the fused step (infer/fused.py): cache rows [slot, slot + batch) from slot 0."""
-        rows = slice(self.slot, self.slot + batch)
-        return ([k[rows] for k in self.cache.k], [v[rows] for v in self.cache.v],
-                torch.zeros(batch, dtype=torch.long), length)
-
-    def advance(self, n: int) -> None:
-        pass
-
-
-class _Step:
-    """The engine's cache interface for one decoding step of rows [0, n): row i writes at lengths[i]."""
-
-    def __init__(self, cache: SlotCache, lengths: torch.Tensor):
-        self.cache, self.lengths = cache, lengths
-        self.rows = torch.arange(len(lengths), device=lengths.device)
-        self.end = int(lengths.max()) + 1
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        n = len(self.lengths)
-        # (fit_cache converts too: an index_put, unlike a slice copy, does not)
-        self.cache.k[layer][self.rows, :, self.lengths] = fit_cache(k[:, :, 0], self.cache.k[layer].dtype)
-        self.cache.v[layer][self.rows, :, self.lengths] = fit_cache(v[:, :, 0], self.cache.v[layer].dtype)
-        return self.cache.k[layer][:n, :, : self.end].to(k.dtype), self.cache.v[layer][:n, :, : self.end].to(v.dtype)
-
-    def fused_view(self, batch: int, length: int = 1):
-        """For the fused step (infer/fused.py): rows [0, n) write one token at their lengths."""
-        if length != 1:
-            raise ValueError("a batcher step feeds one token per row")
-        return self.cache.k, self.cache.v, self.lengths, self.end
-
-    def advance(self, n: int) -> None:
-        pass
-
-
 @dataclass
 class _Live:
     job: Job
-    length: int  # keys of this row in the cache
     block_index: int = 0
     first: int = 0  # where a continuing ([gMASK]) block's positions start
     step: int = 0  # tokens fed in the current block (<sop> included)
@@ -155,7 +98,7 @@ class Batcher:
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = model.config.max_seq_len
-        self.cache = SlotCache(self.engine, max_batch, self.max_len)
+        self.cache = self.engine.new_cache(max_batch, self.max_len)  # row i: self.live[i]
         self.stop_ids = {tokenizer.eop_id, tokenizer.eos_id}
         self.decode = decode or tokenizer.decode
         self.pending: collections.deque[Job] = collections.deque()
@@ -267,39 +210,31 @@ class Batcher:
         if not jobs:
             return
         slot = len(self.live)
-        self.engine.forward(*self.engine.prefill_inputs([job.context for job in jobs]), _Prefill(self.cache, slot))
+        rows = slice(slot, slot + len(jobs))
+        self.cache.lengths[rows] = 0
+        self.engine.forward(*self.engine.prefill_inputs([job.context for job in jobs]), self.cache.select(rows))
         for i, job in enumerate(jobs):
+            self.cache.lengths[slot + i] = len(job.context)
             generator = make_generator(job.config.seed) if job.config.strategy == "sample" else None
-            live = _Live(job, length=len(job.context), generator=generator)
-            if self._start_block(live, 0):  # (False only for a context with no room: its row is dropped)
+            live = _Live(job, generator=generator)
+            if self._start_block(live, 0, len(job.context)):  # (False: a context with no room; row dropped)
                 if slot + i != len(self.live):  # keep live rows contiguous after a dropped one
-                    self.cache.move(slot + i, len(self.live), live.length)
+                    self.cache.move(slot + i, len(self.live))
                 self.live.append(live)
 
-    def _start_block(self, live: _Live, index: int) -> bool:
-        """Begin blank `index`; False (and the job is done) when the context has no room left."""
+    def _start_block(self, live: _Live, index: int, length: int) -> bool:
+        """Begin blank `index` in a row holding `length` keys; False (and the job is done) when the
+        context has no room left."""
         job = live.job
-        live.block_index, live.first, live.step, live.flushing = index, live.length, 0, False
+        live.block_index, live.first, live.step, live.flushing = index, length, 0, False
         live.row = Row(job.context, job.blocks[index])
         live.next_token = self.tokenizer.sop_id
-        room = self.max_len - 1 - live.length - (1 if index else 0)  # as glm130b.infer.generate
+        room = self.max_len - 1 - length - (1 if index else 0)  # as glm130b.infer.generate
         live.limit = min(job.config.max_new_tokens, room)
         if live.limit < 1:
             self._emit(job, Event("done", reason="length"))
             return False
         return True
-
-    def _positions(self) -> torch.Tensor:
-        pos, steps = [], []
-        for live in self.live:
-            block = live.row.block
-            pos.append(live.first + live.step if block.continues else block.mask_position)
-            steps.append(live.step + 1)
-        p = torch.tensor(pos, dtype=torch.long, device=self.engine.device).view(-1, 1)
-        if self.engine.two_d:
-            s = torch.tensor(steps, dtype=torch.long, device=self.engine.device).view(-1, 1)
-            return torch.stack((p, s), dim=1)
-        return p
 
     def _drop_cancelled(self) -> None:
         for i in reversed(range(len(self.live))):
@@ -310,36 +245,32 @@ class Batcher:
     def _remove(self, i: int) -> None:
         last = len(self.live) - 1
         if i != last:
-            self.cache.move(last, i, self.live[last].length)
+            self.cache.move(last, i)
             self.live[i] = self.live[last]
         self.live.pop()
 
     @torch.no_grad()
     def _step(self) -> None:
-        dev = self.engine.device
-        lengths = torch.tensor([live.length for live in self.live], dtype=torch.long, device=dev)
+        dev, n = self.engine.device, len(self.live)
+        cache = self.cache.select(slice(0, n))
+        lengths = cache.lengths[:n].clone()  # each row's new token goes to slot lengths[row]
+        contexts = [len(live.job.context) for live in self.live]
+        allowed = step_allowed(contexts, contexts, lengths, int(lengths.max()) + 1, device=dev)
+        positions = step_positions([live.row.block for live in self.live], [live.first for live in self.live],
+                                   [live.step for live in self.live], self.engine.two_d, device=dev)
         tokens = torch.tensor([live.next_token for live in self.live], dtype=torch.long, device=dev)
-        end = int(lengths.max()) + 1
-        allowed = (torch.arange(end, device=dev).view(1, -1) <= lengths.view(-1, 1)).view(-1, 1, 1, end)
-        at = torch.zeros(len(self.live), dtype=torch.long, device=dev)
-        logits = self.engine.forward(tokens.view(-1, 1), self._positions(), allowed, _Step(self.cache, lengths),
-                                     logits_at=at)
+        at = torch.zeros(n, dtype=torch.long, device=dev)
+        logits = self.engine.forward(tokens.view(-1, 1), positions, allowed, cache, logits_at=at)
         self.steps += 1
         # the rules of each row (vocabulary, min length, n-grams), then one argmax for the batch
-        vocab = self.tokenizer.vocab_size
-        if vocab < logits.shape[-1]:
-            logits[:, vocab:] = -torch.inf
-        for i, live in enumerate(self.live):
-            cfg = live.job.config
-            if cfg.no_repeat_ngram_size or len(live.row.tokens) < cfg.min_new_tokens:
-                process_logits(logits[i : i + 1], [live.row], cfg, self.stop_ids)
+        process_logits(logits, [live.row for live in self.live], [live.job.config for live in self.live],
+                       self.stop_ids, self.tokenizer.vocab_size)
         greedy = logits.argmax(dim=-1).tolist()
         finished = []
         for i, live in enumerate(self.live):
-            live.length += 1
             live.step += 1
             if live.flushing:  # the cut block is complete in the cache: the next blank starts
-                if not self._start_block(live, live.block_index + 1):
+                if not self._start_block(live, live.block_index + 1, int(lengths[i]) + 1):
                     finished.append(i)
                 continue
             if live.job.config.strategy == "greedy":
@@ -351,13 +282,13 @@ class Batcher:
                     self._emit(live.job, Event("error", message=f"sampling failed: {e}"))
                     finished.append(i)
                     continue
-            if self._advance(live, token):
+            if self._advance(live, token, int(lengths[i]) + 1):
                 finished.append(i)
         for i in reversed(finished):
             self._remove(i)
 
-    def _advance(self, live: _Live, token: int) -> bool:
-        """Take the row's next token; True when the job is finished."""
+    def _advance(self, live: _Live, token: int, length: int) -> bool:
+        """Take the row's next token (the row now holds `length` keys); True when the job is finished."""
         job, row, cfg = live.job, live.row, live.job.config
         reason = None
         if token in self.stop_ids:
@@ -368,10 +299,9 @@ class Batcher:
             if job.stream:
                 self._emit(job, Event("token", block=live.block_index, token=token))
             if cfg.stop_strings:
-                text = self.decode(row.tokens)
-                cuts = [c for c in (text.find(s) for s in cfg.stop_strings) if c >= 0]
-                if cuts:
-                    row.text_end, reason = min(cuts), "stop"
+                row.text_end = stop_cut(self.decode(row.tokens), cfg.stop_strings)
+                if row.text_end is not None:
+                    reason = "stop"
             if reason is None and len(row.tokens) >= live.limit:
                 reason = "length"
         if reason is None:
@@ -383,7 +313,7 @@ class Batcher:
             self._emit(job, Event("done", reason=reason))
             return True
         if token in self.stop_ids:
-            return not self._start_block(live, live.block_index + 1)
+            return not self._start_block(live, live.block_index + 1, length)
         else:  # the last token is not in the cache yet: feed it, then start the next block
             live.next_token, live.flushing = token, True
         return False

@@ -495,7 +495,7 @@ class ParallelEngine:
 
     def _plain_optimizer(self, plain):
         # The same parameter groups and hyperparameters as this run's optimizer, on a plain model.
-        from glm130b.train.trainer import parameter_groups
+        from glm130b.train.optimizer import parameter_groups
 
         group = self.optimizer.param_groups[0]
         decay = next((g["weight_decay"] for g in self.optimizer.param_groups if g["weight_decay"]), 0.0)

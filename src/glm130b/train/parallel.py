@@ -47,9 +47,8 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from glm130b.config import GLMConfig
-from glm130b.model.glm import GLMModel, default_position_ids
-from glm130b.model.layers import shrink_embedding_gradient
-from glm130b.model.masks import attention_allowed
+from glm130b.model.glm import GLMModel
+from glm130b.model.layout import LAYER_MATRICES
 
 IGNORE_INDEX = -100
 MESH_DIM_NAMES = ("pp", "dp", "tp")
@@ -255,12 +254,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
                     p.copy_(p.index_select(0, perm.to(p.device)))
 
     # 2. Blocks.
-    layer_plan = {
-        "attention.query_key_value": ColwiseParallel(),
-        "attention.dense": RowwiseParallel(),
-        "mlp.dense_h_to_4h": ColwiseParallel(),
-        "mlp.dense_4h_to_h": RowwiseParallel(),
-    }
+    layer_plan = {m.module: RowwiseParallel() if m.split == "row" else ColwiseParallel() for m in LAYER_MATRICES}
     for block in _blocks(model):
         parallelize_module(block, tp_mesh, layer_plan)
         block.attention.num_heads = config.num_heads // tp  # local heads, as torchtitan adjusts n_heads
@@ -449,8 +443,9 @@ def stage_layer_ranges(num_layers: int, num_stages: int) -> list[range]:
     return ranges
 
 
-class GLMStage(nn.Module):
-    """One pipeline stage of a `GLMModel`: the same submodules under the same names.
+class GLMStage(GLMModel):
+    """One pipeline stage of a `GLMModel`: the same submodules under the same names, run by
+    GLMModel's own forward.
 
     Layers live in a ModuleDict keyed by their global index, so parameter names ("layers.37.mlp...")
     are those of the whole model and checkpoints move between pipeline layouts. The first stage
@@ -463,41 +458,17 @@ class GLMStage(nn.Module):
     """
 
     def __init__(self, model: GLMModel, stage_index: int, num_stages: int):
-        super().__init__()
+        nn.Module.__init__(self)  # the modules are the model's, not new ones
         self.config = model.config
         self.stage_index, self.num_stages = stage_index, num_stages
         self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
+        self.embeds = self.is_first
         self.layer_range = stage_layer_ranges(len(model.layers), num_stages)[stage_index]
         self.tied = tied = model.lm_head is None
         self.word_embeddings = model.word_embeddings if (self.is_first or (self.is_last and tied)) else None
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in self.layer_range})
         self.final_layernorm = model.final_layernorm if self.is_last else None
         self.lm_head = model.lm_head if self.is_last else None
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        context_lengths: torch.Tensor | None = None,
-        allowed: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        b, length = x.shape[:2]
-        if position_ids is None:
-            position_ids = default_position_ids(b, length, self.config.rotary == "2d", x.device)
-        if allowed is None:
-            if context_lengths is None:
-                raise ValueError("pass context_lengths (the GLM context length of each sample) or allowed")
-            allowed = attention_allowed(length, context_lengths, device=x.device)
-        h = x
-        if self.is_first:
-            h = shrink_embedding_gradient(self.word_embeddings(x), self.config.emb_grad_shrink)
-        for block in self.layers.values():
-            h = block(h, position_ids, allowed)
-        if self.is_last:
-            h = self.final_layernorm(h)
-            head = self.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
-            h = F.linear(h, head)
-        return h
 
 
 def split_stage(model: GLMModel, stage_index: int, num_stages: int) -> GLMStage:

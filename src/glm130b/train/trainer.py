@@ -35,6 +35,7 @@ from glm130b.data.objective import GLMSampleBuilder, ObjectiveConfig, collate, r
 from glm130b.model.glm import GLMModel, glm_loss
 from glm130b.train import distributed
 from glm130b.train.metrics import MetricsLog
+from glm130b.train.optimizer import make_optimizer
 from glm130b.train.precision import PRECISIONS, Precision
 from glm130b.train.spike import SpikeGuard
 from glm130b.train.state import (
@@ -145,28 +146,6 @@ def instruction_pairs(source: str, tokenizer, seed: int) -> Iterator[tuple[list[
     """"builtin" (translation and definition pairs from the corpus) or a JSONL file."""
     pairs = builtin_instructions(seed) if source == "builtin" else list(read_instructions(source))
     return cycle(pairs, tokenizer.encode)
-
-
-def parameter_groups(model: GLMModel, weight_decay: float) -> list[dict]:
-    """Decay matrices only; biases, LayerNorms and the (tied) embedding are not decayed."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.dim() == 2 and "word_embeddings" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimizer(module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with FP32 states over `parameter_groups`. Under TP the parameters mix DTensors and
-    plain tensors (replicated LayerNorms), which the multi-tensor (foreach) kernels refuse: the
-    per-parameter loop is used then (it is also what CPU runs use by default)."""
-    from torch.distributed.tensor import DTensor
-
-    params = list(module.parameters())
-    mixed = any(isinstance(p, DTensor) for p in params) and not all(isinstance(p, DTensor) for p in params)
-    meshes = {p.device_mesh for p in params if isinstance(p, DTensor)}
-    foreach = False if mixed or len(meshes) > 1 else None
-    return torch.optim.AdamW(parameter_groups(module, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
-                             foreach=foreach)
 
 
 class BatchStream:

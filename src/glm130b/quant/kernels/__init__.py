@@ -129,8 +129,6 @@ def _cpu_call(ext, x, w, scales, group_size, bias, fmt, n_out) -> torch.Tensor:
 
 def _blocked_blas_linear(x: torch.Tensor, module, block_elems: int = 1 << 22) -> torch.Tensor:
     """Long prefills: dequantize ~16 MB of rows at a time (in C++ when built) and let BLAS multiply."""
-    from glm130b.quant.weights import dequantize_weight, unpack_int4
-
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     out = torch.empty(x2.shape[0], module.out_features, dtype=x.dtype, device=x.device)
@@ -144,10 +142,7 @@ def _blocked_blas_linear(x: torch.Tensor, module, block_elems: int = 1 << 22) ->
                                module.in_features, r0, r1, num_threads())
             w = w if x.dtype == torch.float32 else w.to(x.dtype)
         else:
-            q = module.qweight[r0:r1]
-            if module.bits == 4:
-                q = unpack_int4(q, module.in_features)
-            w = dequantize_weight(q, scales[r0:r1], module.group_size, x.dtype)
+            w = module.dequantized_weight(x.dtype, slice(r0, r1))
         b = None if module.bias is None else module.bias[r0:r1].to(x.dtype)
         out[:, r0:r1] = F.linear(x2, w, b)
     return out.view(*shape[:-1], module.out_features)
