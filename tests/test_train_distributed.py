@@ -26,7 +26,7 @@ from glm130b.config import GLMConfig
 from glm130b.data.objective import GLMSampleBuilder, ObjectiveConfig, collate
 from glm130b.model.glm import GLMModel
 from glm130b.tokenizer import default_tokenizer
-from glm130b.train import parallel as P
+from glm130b.train import parallel_plan as P
 from glm130b.train import trainer as trainer_module
 from glm130b.train.distributed import export_checkpoint
 from glm130b.train.metrics import read_jsonl
@@ -100,7 +100,7 @@ def test_parallel_training_matches_single_process(tmp_path, reference, dims):
     ref_records = read_jsonl(reference / "metrics.jsonl")[:3]
     assert [r["step"] for r in records] == [1, 2, 3]
     # Gradient norms after an Adam step: Adam turns float noise in near-zero gradients into
-    # lr-sized differences, so 1e-4 here (as in tests/test_parallel.py after a step).
+    # lr-sized differences, so 1e-4 here (as in tests/test_parallel_plan.py after a step).
     torch.testing.assert_close([r["grad_norm"] for r in records], [r["grad_norm"] for r in ref_records],
                                atol=1e-4, rtol=1e-4)
     assert [r["tokens"] for r in records] == [r["tokens"] for r in ref_records]

@@ -134,7 +134,7 @@ def _load_for_generation(args):
     tp = getattr(args, "tp", None) or 1
     if tp > 1:
         from glm130b.checkpoint import is_quantized_folder, load_model
-        from glm130b.infer.parallel import tensor_parallel_for_inference
+        from glm130b.infer.tensor_parallel import tensor_parallel_for_inference
 
         if is_quantized_folder(resolve_model_dir(args.model)):
             raise GLMError("--tp shards full-precision weights and quantizes each shard: give the unquantized "

@@ -1,7 +1,7 @@
 """The layer-layout table: every weight of a GLM layer, how tensor parallelism splits it, and
 whether weight-only quantization replaces it.
 
-The tensor-parallel plans (train/tensor_parallel.py, infer/tensor_parallel.py), the SAT
+The tensor-parallel plans (train/parallel_plan.py, infer/tensor_parallel.py), the SAT
 checkpoint merge and split (interop/sat.py), quantization (quant/weights.py) and the fused
 decode step (infer/fused.py) all read this table instead of listing the matrices themselves.
 

@@ -1,4 +1,4 @@
-"""Multi-process training: the trainer's side of `glm130b.train.parallel`.
+"""Multi-process training: the trainer's side of `glm130b.train.parallel_plan`.
 
 `glm130b train --tp T --pp P --dp D` under `torchrun` (or inside processes that already joined a
 process group, as the tests do) runs the same loop as the single-process trainer
@@ -6,7 +6,7 @@ process group, as the tests do) runs the same loop as the single-process trainer
 
 * `layout_from(cfg)` / `join_process_group`: the (pp, dp, tp) layout checked against the world
   size, the process group from torchrun's environment (gloo on CPU, nccl on CUDA) and the mesh.
-* `ParallelEngine`: the model parallelised with `parallel.py` (TP, FSDP2, pipeline stages), the
+* `ParallelTraining`: the model parallelised with `parallel_plan.py` (TP, FSDP2, pipeline stages), the
   forward/backward of one micro-batch on this rank's slice of the global batch (loss normalised by
   the global number of loss tokens), global-norm clipping, fp16 loss scaling over sharded
   gradients, distributed checkpoints (DCP + JSON state + per-rank RNG + manifest, atomically
@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from glm130b.config import ConfigError, GLMConfig
 from glm130b.io import SaveError
-from glm130b.train import parallel as P
+from glm130b.train import parallel_plan as P
 from glm130b.train.state import (
     MANIFEST,
     TrainCheckpointError,
@@ -241,7 +241,7 @@ class _NullLog:
         pass
 
 
-class ParallelEngine:
+class ParallelTraining:
     """The model, optimizer and collective steps of one rank of a (pp, dp, tp) run.
 
     `model` is the seeded, full single-process `GLMModel` (identical on every rank); it is

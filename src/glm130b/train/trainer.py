@@ -4,8 +4,8 @@ mixed precision, the loss-spike guard, checkpoints and exact resume.
 Each piece lives in its own module (precision.py, spike.py, state.py, metrics.py); this file
 only wires them together in the order a step happens. The loop is the same in one process and
 in a (pp, dp, tp) run under torchrun: what differs (the model's forward/backward, clipping,
-checkpoints, the final model folder) sits behind an engine, `SingleEngine` here or
-`distributed.ParallelEngine` (see docs/training.md).
+checkpoints, the final model folder) sits behind an engine, `SingleProcessTraining` here or
+`distributed.ParallelTraining` (see docs/training.md).
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ class BatchStream:
             self._thread.join(timeout=10)
 
 
-class SingleEngine:
+class SingleProcessTraining:
     """One process: the model, its optimizer and the single-process checkpoint format (state.py)."""
 
     is_main = True
@@ -323,11 +323,11 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg: GLMConfig, progress: bool, lo
     n_parameters = model.num_parameters()
     if parallel is None:
         device = training_device(cfg)
-        engine = SingleEngine(model, cfg, device)
+        engine = SingleProcessTraining(model, cfg, device)
         device_type = device.type
     else:
         layout, device = parallel
-        engine = distributed.ParallelEngine(
+        engine = distributed.ParallelTraining(
             model, layout, device, lambda module: make_optimizer(module, cfg),
             schedule=cfg.pipeline_schedule, microbatches=distributed.microbatches_of(cfg),
         )

@@ -1,4 +1,4 @@
-"""3D parallelism (glm130b.train.parallel) against a single-process run of the same seeded model.
+"""3D parallelism (glm130b.train.parallel_plan) against a single-process run of the same seeded model.
 
 Each test starts gloo processes on CPU with `torch.multiprocessing.spawn` and a `file://`
 rendezvous in tmp_path. Every rank rebuilds the seeded reference model, computes the
@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 from glm130b.config import GLMConfig
 from glm130b.model.glm import GLMModel, glm_loss
 from glm130b.model.masks import Block, position_ids
-from glm130b.train import parallel as P
+from glm130b.train import parallel_plan as P
 
 BATCH, LENGTH, VOCAB = 8, 16, 512
 TOL = {"atol": 1e-5, "rtol": 1e-5}

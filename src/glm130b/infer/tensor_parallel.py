@@ -1,4 +1,4 @@
-"""Tensor-parallel inference: the training plan (glm130b.train.parallel) applied to generation.
+"""Tensor-parallel inference: the training plan (glm130b.train.parallel_plan) applied to generation.
 
 Under `torchrun --nproc-per-node TP`, every process loads the model, keeps its 1/TP of every
 matrix (whole heads of QKV, its rows of the GeGLU halves, its vocabulary rows), and runs the same
@@ -31,7 +31,7 @@ def tensor_parallel_for_inference(model, tp: int, bits: int | None = None, group
         raise GLMError(f"--tp {tp} runs under torchrun with {tp} processes: "
                        f"torchrun --standalone --nproc-per-node {tp} -m glm130b ... --tp {tp} (WORLD_SIZE is {world})")
     from glm130b.train.distributed import join_process_group
-    from glm130b.train.parallel import apply_tensor_parallel, build_mesh, tp_split_problems
+    from glm130b.train.parallel_plan import apply_tensor_parallel, build_mesh, tp_split_problems
 
     problems = tp_split_problems(model.config, tp)
     if problems:  # before any collective: every rank says the same and leaves
