@@ -87,4 +87,14 @@ def test_step_positions_repeat_or_count():
     blocks = [Block(1, 0), Block(2, 0, continues=True)]
     assert step_positions(blocks, [5, 5], [3, 3], two_d=False).view(-1).tolist() == [1, 8]
     two = step_positions(blocks, [5, 7], [0, 2], two_d=True)
-    assert two.shape == (2, 2, 1) and two[:, 0, 0].tolist() == [1, 9] and two[:, 1, 0].tolist() == [1, 3]
+    assert two.shape == (2, 2, 1) and two[:, 0, 0].tolist() == [1, 2] and two[:, 1, 0].tolist() == [1, 3]
+
+
+def test_two_d_gmask_block_stays_at_the_blank():
+    """ChatGLM-6B / GLM-10B: with 2D positions every Part-B token sits at its blank, [gMASK]
+    included (only the block positions count); 1D (GLM-130B) [gMASK] counts on."""
+    gmask = Block(3, 3, continues=True)
+    assert position_ids(4, [gmask], two_d=True).tolist() == [[0, 1, 2, 3, 3, 3, 3], [0, 0, 0, 0, 1, 2, 3]]
+    assert position_ids(4, [gmask]).tolist() == [0, 1, 2, 3, 4, 5, 6]
+    step = step_positions([Block(3, 0, continues=True)], [4], [5], two_d=True)
+    assert step.view(-1).tolist() == [3, 6]

@@ -73,7 +73,7 @@ def check_sample(sample, seq_len: int, two_d: bool = False) -> list[int]:
         span = inputs[i + 1 : j + 1]
         assert targets[i : j + 1] == span + [IDS.eop]  # input <sop>+span, target span+<eop>
         first = pos[0, i].item()
-        if sample.mode in ("gmask", "instruction"):
+        if sample.mode in ("gmask", "instruction") and not two_d:  # 1D [gMASK]: counts on after the context
             assert first == ctx and pos[0, i : j + 1].tolist() == list(range(ctx, ctx + j + 1 - i))
             mask_position = ctx - 1
         else:

@@ -9,8 +9,10 @@ A GLM sequence is Part A (the context, with [MASK]/[sMASK]/[gMASK] blanks) follo
   (Several Part-B blocks see each other causally too, as in GLM's pretraining.)
 * 1D positions (GLM-130B): the context takes 0..P-1. A [MASK]/[sMASK] block takes the blank's
   position for every token; a [gMASK] block continues counting (P, P+1, ...).
-* 2D positions (GLM-10B / ChatGLM-6B): the first row follows the same rule as 1D; the second row
-  ("block positions") is 0 in the context and 1, 2, ... inside each Part-B block.
+* 2D positions (GLM-10B / ChatGLM-6B): the first row is the blank's position for every token of
+  every block, [gMASK] included (GLM's blocklm_utils gives part B the mask position; ChatGLM-6B
+  feeds `<sop>` and each generated token at the [gMASK] index); the second row ("block
+  positions") is 0 in the context and 1, 2, ... inside each Part-B block.
 
 The same rules, in the shapes each user needs (every caller builds its masks and positions here):
 training (`attention_allowed`, `position_ids`), a padded prefill of several contexts
@@ -32,7 +34,7 @@ class Block:
     """One Part-B block: `length` tokens (`<sop>` included) generating the blank at `mask_position`.
 
     `continues` is True for a [gMASK] block, whose 1D positions continue after the context
-    instead of repeating the blank's position.
+    instead of repeating the blank's position (with 2D positions it repeats it too).
     """
 
     mask_position: int
@@ -109,7 +111,8 @@ def step_positions(blocks: Sequence[Block], firsts: Sequence[int], steps: Sequen
                    device=None) -> torch.Tensor:
     """Position ids [B, 1] (1D) or [B, 2, 1] (2D) of the steps[b]-th token (0 = `<sop>`) of each
     row's block being generated; a continuing block counts from firsts[b]."""
-    pos = [f + s if b.continues else b.mask_position for b, f, s in zip(blocks, firsts, steps, strict=True)]
+    pos = [f + s if b.continues and not two_d else b.mask_position
+           for b, f, s in zip(blocks, firsts, steps, strict=True)]
     p = torch.tensor(pos, dtype=torch.long, device=device).view(-1, 1)
     if two_d:
         block_pos = torch.tensor([s + 1 for s in steps], dtype=torch.long, device=device).view(-1, 1)
@@ -129,7 +132,7 @@ def position_ids(context_length: int, blocks: Sequence[Block] = (), two_d: bool 
     for block in blocks:
         if not 0 <= block.mask_position < max(context_length, 1):
             raise ValueError(f"mask position {block.mask_position} outside the context of {context_length}")
-        if block.continues:
+        if block.continues and not two_d:
             start = context_length if independent else len(pos)
             pos.extend(range(start, start + block.length))
         else:
