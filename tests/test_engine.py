@@ -103,7 +103,7 @@ def test_several_blanks_reuse_one_cache_in_the_pretraining_layout(model, tokeniz
     ids = _ids(tokenizer, "A [MASK] of the [sMASK], and then [MASK] again.")
     where = [i for i, t in enumerate(ids) if t in (tokenizer.mask_id, tokenizer.smask_id)]
     cfg = GenerationConfig(max_new_tokens=6)
-    result = infill_ids(model, tokenizer, ids, config=cfg)
+    result = infill_ids(model, tokenizer, ids, config=cfg, reuse_cache=True)
     assert len(result.tokens) == 3
     # rebuild Part A + every block (<sop> + span) and check each token against the full forward
     seq, blocks = list(ids), []
@@ -122,10 +122,12 @@ def test_several_blanks_reuse_one_cache_in_the_pretraining_layout(model, tokeniz
     assert "[MASK]" not in result.text and result.text.endswith(" again.")
 
 
-def test_reencode_mode_fills_blanks_one_after_another(model1d, tokenizer):
+def test_default_mode_fills_blanks_one_after_another(model1d, tokenizer):
+    """GLM-130B's rules: <eos> appended (the text does not end in a blank), each blank generated
+    on the sequence with the earlier answers spliced in."""
     text = "A [MASK] B [MASK] C"
-    result = infill(model1d, tokenizer, text, 5, reuse_cache=False)
-    ids = _ids(tokenizer, text)
+    result = infill(model1d, tokenizer, text, 5)
+    ids = _ids(tokenizer, text) + [tokenizer.eos_id]
     first = ids.index(tokenizer.mask_id)
     span1 = generate_block(model1d, ids, Block(first, 0), tokenizer.sop_id, {tokenizer.eop_id, tokenizer.eos_id}, 5)
     assert result.tokens[0] == span1

@@ -124,7 +124,7 @@ def test_batcher_equals_single_requests(rotary, tokenizer):
         blanks = [Block(i, 0, continues=t == tokenizer.gmask_id) for i, t in enumerate(ids)
                   if t in (tokenizer.mask_id, tokenizer.gmask_id)]
         specs.append((ids, blanks, GenerationConfig(max_new_tokens=6)))
-        expect.append(infill(model, tokenizer, text, config=GenerationConfig(max_new_tokens=6)).spans)
+        expect.append(infill(model, tokenizer, text, config=GenerationConfig(max_new_tokens=6), reuse_cache=True).spans)
         got = _run_jobs(batcher, specs)
         texts = [[tokenizer.decode(g.get(k, [])) for k in range(len(e))] for g, e in zip(got, expect, strict=True)]
         assert texts == expect
@@ -198,6 +198,11 @@ def test_infill_endpoint(live, model, tokenizer):
     for ev in events[:-1]:
         spans[ev["span"]] += ev["text"]
     assert spans == want.spans and events[-1]["text"] == want.text
+    # the one-cache layout on request, equal to the library's
+    fast = infill(model, tokenizer, text, config=GenerationConfig(max_new_tokens=5), reuse_cache=True)
+    r = httpx.post(f"{base}/v1/infill", json={"text": text, "max_tokens": 5, "reuse_cache": True}, headers=AUTH,
+                   timeout=60)
+    assert r.status_code == 200 and r.json()["text"] == fast.text
     r = httpx.post(f"{base}/v1/infill", json={"text": "no blank here"}, headers=AUTH)
     assert r.status_code == 400 and "blank" in r.json()["error"]["message"]
 

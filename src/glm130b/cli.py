@@ -181,7 +181,7 @@ def cmd_infill(args) -> int:
     from glm130b.infer.generate import infill
 
     model, tokenizer, config = _load_for_generation(args)
-    result = infill(model, tokenizer, args.text, config=config, reuse_cache=not args.reencode)
+    result = infill(model, tokenizer, args.text, config=config, reuse_cache=args.reuse_cache)
     if args.json:
         _out(json.dumps({"text": result.text, "spans": result.spans}, ensure_ascii=False, indent=2))
     else:
@@ -369,9 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder (default: the shipped model)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print the filled text and spans as JSON")
-    p.add_argument("--reencode", action="store_true",
-                   help="re-encode the text with the earlier blanks filled before each blank (GLM-130B's "
-                        "generate.py) instead of generating every blank in one KV cache")
+    p.add_argument("--reuse-cache", action="store_true",
+                   help="fill every blank in one KV cache (faster; every kind of blank; not the official "
+                        "layout) instead of GLM-130B's generate.py rules (one kind of blank, each re-encoded "
+                        "with the earlier answers spliced in)")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel processes (run under torchrun --nproc-per-node TP)")
     _add_sampling_flags(p)

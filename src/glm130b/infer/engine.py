@@ -190,6 +190,7 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     done: bool = False
     text_end: int | None = None  # where a stop string cut the text, in characters
+    score: float | None = None  # beam search: the hypothesis's length-penalised log-probability
 
 
 class Batch:
@@ -368,61 +369,115 @@ def length_penalty(length: int, alpha: float) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
+BANNED = -65504.0  # GLM-130B's beam search sets banned logits to FP16's lowest, before log_softmax
+
+
 def beam_search(engine: Engine, row: Row, cfg: GenerationConfig, sop_id: int, stop_ids: set[int],
                 decode=None, pad_id: int = 0, first_position: int | None = None,
                 vocab_limit: int | None = None) -> Row:
-    """Beam search for one row; returns the best finished hypothesis (a new Row)."""
+    """The best hypothesis of `beam_hypotheses` (a new Row, end token excluded)."""
+    return beam_hypotheses(engine, row, cfg, sop_id, stop_ids, decode, pad_id, first_position, vocab_limit)[0]
+
+
+def beam_hypotheses(engine: Engine, row: Row, cfg: GenerationConfig, sop_id: int, stop_ids: set[int],
+                    decode=None, pad_id: int = 0, first_position: int | None = None,
+                    vocab_limit: int | None = None) -> list[Row]:
+    """Beam search for one row as GLM-130B's `BeamSearchStrategy(deterministic=True,
+    consider_end=True)` does it; returns the finished hypotheses, best first (Rows with
+    `score` set to the penalised score, end token excluded).
+
+    * Each step takes the top `(max(1, #end ids) + 1) * num_beams` candidates of the FP32
+      softmax over all beams' summed log-probabilities (the first step from one beam), sorted by
+      score; an end id (`<eop>`, `<eos>`) finishes its hypothesis, the first `num_beams` others
+      continue, and the first other candidate past them ends the step.
+    * A finished hypothesis scores sum(log p) / ((5 + len) / 6) ** length_penalty, where len is
+      the WHOLE sequence: context, `<sop>`, the generated tokens and the end id. The best
+      `num_beams` are kept.
+    * Search ends when `num_beams` hypotheses are finished and the worst beats the best running
+      score at the next length, or after max_new_tokens steps (the running beams then count as
+      finished, without an end id).
+    * No-repeat n-grams (n >= 2) are banned by setting the logit to -65504 before log_softmax,
+      from n-grams whose last token was generated (the prefix may reach into the context); n = 1
+      bans every generated token. min_new_tokens bans the end ids the same way.
+    Extension: a stop string in the text also finishes a hypothesis (its text is cut there).
+    """
     nb = cfg.num_beams
-    beams = [replace(row, tokens=[], done=False) for _ in range(nb)]
-    first = [first_position if first_position is not None else len(row.context)] * nb
-    batch = Batch(engine, beams, cfg.max_new_tokens, pad_id, first)
-    scores = torch.zeros(nb, dtype=torch.float64)
-    scores[1:] = -math.inf  # all beams start identical: expand only the first
-    finished: list[tuple[float, list[int], int | None]] = []
+    ends = sorted(stop_ids)
+    n = cfg.no_repeat_ngram_size
+    start = [first_position if first_position is not None else len(row.context)] * nb
+    batch = Batch(engine, [replace(row, tokens=[], done=False) for _ in range(nb)], cfg.max_new_tokens, pad_id, start)
+    prefix = list(row.context) + [sop_id]  # the official beam holds the whole sequence
+    seqs = [prefix]  # live hypotheses (one before the first step)
+    bans: list[dict] = [{}]
+    scores = torch.zeros(1)
+    finished: list[tuple[float, list[int], int | None]] = []  # (penalised score, sequence, text end)
+    done = False
+
+    def finish(score: float, seq: list[int], text_end: int | None = None) -> None:
+        finished.append((score / length_penalty(len(seq), cfg.length_penalty), seq, text_end))
+        finished.sort(key=lambda f: -f[0])  # stable: an equal score goes after the earlier ones
+        del finished[nb:]
+
     tokens = torch.full((nb,), sop_id, dtype=torch.long, device=engine.device)
     for step in range(cfg.max_new_tokens):
-        logits = batch.feed(tokens)
-        process_logits(logits, beams, cfg, stop_ids, vocab_limit)
-        logp = torch.log_softmax(logits.double().cpu(), dim=-1) + scores.view(-1, 1)
-        vocab = logp.shape[1]
-        top = torch.topk(logp.view(-1), min(2 * nb, logp.numel()))
-        new_beams, new_scores, source = [], [], []
-        for score, flat in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-            if score == -math.inf:
-                break
-            b, t = divmod(flat, vocab)
-            parent = beams[b]
+        logits = batch.feed(tokens)[: len(seqs)].float().cpu()
+        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+            logits[:, vocab_limit:] = BANNED
+        if step < cfg.min_new_tokens:
+            logits[:, ends] = BANNED
+        if n > 0 and len(seqs[0]) > n:
+            for i, seq in enumerate(seqs):
+                banned = bans[i].get(tuple(seq[len(seq) - n + 1:]) if n > 1 else (), ())
+                if banned:
+                    logits[i, list(banned)] = BANNED
+        flat = (torch.log_softmax(logits, dim=-1) + scores.view(-1, 1)).view(-1)
+        vocab = logits.shape[-1]
+        k = min((max(1, len(ends)) + 1) * nb, flat.numel())
+        picked = torch.topk(torch.softmax(flat, dim=-1), k).indices
+        cand_scores, order = torch.sort(flat[picked], descending=True)
+        live, live_scores, live_bans, source = [], [], [], []
+        for score, index in zip(cand_scores.tolist(), picked[order].tolist(), strict=True):
+            b, t = divmod(index, vocab)
+            seq = seqs[b] + [t]
             if t in stop_ids:
-                finished.append((score / length_penalty(len(parent.tokens), cfg.length_penalty),
-                                 list(parent.tokens), None))
+                finish(score, seq)
                 continue
-            cand = Row(parent.context, parent.block, parent.tokens + [t])
-            _check_stop_strings(cand, cfg, decode)
-            if cand.done:
-                finished.append((score / length_penalty(len(cand.tokens), cfg.length_penalty), cand.tokens,
-                                 cand.text_end))
-                continue
-            new_beams.append(cand)
-            new_scores.append(score)
-            source.append(b)
-            if len(new_beams) == nb:
+            if len(live) == nb:
                 break
-        if len(finished) >= nb or not new_beams:
-            beams, scores = [], torch.zeros(0, dtype=torch.float64)
+            text_end = None
+            if cfg.stop_strings and decode is not None:
+                text_end = stop_cut(decode(seq[len(prefix):]), cfg.stop_strings)
+            if text_end is not None:
+                finish(score, seq, text_end)
+                continue
+            if n > 0:
+                grown = dict(bans[b])
+                key = tuple(seqs[b][len(seqs[b]) - n + 1:]) if n > 1 else ()
+                grown[key] = grown.get(key, ()) + (t,)
+                live_bans.append(grown)
+            live.append(seq)
+            live_scores.append(score)
+            source.append(b)
+        if not live:
+            done = True
             break
-        while len(new_beams) < nb:  # fewer live candidates than beams: pad with dead copies
-            new_beams.append(new_beams[0])
-            new_scores.append(-math.inf)
-            source.append(source[0])
-        beams = new_beams
-        scores = torch.tensor(new_scores, dtype=torch.float64)
+        seqs, bans, scores = live, live_bans or [{}] * len(live), torch.tensor(live_scores)
+        if len(finished) == nb and finished[-1][0] >= max(live_scores) / length_penalty(len(seqs[0]),
+                                                                                      cfg.length_penalty):
+            done = True
+            break
         if step == cfg.max_new_tokens - 1:
             break
-        batch.reorder(torch.tensor(source, device=engine.device))
-        batch.rows = beams
-        tokens = torch.tensor([b.tokens[-1] for b in beams], dtype=torch.long, device=engine.device)
-    for b, s in zip(beams, scores.tolist(), strict=True):  # out of length: live beams count as finished
-        if s > -math.inf:
-            finished.append((s / length_penalty(len(b.tokens), cfg.length_penalty), b.tokens, None))
-    best = max(finished, key=lambda f: f[0])
-    return Row(row.context, row.block, list(best[1]), True, best[2])
+        batch.reorder(torch.tensor(source + [source[0]] * (nb - len(source)), device=engine.device))
+        tokens = torch.tensor([seq[-1] for seq in seqs] + [pad_id] * (nb - len(seqs)), dtype=torch.long,
+                              device=engine.device)
+    if not done:  # out of length: the running beams count as finished
+        for seq, score in zip(seqs, scores.tolist(), strict=True):
+            finish(score, seq)
+    out = []
+    for score, seq, text_end in finished:
+        tokens = seq[len(prefix):]
+        if tokens and tokens[-1] in stop_ids:
+            tokens = tokens[:-1]
+        out.append(Row(row.context, row.block, tokens, True, text_end, score))
+    return out

@@ -2,11 +2,13 @@
 
 * `generate`: continue a prompt -- a [gMASK] is appended (GLM-130B's convention) and its block
   generated; `generate_batch` does many prompts of different lengths in one batch.
-* `infill` / `infill_ids`: fill every [MASK] / [sMASK] / [gMASK] left to right. By default the
-  prompt is encoded once and the blanks' blocks follow each other in the same KV cache, each
-  seeing the context and the earlier blocks (GLM's multi-span pretraining layout);
-  `reuse_cache=False` re-encodes the prompt with the earlier blanks filled in before each blank
-  (what GLM-130B's generate.py does). Beam search always re-encodes.
+* `infill` / `infill_ids`: fill the blanks left to right by GLM-130B's generate.py rules
+  (`fill_blanks`: one kind of blank, `<eos>` before `<sop>`, the sequence re-encoded with each
+  answer spliced in; tested token for token against the official code). `reuse_cache=True`
+  instead encodes the prompt once and lets the blanks' blocks follow each other in the same KV
+  cache, each seeing the context and the earlier blocks (GLM's multi-span pretraining layout;
+  faster, and every kind of blank is filled, but not the official layout). Beam search always
+  re-encodes.
 * `generate_block`: one Part-B block for a blank, the primitive the evaluation code uses.
 
 Every function takes a GenerationConfig (greedy by default): sampling, beam search, lengths,
@@ -50,6 +52,7 @@ class InfillResult:
     text: str
     spans: list[str] = field(default_factory=list)
     tokens: list[list[int]] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)  # the filled sequence (fill_blanks)
 
 
 def _config(config: GenerationConfig | None, max_new_tokens: int | None, default: int = 64) -> GenerationConfig:
@@ -216,28 +219,68 @@ def generate_batch(model: GLMModel, tokenizer, prompts: Sequence[str], config: G
 
 # --------------------------------------------------------------------------------------------
 def infill_ids(model: GLMModel, tokenizer, ids: list[int], max_new_tokens: int | None = None,
-               config: GenerationConfig | None = None, reuse_cache: bool = True) -> InfillResult:
-    """Fill every blank of `ids` left to right (see the module docstring for the two layouts)."""
+               config: GenerationConfig | None = None, reuse_cache: bool = False,
+               out_seq_length: int | None = None) -> InfillResult:
+    """Fill the blanks of `ids` (see the module docstring): GLM-130B's `fill_blanks` rules by
+    default, or every blank in one KV cache with `reuse_cache` (faster; not the official layout).
+
+    `out_seq_length` is generate.py's total length budget: blank k may generate
+    `out_seq_length - len(sequence so far) - 1` tokens; without it each blank may generate
+    `max_new_tokens` (and what the model's context leaves)."""
     cfg = _config(config, max_new_tokens)
     blanks = blank_ids(tokenizer)
     where = [i for i, t in enumerate(ids) if t in blanks]
-    if not where:
+    if not where:  # (fill_blanks itself would append a [gMASK]: `generate` does that)
         raise PromptError("the text has no [MASK], [sMASK] or [gMASK] blank to fill")
     if reuse_cache and cfg.strategy != "beam":
         return _infill_one_cache(model, tokenizer, list(ids), where, cfg)
+    return fill_blanks(model, tokenizer, list(ids), cfg, out_seq_length)
+
+
+def fill_blanks(model: GLMModel, tokenizer, ids: list[int], cfg: GenerationConfig,
+                out_seq_length: int | None = None) -> InfillResult:
+    """GLM-130B's generate.py `fill_blanks`, on token ids:
+
+    * One kind of blank is filled: [MASK] if there is one, else [sMASK], else [gMASK]; blanks of
+      the other kinds stay in the text as plain tokens. Without any blank, [gMASK] is appended.
+    * If the sequence does not end in a blank, `<eos>` is appended before `<sop>`.
+    * Blanks are filled left to right, one at a time: the sequence with the earlier answers
+      spliced in is encoded again for each blank (its context bidirectional, `<sop>` and the
+      answer causal). [MASK]/[sMASK] answers sit at their blank's position; [gMASK] answers (and
+      only when neither [MASK] nor [sMASK] is present) continue counting after the context.
+    * An answer ends at `<eop>`/`<eos>` (not kept) or at its length budget; the final text drops
+      one trailing `<eos>`.
+    Where the official code crashes (a budget of 0 or less), this raises PromptError; an answer
+    holding `<sop>` is spliced in like any other (the official code then fills the wrong place).
+    """
+    kinds = (tokenizer.mask_id, tokenizer.smask_id, tokenizer.gmask_id)
+    kind = next((k for k in kinds if k in ids), tokenizer.gmask_id)
+    seq = list(ids)
+    if not any(t in kinds for t in seq):
+        seq.append(tokenizer.gmask_id)
+    if seq[-1] not in kinds:
+        seq.append(tokenizer.eos_id)
     result = InfillResult(text="")
-    ids = list(ids)
-    while True:
-        pos = next((i for i, t in enumerate(ids) if t in blanks), None)
-        if pos is None:
-            break
-        block = Block(pos, 0, continues=ids[pos] == tokenizer.gmask_id)
-        span, tokens = _generate_one(model, tokenizer, ids, block, cfg)
+    while kind in seq:
+        pos = seq.index(kind)
+        budget = _room(model, len(seq))
+        if out_seq_length is not None:
+            budget = min(budget, out_seq_length - len(seq) - 1)
+            if budget < 1:
+                raise PromptError(f"the sequence is {len(seq)} tokens: an out_seq_length of {out_seq_length} "
+                                  "leaves nothing to generate")
+        block_cfg = replace(cfg, max_new_tokens=min(cfg.max_new_tokens, budget) if out_seq_length is None else budget,
+                            min_new_tokens=min(cfg.min_new_tokens, budget))
+        span, tokens = _generate_one(model, tokenizer, seq, Block(pos, 0, continues=kind == tokenizer.gmask_id),
+                                     block_cfg)
         result.tokens.append(tokens)
         result.spans.append(span)
         filled = tokens if span == tokenizer.decode(tokens) else tokenizer.encode(span)  # cut by a stop string
-        ids = ids[:pos] + filled + ids[pos + 1 :]
-    result.text = tokenizer.decode(ids)
+        seq = seq[:pos] + filled + seq[pos + 1 :]
+    if seq and seq[-1] == tokenizer.eos_id:
+        seq = seq[:-1]
+    result.text = tokenizer.decode(seq)
+    result.ids = seq
     return result
 
 
@@ -278,5 +321,5 @@ def _infill_one_cache(model, tokenizer, ids: list[int], where: list[int], cfg: G
 
 
 def infill(model: GLMModel, tokenizer, text: str, max_new_tokens: int | None = None,
-           config: GenerationConfig | None = None, reuse_cache: bool = True) -> InfillResult:
+           config: GenerationConfig | None = None, reuse_cache: bool = False) -> InfillResult:
     return infill_ids(model, tokenizer, tokenizer.encode(text), max_new_tokens, config, reuse_cache)

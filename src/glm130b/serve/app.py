@@ -17,6 +17,7 @@ jobs. Decisions and limits: docs/serving.md.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import time
@@ -346,35 +347,76 @@ class Server:
 
     # -- /v1/infill ------------------------------------------------------------------------------
     async def infill(self, req: InfillRequest, request: Request):
+        """GLM-130B's fill_blanks rules (glm130b.infer.generate.fill_blanks): one kind of blank, `<eos>`
+        before `<sop>`, each blank a job of its own on the text with the earlier answers spliced in;
+        `reuse_cache`: every blank in one job, one KV cache (the faster layout)."""
         self.check_model(req.model)
         tok, blanks = self.tokenizer, blank_ids(self.tokenizer)
         ids = tok.encode(req.text)
-        where = [i for i, t in enumerate(ids) if t in blanks]
-        if not where:
+        if not any(t in blanks for t in ids):
             raise APIError(400, "the text has no [MASK], [sMASK] or [gMASK] blank to fill", param="text")
-        max_tokens = self.check_room(len(ids), req.max_tokens, what="text")
+        if req.reuse_cache:
+            kind, seq = None, list(ids)
+            where = [i for i, t in enumerate(ids) if t in blanks]
+        else:
+            kind = next(k for k in blanks if k in ids)  # [MASK] > [sMASK] > [gMASK]
+            seq = ids + ([] if ids[-1] in blanks else [tok.eos_id])
+            where = [i for i, t in enumerate(seq) if t == kind]
+        max_tokens = self.check_room(len(seq), req.max_tokens, what="text")
         self.metrics.prompt_tokens.inc(len(ids))
-        block_list = [Block(w, 0, continues=ids[w] == tok.gmask_id) for w in where]
-        jobs, queue = self.run(lambda emitter: [Job(ids, block_list, self.config(req, max_tokens, 0), emitter(0),
-                                                    stream=req.stream)])
         choice = _Choice(0)
         rid, created = f"infill-{uuid.uuid4().hex}", int(time.time())
+        filled: list[list[int]] = [seq]  # the official mode's sequence, answers spliced in as they end
+
+        async def blank_events(stream: bool) -> AsyncIterator[Event]:
+            if kind is None:
+                blocks = [Block(w, 0, continues=seq[w] == tok.gmask_id) for w in where]
+                jobs, queue = self.run(lambda emitter: [Job(seq, blocks, self.config(req, max_tokens, 0), emitter(0),
+                                                            stream=stream)])
+                async for _i, ev in self.events(request, jobs, queue, stream=stream):
+                    yield ev
+                return
+            for k in range(len(where)):
+                current = filled[0]
+                pos = current.index(kind)
+                budget = min(max_tokens, self.max_len - 1 - len(current))
+                if budget < 1:
+                    raise APIError(400, f"the text with {k} blanks filled is {len(current)} tokens: no room is left "
+                                        f"in the model's context of {self.max_len}", param="text",
+                                   code="context_length_exceeded")
+                block = [Block(pos, 0, continues=kind == tok.gmask_id)]
+                jobs, queue = self.run(lambda emitter, c=current, b=block, n=budget: [
+                    Job(c, b, self.config(req, n, 0), emitter(0), stream=stream)])
+                async for _i, ev in self.events(request, jobs, queue, stream=stream):
+                    ev = dataclasses.replace(ev, block=k)
+                    if ev.kind == "done" and k + 1 < len(where):
+                        continue  # the next blank's job follows
+                    yield ev
+                    if ev.kind == "block_end":  # (the consumer has taken the event into `choice`)
+                        span = choice.span_text(tok, k)
+                        answer = choice.spans[k] if span == tok.decode(choice.spans[k]) else tok.encode(span)
+                        filled[0] = current[:pos] + answer + current[pos + 1 :]
 
         def result() -> Infill:
-            pieces, last = [], 0
-            for k, pos in enumerate(where):
-                pieces += [tok.decode(ids[last:pos]), choice.span_text(tok, k)]
-                last = pos + 1
-            pieces.append(tok.decode(ids[last:]))
+            if kind is None:
+                pieces, last = [], 0
+                for k, pos in enumerate(where):
+                    pieces += [tok.decode(ids[last:pos]), choice.span_text(tok, k)]
+                    last = pos + 1
+                pieces.append(tok.decode(ids[last:]))
+                text = "".join(pieces)
+            else:
+                final = filled[0][:-1] if filled[0] and filled[0][-1] == tok.eos_id else filled[0]
+                text = tok.decode(final)
             spans = [InfillSpan(index=k, text=choice.span_text(tok, k),
                                 finish_reason=_finish(choice.reasons[k] if k < len(choice.reasons) else None))
                      for k in range(len(where))]
             gen = choice.tokens()
-            return Infill(id=rid, created=created, model=self.model_name, text="".join(pieces), spans=spans,
+            return Infill(id=rid, created=created, model=self.model_name, text=text, spans=spans,
                           usage=Usage(prompt_tokens=len(ids), completion_tokens=gen, total_tokens=len(ids) + gen))
 
         if not req.stream:
-            async for _i, ev in self.events(request, jobs, queue, stream=False):
+            async for ev in blank_events(stream=False):
                 choice.on(ev)
             return result()
 
@@ -385,7 +427,7 @@ class Server:
         async def stream_body() -> AsyncIterator[str]:
             pieces: list[str] = []
             streams: dict[int, TextStream] = {}
-            async for _i, ev in self.events(request, jobs, queue, stream=True):
+            async for ev in blank_events(stream=True):
                 choice.on(ev)
                 if ev.kind == "token":
                     s = streams.setdefault(ev.block, TextStream(tok, pieces.append, req.stop_strings()))

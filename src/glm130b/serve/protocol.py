@@ -75,11 +75,14 @@ class CompletionRequest(_Sampling):
 
 
 class InfillRequest(_Sampling):
-    """POST /v1/infill: fill every [MASK] / [sMASK] / [gMASK] of `text`, left to right."""
+    """POST /v1/infill: fill the blanks of `text` left to right, by GLM-130B's generate.py rules
+    (one kind of blank: [MASK] > [sMASK] > [gMASK]; each re-encoded with the earlier answers), or
+    with `reuse_cache` every blank of every kind in one KV cache."""
 
     text: Annotated[str, Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = 32  # per blank; null: up to the end of the context
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0  # greedy unless asked: blanks want the likeliest
+    reuse_cache: bool = False
 
 
 class CompletionChoice(BaseModel):
