@@ -39,7 +39,7 @@ def test_malformed_line_names_the_line(tmp_path, name):
     path = _write(tmp_path / name, [json.dumps(RECORDS[0]), json.dumps(RECORDS[1]), '{"id": "c", "text": '])
     it = read_jsonl(path)
     assert next(it) == RECORDS[0]
-    with pytest.raises(CorpusError, match=rf"{name}:3: malformed JSON"):
+    with pytest.raises(CorpusError, match=rf"{name}:3: not valid JSON"):
         list(it)
 
 

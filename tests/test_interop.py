@@ -40,7 +40,8 @@ def model_of(folder) -> GLMModel:
 
 def random_model(seed=0, **overrides) -> GLMModel:
     torch.manual_seed(seed)
-    cfg = GLMConfig.from_preset("tiny", **{"num_heads": 8, "max_seq_len": 64, **overrides})
+    # FP16 rotary angles: what a checkpoint converted from SAT shards or a ChatGLM folder gets
+    cfg = GLMConfig.from_preset("tiny", **{"num_heads": 8, "max_seq_len": 64, "rotary_precision": "fp16", **overrides})
     model = GLMModel(cfg).eval()
     with torch.no_grad():  # every parameter matters (LayerNorm biases included)
         for p in model.parameters():
@@ -85,7 +86,8 @@ def test_official_shards_convert_to_the_official_logits(tmp_path):
     ids, pos = ref["gmask.input_ids"], ref["gmask.position_ids"]
     with torch.no_grad():
         out = model(ids, pos, context_lengths=torch.tensor([layout["prefix_length_P"]]))
-    assert (out - ref["gmask.logits"]).abs().max() < 1e-4
+    assert model.config.rotary_precision == "fp16"  # the official angles, by default
+    assert (out - ref["gmask.logits_fp16rope"]).abs().max() < 1e-4
     # our writer produces exactly those shards
     write_sat(tmp_path / "ours_sat", official, tp=2)
     for mine, theirs in zip(sat_shard_files(tmp_path / "ours_sat"), sat_shard_files(tmp_path / "sat"), strict=True):

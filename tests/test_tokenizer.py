@@ -252,7 +252,8 @@ def test_sentencepiece_chatglm6b_convention(sp_models):
     assert sp.piece_to_id("<n>") in ids and sp.piece_to_id("<|blank_2|>") in ids
     assert t.decode(ids) == text
     ids = t.encode("the [gMASK] earth<sop>")
-    assert ids.count(t.gmask_id) == 1 and ids[-1] == t.sop_id
+    assert ids.count(t.gmask_id) == 1 and t.sop_id not in ids  # a typed "<sop>" stays text
+    assert t.encode("the [gMASK] earth<sop>", special_tokens=True)[-1] == t.sop_id
 
 
 def test_sentencepiece_errors(sp_models, tmp_path, monkeypatch):
@@ -270,3 +271,35 @@ def test_sentencepiece_errors(sp_models, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "sentencepiece", None)  # as if it were not installed
     with pytest.raises(TokenizerError, match="install sentencepiece"):
         GLMTokenizer.from_sentencepiece(icetk_file)
+
+
+def test_typed_special_strings_stay_text_except_blanks():
+    """As GLM-130B's generate.py: only [MASK]/[sMASK]/[gMASK] in a text are special; a user who
+    types "<eos>" or "<sop>" gets those characters, not control tokens."""
+    t = default_tokenizer()
+    text = "a <eos> b <sop> c [MASK] d [sMASK] e [gMASK]"
+    ids = t.encode(text)
+    assert [i for i in ids if i < 8] == [t.mask_id, t.smask_id, t.gmask_id]
+    assert t.decode(ids) == text
+    assert t.eos_id in t.encode(text, special_tokens=True)
+    assert t.encode_batch([text, "x"]) == [ids, t.encode("x")]
+
+
+def test_icetk_newlines_and_chatglm_v1_offsets(sp_models, tmp_path):
+    """icetk (GLM-130B): a newline is the "<n>" piece both ways. ChatGLM-6B v1.0 (150,528 ids):
+    num_image_tokens shifts every id by 20000."""
+    spm, icetk_file, chatglm_file = sp_models
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(doc.text for doc in itertools.islice(iter_documents(("en_kjv",)), 10)))
+    spm.SentencePieceTrainer.train(input=str(corpus), vocab_size=400, model_type="bpe", minloglevel=2,
+                                   model_prefix=str(tmp_path / "ice"), user_defined_symbols=["<n>"])
+    ice = GLMTokenizer.from_sentencepiece(tmp_path / "ice.model", convention="glm-130b")
+    ids = ice.encode("In the beginning\nGod")
+    assert ice.token_to_id("<n>") in ids and ice.decode(ids) == "In the beginning\nGod"
+    plain = GLMTokenizer.from_sentencepiece(icetk_file, convention="glm-130b")  # no "<n>" piece: as before
+    assert plain.encode("a\nb") == [20000 + i for i in spm.SentencePieceProcessor(model_file=str(icetk_file)).encode("a\nb")]
+    v1 = GLMTokenizer.from_sentencepiece(chatglm_file, convention="chatglm-6b", num_image_tokens=20000)
+    v11 = GLMTokenizer.from_sentencepiece(chatglm_file, convention="chatglm-6b")
+    text = "the [gMASK] earth\nand"
+    assert v1.encode(text) == [i + 20000 for i in v11.encode(text)]
+    assert v1.mask_id == v11.mask_id + 20000 and v1.decode(v1.encode(text)) == v11.decode(v11.encode(text))

@@ -31,6 +31,9 @@ class GLMConfig:
     max_seq_len: int = 512
     rotary: str = "1d"  # "1d" (GLM-130B) or "2d" (GLM-10B / ChatGLM-6B block positions)
     rotary_base: float = 10000.0
+    # "fp32": exact angles. "fp16": the angles as the official GLM-130B (SAT) and ChatGLM-6B code
+    # computes them, fp16(position) * fp16(inv_freq) and cos/sin in FP16 (0.24 rad off at 512).
+    rotary_precision: str = "fp32"
     layernorm_eps: float = 1e-5
     norm: str = "deepnorm"  # "deepnorm" (GLM-130B), "postln" or "preln" (for stability studies)
     emb_grad_shrink: float = 0.1  # Embedding Gradient Shrink alpha; 1.0 disables it
@@ -66,6 +69,8 @@ class GLMConfig:
         need(self.head_dim % 2 == 0, "head_dim must be even for rotary embeddings")
         need(self.rotary in ("1d", "2d"), f"rotary must be '1d' or '2d', got {self.rotary!r}")
         need(self.rotary != "2d" or self.head_dim % 4 == 0, "2d rotary needs head_dim divisible by 4")
+        need(self.rotary_precision in ("fp32", "fp16"),
+             f"rotary_precision must be 'fp32' or 'fp16', got {self.rotary_precision!r}")
         need(self.ffn_type in ("geglu", "gelu"), f"ffn_type must be 'geglu' or 'gelu', got {self.ffn_type!r}")
         need(self.gelu_approximate in ("none", "tanh"), "gelu_approximate must be 'none' or 'tanh'")
         need(self.norm in ("deepnorm", "postln", "preln"), f"norm must be deepnorm/postln/preln, got {self.norm!r}")
@@ -112,12 +117,13 @@ PRESETS: dict[str, GLMConfig] = {
     # The official GLM-130B: 70 layers, 96 heads of 128, GeGLU inner 32768, icetk vocabulary.
     "glm-130b": GLMConfig(
         name="glm-130b", vocab_size=150528, hidden_size=12288, num_layers=70, num_heads=96,
-        ffn_hidden_size=32768, ffn_type="geglu", max_seq_len=2048, rotary="1d",
+        ffn_hidden_size=32768, ffn_type="geglu", max_seq_len=2048, rotary="1d", rotary_precision="fp16",
     ),
     # ChatGLM-6B: GELU (tanh) FFN of 4H, 2D rotary (positions + block positions).
     "chatglm-6b": GLMConfig(
         name="chatglm-6b", vocab_size=130528, hidden_size=4096, num_layers=28, num_heads=32,
         ffn_hidden_size=16384, ffn_type="gelu", gelu_approximate="tanh", max_seq_len=2048, rotary="2d",
+        rotary_precision="fp16",
     ),
     # The model this project trains and ships (about 27M parameters).
     "small": GLMConfig(

@@ -8,8 +8,10 @@ Our own tokenizer is a byte-level BPE built on Hugging Face `tokenizers`:
   `decode(encode(s)) == s` holds for ANY Unicode string.
 - There is no normalizer (no NFKC, no lower-casing, no whitespace stripping): the round trip is exact.
 - The eight special tokens sit at ids 0..7, in the order of SPECIAL_TOKENS, and are stored in the
-  tokenizer file. They are "added tokens" matched on the raw text, so the literal text "[MASK]"
-  in a prompt encodes to mask_id, as GLM's blank-filling prompts expect.
+  tokenizer file. Of their strings typed in a text, only the blanks ("[MASK]", "[sMASK]",
+  "[gMASK]") become their ids, as GLM-130B's generate.py splits only on them; "<eos>", "<sop>"
+  and the others stay text (a user cannot end or open a block by typing them) unless
+  `encode(text, special_tokens=True)` asks for all eight.
 
 `GLMTokenizer.from_sentencepiece` wraps the official SentencePiece file (`ice_text.model`) of
 GLM-130B (icetk) or ChatGLM-6B behind the same interface; see SentencePieceTokenizer for the
@@ -31,6 +33,8 @@ from glm130b.errors import GLMError, first_line
 from glm130b.io import atomic_write_text
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<eos>", "<sop>", "<eop>", "[MASK]", "[gMASK]", "[sMASK]"]
+BLANK_TOKENS = ("[MASK]", "[sMASK]", "[gMASK]")  # the specials a user's text may contain
+_BLANK_RE = re.compile("(" + "|".join(re.escape(t) for t in BLANK_TOKENS) + ")")
 _SPECIAL_ATTRS = ["pad_id", "unk_id", "eos_id", "sop_id", "eop_id", "mask_id", "gmask_id", "smask_id"]
 TOKENIZER_FILE = "tokenizer.json"
 SENTENCEPIECE_FILE = "tokenizer.model"  # an official ice_text.model, copied into a model folder
@@ -50,6 +54,9 @@ class GLMTokenizer:
             if tokenizer.token_to_id(name) != i:
                 raise TokenizerError(f"special token {name} must have id {i}, has {tokenizer.token_to_id(name)}")
             setattr(self, attr, i)
+        # a twin that reads every special-token string as text (the blanks are split off first)
+        self._text_only = Tokenizer.from_str(tokenizer.to_str())
+        self._text_only.encode_special_tokens = True
 
     @property
     def vocab_size(self) -> int:
@@ -63,20 +70,23 @@ class GLMTokenizer:
     def special_ids(self) -> dict[str, int]:
         return {name: getattr(self, attr) for name, attr in zip(SPECIAL_TOKENS, _SPECIAL_ATTRS, strict=True)}
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; nothing (no BOS/EOS) is added."""
-        _check_text(text)
-        try:
-            return self._tok.encode(text, add_special_tokens=False).ids
-        except TypeError:
-            raise TokenizerError("text is not valid Unicode (it holds a lone surrogate)") from None
+    def encode(self, text: str, special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; nothing (no BOS/EOS) is added. Blank strings become their ids;
+        other special-token strings only with `special_tokens`."""
+        return self.encode_batch([text], special_tokens)[0]
 
-    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+    def encode_batch(self, texts: Iterable[str], special_tokens: bool = False) -> list[list[int]]:
         texts = list(texts)
         for t in texts:
             _check_text(t)
         try:
-            return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+            if special_tokens:
+                return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+            parts = [_BLANK_RE.split(t) for t in texts]
+            pieces = [p for ps in parts for p in ps if p and p not in BLANK_TOKENS]
+            encoded = iter(self._text_only.encode_batch(pieces, add_special_tokens=False))
+            return [[i for p in ps if p for i in ([self.special_ids[p]] if p in BLANK_TOKENS else next(encoded).ids)]
+                    for ps in parts]
         except TypeError:
             raise TokenizerError("text is not valid Unicode (it holds a lone surrogate)") from None
 
@@ -128,9 +138,11 @@ class GLMTokenizer:
             raise TokenizerError(f"{where}: {e}") from None
 
     @classmethod
-    def from_sentencepiece(cls, model_file: str | Path, convention: str = "glm-130b") -> SentencePieceTokenizer:
-        """Wrap an official `ice_text.model`; convention is "glm-130b" (icetk) or "chatglm-6b"."""
-        return SentencePieceTokenizer(model_file, convention)
+    def from_sentencepiece(cls, model_file: str | Path, convention: str = "glm-130b",
+                           num_image_tokens: int = 0) -> SentencePieceTokenizer:
+        """Wrap an official `ice_text.model`; convention is "glm-130b" (icetk) or "chatglm-6b"
+        (`num_image_tokens` 20000 for ChatGLM-6B v1.0)."""
+        return SentencePieceTokenizer(model_file, convention, num_image_tokens)
 
 
 class SentencePieceTokenizer(GLMTokenizer):
@@ -148,7 +160,7 @@ class SentencePieceTokenizer(GLMTokenizer):
       (the '<unk>' piece) and <pad> = 0 (SAT maps id 0 to '[pad]'; GLM-130B evaluation/dataset.py pads
       with 0). vocab_size = 150008, as in SAT (`num_tokens + len(special_tokens)`); the released model
       pads its embedding to 150528.
-      No text preprocessing: SAT passes the text straight to icetk.
+      Text preprocessing as icetk's: "\n" -> "<n>" when encoding, "<n>" -> "\n" when decoding.
 
     convention="chatglm-6b" (the current ChatGLM-6B `ice_text.model`, v1.1 and later):
       The 20000 image tokens were removed from that file (THUDM/ChatGLM-6B issue #965 and PR #401:
@@ -160,12 +172,14 @@ class SentencePieceTokenizer(GLMTokenizer):
       name too, <eos> being the '</s>' piece. vocab_size is the number of pieces (130344).
       Text is preprocessed as tokenization_chatglm.py does: "\\n" -> "<n>", "\\t" -> "<|tab|>",
       runs of 2..80 spaces -> "<|blank_N|>"; decode undoes it.
-      (The first ChatGLM-6B release, vocab 150528, kept the image tokens: [MASK]=150000 there.
-      Its special ids match the "glm-130b" convention.)
+      The first ChatGLM-6B release (v1.0, vocabulary 150528) kept the 20000 image tokens in its
+      file: `num_image_tokens=20000` (its tokenizer_config.json) shifts every id by 20000, so
+      [MASK]=150000 and <sop>=150004 there, with ChatGLM's text preprocessing.
 
-    In both, the literal special-token strings ("[MASK]", "<sop>", ...) in the text are split off
-    and encoded as their ids, and each piece of text between them is encoded separately, as
-    GLM-130B's generate.py does. As there, SentencePiece's own normalization applies, so the round
+    In both, the blank strings ("[MASK]", "[sMASK]", "[gMASK]") in the text are split off and
+    encoded as their ids, and each piece of text between them is encoded separately, as
+    GLM-130B's generate.py does (other special-token strings stay text unless
+    `special_tokens=True`). As there, SentencePiece's own normalization applies, so the round
     trip is not exact: spaces next to a special token, and repeated spaces (glm-130b), are lost.
     """
 
@@ -175,7 +189,7 @@ class SentencePieceTokenizer(GLMTokenizer):
     _ICETK_VOCAB = 150008
     _MAX_BLANK = 80
 
-    def __init__(self, model_file: str | Path, convention: str = "glm-130b"):
+    def __init__(self, model_file: str | Path, convention: str = "glm-130b", num_image_tokens: int = 0):
         if convention not in self.CONVENTIONS:
             raise TokenizerError(f"unknown convention {convention!r}; choose one of {', '.join(self.CONVENTIONS)}")
         try:
@@ -207,7 +221,7 @@ class SentencePieceTokenizer(GLMTokenizer):
             ids["<eos>"] = self._offset + sp.eos_id()
             self._vocab_size = self._ICETK_VOCAB
         else:
-            self._offset = 0
+            self._offset = num_image_tokens  # 0, or 20000 for ChatGLM-6B v1.0
             pieces = {"<pad>": "<pad>", "<unk>": sp.id_to_piece(sp.unk_id()), "<eos>": "</s>"}
             ids, missing = {}, []
             for name in SPECIAL_TOKENS:
@@ -215,15 +229,17 @@ class SentencePieceTokenizer(GLMTokenizer):
                 i = sp.piece_to_id(piece)
                 if sp.id_to_piece(i) != piece:
                     missing.append(piece)
-                ids[name] = i
+                ids[name] = self._offset + i
             if missing:
                 raise TokenizerError(f"{model_file}: not a ChatGLM-6B vocabulary, pieces missing: {' '.join(missing)}")
-            self._vocab_size = self._n_pieces
+            self._vocab_size = self._offset + self._n_pieces
+        self.num_image_tokens = self._offset if convention == "chatglm-6b" else 0
 
         for name, attr in zip(SPECIAL_TOKENS, _SPECIAL_ATTRS, strict=True):
             setattr(self, attr, ids[name])
         self._special_to_name = {i: name for name, i in ids.items()}
         self._split_re = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+        self._linebreak = sp.id_to_piece(sp.piece_to_id("<n>")) == "<n>"  # icetk's newline piece
 
     @property
     def vocab_size(self) -> int:
@@ -234,20 +250,20 @@ class SentencePieceTokenizer(GLMTokenizer):
 
     def _preprocess(self, text: str) -> str:
         if self.convention != "chatglm-6b":
-            return text
+            return text.replace("\n", "<n>") if self._linebreak else text
         text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
         return re.sub(f" {{2,{self._MAX_BLANK}}}", lambda m: f"<|blank_{len(m.group())}|>", text)
 
     def _postprocess(self, text: str) -> str:
         if self.convention != "chatglm-6b":
-            return text
+            return text.replace("<n>", "\n")
         text = text.replace("<n>", "\n").replace("<|tab|>", "\t")
         return re.sub(r"<\|blank_(\d+)\|>", lambda m: " " * int(m.group(1)), text)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, special_tokens: bool = False) -> list[int]:
         _check_text(text)
         out: list[int] = []
-        for part in self._split_re.split(text):
+        for part in (self._split_re if special_tokens else _BLANK_RE).split(text):
             if not part:
                 continue
             if part in SPECIAL_TOKENS:
@@ -256,8 +272,8 @@ class SentencePieceTokenizer(GLMTokenizer):
                 out.extend(self._offset + i for i in self._sp.encode(self._preprocess(part)))
         return out
 
-    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
+    def encode_batch(self, texts: Iterable[str], special_tokens: bool = False) -> list[list[int]]:
+        return [self.encode(t, special_tokens) for t in texts]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         ids = _check_ids(ids, self.vocab_size)
@@ -302,7 +318,8 @@ class SentencePieceTokenizer(GLMTokenizer):
         shutil.copyfile(self.model_file, tmp)
         tmp.replace(target)
         atomic_write_text(folder / SENTENCEPIECE_CONFIG,
-                          json.dumps({"type": "sentencepiece", "convention": self.convention}) + "\n")
+                          json.dumps({"type": "sentencepiece", "convention": self.convention,
+                                      "num_image_tokens": self.num_image_tokens}) + "\n")
         return target
 
     @classmethod
@@ -310,10 +327,11 @@ class SentencePieceTokenizer(GLMTokenizer):
         """The tokenizer `save` put in a model folder."""
         folder = Path(folder)
         try:
-            convention = json.loads((folder / SENTENCEPIECE_CONFIG).read_text())["convention"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            config = json.loads((folder / SENTENCEPIECE_CONFIG).read_text())
+            convention, image_tokens = config["convention"], int(config.get("num_image_tokens", 0))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise TokenizerError(f"{folder / SENTENCEPIECE_CONFIG}: unreadable ({first_line(e)})") from None
-        return cls(folder / SENTENCEPIECE_FILE, convention)
+        return cls(folder / SENTENCEPIECE_FILE, convention, image_tokens)
 
 
 

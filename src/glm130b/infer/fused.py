@@ -70,6 +70,8 @@ def why_not(model) -> str | None:
     for t in (model.word_embeddings.weight, head.weight if isinstance(head, nn.Linear) else None):
         if t is not None and t.dtype not in (torch.float32, torch.bfloat16):
             return f"{t.dtype} embeddings or head"
+    if cfg.rotary_precision != "fp32":
+        return "FP16 rotary angles (the official models' rounding; the C++ step computes FP32 angles)"
     for block in model.layers:
         if not block.attention.use_sdpa:
             return "the reference attention is selected"

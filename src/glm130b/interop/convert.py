@@ -70,7 +70,7 @@ def sat_config(state: dict[str, torch.Tensor], preset: str | None, num_heads: in
                 return cfg
     if num_heads is None:
         raise CheckpointError("the shards match no preset: pass --num-heads (and --max-seq-len if not 2048)")
-    return config_from_official_shapes(state, num_heads, max_seq_len=2048)
+    return config_from_official_shapes(state, num_heads, max_seq_len=2048, rotary_precision="fp16")
 
 
 def model_from_state(cfg: GLMConfig, state: dict[str, torch.Tensor], source: str) -> GLMModel:

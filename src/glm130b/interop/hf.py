@@ -46,7 +46,7 @@ def config_from_hf(data: dict, where: str = "config.json") -> GLMConfig:
             max_seq_len=int(data.get("max_sequence_length", 2048)),
             rotary="2d" if data.get("position_encoding_2d", True) else "1d",
             layernorm_eps=float(data.get("layernorm_epsilon", 1e-5)),
-            tie_word_embeddings=False,
+            tie_word_embeddings=False, rotary_precision="fp16",  # ChatGLM-6B's own angles
         )
     except KeyError as e:
         raise CheckpointError(f"{where}: missing {e.args[0]!r} (not a ChatGLM-6B config)") from None
@@ -132,9 +132,24 @@ def hf_tokenizer(directory):
     directory = Path(directory)
     if (directory / "tokenizer.json").is_file():
         return GLMTokenizer.load(directory / "tokenizer.json")
-    if (directory / "ice_text.model").is_file():
-        return GLMTokenizer.from_sentencepiece(directory / "ice_text.model", convention="chatglm-6b")
+    if (directory / "ice_text.model").is_file():  # num_image_tokens 20000: ChatGLM-6B v1.0 (150,528 ids)
+        return GLMTokenizer.from_sentencepiece(directory / "ice_text.model", convention="chatglm-6b",
+                                               num_image_tokens=_num_image_tokens(directory))
     return None
+
+
+def _num_image_tokens(directory: Path) -> int:
+    """ChatGLM's tokenizer_config.json `num_image_tokens` (v1.0: 20000; later: 0); without the
+    file, 20000 when config.json's vocabulary is v1.0's 150528."""
+    for name, key, value_of in (("tokenizer_config.json", "num_image_tokens", int),
+                                ("config.json", "vocab_size", lambda v: 20000 if int(v) == 150528 else 0)):
+        try:
+            data = json.loads((directory / name).read_text())
+            if key in data:
+                return value_of(data[key])
+        except (OSError, json.JSONDecodeError, TypeError, ValueError):
+            continue
+    return 0
 
 
 def write_hf(directory, cfg: GLMConfig, state: dict[str, torch.Tensor], tokenizer=None,

@@ -37,10 +37,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, nh, L, d] by angles positions [B, L] * inv_freq [d/2]; pairs dim i with i+d/2."""
-    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [B, L, d/2]
+    """Rotate x [B, nh, L, d] by angles positions [B, L] * inv_freq [d/2]; pairs dim i with i+d/2.
+    An FP16 inv_freq means the official FP16 angles: the product and cos/sin rounded to FP16."""
+    dtype = torch.float16 if inv_freq.dtype == torch.float16 else torch.float32
+    freqs = positions.to(dtype).unsqueeze(-1) * inv_freq  # [B, L, d/2]
     emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [B, 1, L, d]
-    cos, sin = emb.cos(), emb.sin()
+    cos, sin = emb.cos().float(), emb.sin().float()
     xf = x.float()
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
@@ -100,6 +102,8 @@ class SelfAttention(nn.Module):
         # frequencies, and building on the meta device must not lose them.
         rotary_dim = self.head_dim if config.rotary == "1d" else self.head_dim // 2
         self.inv_freq = rotary_inv_freq(rotary_dim, config.rotary_base, device="cpu")
+        if config.rotary_precision == "fp16":
+            self.inv_freq = self.inv_freq.half()
         self.use_sdpa = True
 
     def forward(
