@@ -13,6 +13,7 @@ tensor by tensor, and shards are written one at a time), so a conversion holds t
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -34,20 +35,21 @@ from glm130b.interop.sat import (
     official_to_ours,
     ours_to_official,
     read_sat,
+    sat_quantization,
     write_sat,
 )
 from glm130b.model.glm import GLMModel
+from glm130b.model.layout import QUANTIZED_MODULES
+from glm130b.quant.weights import SCHEME
 
 FORMATS_IN = ("sat", "hf", "ours")
 FORMATS_OUT = ("ours", "hf", "sat")
 
 
 def read_ours(directory) -> tuple[GLMConfig, dict[str, torch.Tensor], object | None]:
-    """(config, state, tokenizer or None) of one of our (unquantized) model folders."""
+    """(config, state, tokenizer or None) of one of our model folders."""
     directory = Path(directory)
     cfg = load_config(directory)
-    if cfg.extra.get("quantization"):
-        raise CheckpointError(f"{directory} is quantized; convert the unquantized model (and pass --bits)")
     state = read_state(directory)
     try:
         tokenizer = load_folder_tokenizer(directory, cfg)
@@ -74,9 +76,15 @@ def sat_config(state: dict[str, torch.Tensor], preset: str | None, num_heads: in
 
 
 def model_from_state(cfg: GLMConfig, state: dict[str, torch.Tensor], source: str) -> GLMModel:
-    """A model that takes the state's tensors without copying them (built on meta, assigned)."""
+    """A model that takes the state's tensors without copying them (built on meta, assigned;
+    quantized matrices as QuantizedLinear when the config says so)."""
     with torch.device("meta"):
         model = GLMModel(cfg)
+    scheme = cfg.extra.get("quantization")
+    if scheme:
+        from glm130b.quant import quantize_model
+
+        quantize_model(model, scheme["bits"], scheme.get("group_size"))
     check_state_dict(state, model, source)
     model.load_state_dict(state, strict=True, assign=True)  # (the FP32 rotary frequencies are built, not loaded)
     return model.eval()
@@ -97,13 +105,25 @@ def convert(src, dst, from_fmt: str, to_fmt: str, tp: int | None = None, bits: i
         raise GLMError(f"{dst} exists and is not empty; choose a new folder")
     tokenizer = None
     if from_fmt == "sat":
-        state = official_to_ours(read_sat(src, unsafe_pickle))
+        official = read_sat(src, unsafe_pickle)
+        scheme = sat_quantization(official)
+        state = official_to_ours(official)
         cfg = sat_config(state, preset, num_heads)
+        if scheme is not None:  # the official INT8/INT4 shards (interop/sat_quantized.py)
+            if bits is not None:
+                raise GLMError(f"{src} is already quantized ({scheme['bits']}-bit): convert without --bits")
+            cfg = dataclasses.replace(cfg, extra={**cfg.extra, "quantization": {
+                **scheme, "scheme": SCHEME, "modules": list(QUANTIZED_MODULES)}})
     elif from_fmt == "hf":
         cfg, state = read_hf(src)
         tokenizer = hf_tokenizer(src)
     else:
         cfg, state, tokenizer = read_ours(src)
+    quantized = cfg.extra.get("quantization")
+    if quantized and (to_fmt == "hf" or bits is not None):
+        raise CheckpointError(f"{src} is quantized ({quantized.get('bits')}-bit): "
+                              + ("--bits needs the full-precision model" if bits is not None else
+                                 "the HF layout holds full-precision weights; convert the unquantized model"))
     if max_seq_len:
         cfg = GLMConfig.from_dict({**cfg.to_dict(), "max_seq_len": max_seq_len})
     if tokenizer_path:
@@ -114,7 +134,10 @@ def convert(src, dst, from_fmt: str, to_fmt: str, tp: int | None = None, bits: i
     model = model_from_state(cfg, state, str(src))  # checks every name and shape before writing
     params = model.num_parameters()
     if to_fmt == "sat":
-        write_sat(dst, ours_to_official(_cast(model.state_dict(), cast[dtype])), tp or 1)
+        state = model.state_dict()
+        quantization = cfg.extra.get("quantization")
+        write_sat(dst, ours_to_official(state if quantization else _cast(state, cast[dtype])), tp or 1,
+                  quantization=quantization)
     elif to_fmt == "hf":
         write_hf(dst, cfg, model.state_dict(), tokenizer, dtype=cast[dtype] or torch.float16)
     elif bits is not None:

@@ -45,7 +45,7 @@ def config_from_official_shapes(state: dict[str, torch.Tensor], num_heads: int, 
     """Infer a GLM-130B-style config from official tensor shapes (heads cannot be inferred)."""
     vocab, hidden = state[PREFIX + "word_embeddings.weight"].shape
     layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith(PREFIX + "layers."))
-    inner = state[PREFIX + "layers.0.mlp.dense_4h_to_h.weight"].shape[1]
+    inner = state[PREFIX + "layers.0.mlp.dense_h_to_4h.bias"].shape[0] // 2  # GeGLU: [linear; gated] rows
     return GLMConfig(
         name="official", vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=num_heads,
         ffn_hidden_size=inner, **overrides,
@@ -139,22 +139,47 @@ def load_sat_shard(path, unsafe_pickle: bool = False) -> dict[str, torch.Tensor]
 
 def read_sat(directory, unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
     """A merged official state dict from a folder of TP shards. Shards are memory-mapped and
-    merged tensor by tensor, so the model is materialised once, never twice."""
+    merged tensor by tensor, so the model is materialised once, never twice. Official INT8/INT4
+    shards (interop/sat_quantized.py) come back with our `qweight`/`scales` for the quantized
+    matrices (`sat_quantization` reads the scheme from them)."""
+    from glm130b.interop import sat_quantized as SQ
+
     shards = [load_sat_shard(p, unsafe_pickle) for p in sat_shard_files(directory)]
     names = [n for n in shards[0] if not n.endswith("inv_freq")]
     for rank, shard in enumerate(shards[1:], start=1):
         if set(n for n in shard if not n.endswith("inv_freq")) != set(names):
             raise CheckpointError(f"{directory}: shard {rank} has other tensor names than shard 0")
+    bits = SQ.quantized_bits(shards[0])
+    group_size = SQ.group_size_for(shards, bits) if bits else None
     merged = {}
     for name in names:
-        merged[name] = merge_tp(name, [s[name] for s in shards]).contiguous()
+        if bits and name.endswith(SQ.SCALE):
+            continue
+        if bits and SQ.is_quantized_matrix(name):
+            base = name.removesuffix(".weight")
+            merged[base + ".qweight"], merged[base + ".scales"] = SQ.merge_quantized(name, shards, bits, group_size)
+        else:
+            merged[name] = merge_tp(name, [s[name] for s in shards]).contiguous()
         for s in shards:
             s[name] = None  # drop the mapped view as soon as it is merged
     return merged
 
 
-def write_sat(directory, state: dict[str, torch.Tensor], tp: int, iteration: int = 0) -> None:
-    """Write an official-named state dict as SAT TP shards: DIR/latest + DIR/ITER/mp_rank_XX...pt.
+def sat_quantization(state: dict[str, torch.Tensor]) -> dict | None:
+    """{"bits", "group_size"} of a merged state holding quantized matrices (read_sat), else None."""
+    name = next((n for n in state if n.endswith("attention.query_key_value.qweight")), None)
+    if name is None:
+        return None
+    bits = 8 if state[name].dtype == torch.int8 else 4
+    groups = state[name.removesuffix(".qweight") + ".scales"].shape[1]
+    hidden = state[name.replace("attention.query_key_value.qweight", "input_layernorm.weight")].shape[0]
+    return {"bits": bits, "group_size": None if groups == 1 else hidden // groups}
+
+
+def write_sat(directory, state: dict[str, torch.Tensor], tp: int, iteration: int = 0,
+              quantization: dict | None = None) -> None:
+    """Write an official-named state dict as SAT TP shards: DIR/latest + DIR/ITER/mp_rank_XX...pt
+    (with `quantization` {"bits", ...}: our qweight/scales become the official INT8/INT4 layout).
     Atomic: the folder is built beside the target and renamed into place."""
     import os
     from pathlib import Path
@@ -169,9 +194,30 @@ def write_sat(directory, state: dict[str, torch.Tensor], tp: int, iteration: int
     with staging_folder(directory, f"could not write shards to {directory}") as tmp:
         (tmp / str(iteration)).mkdir()
         for rank in range(tp):  # one shard in memory at a time (a view would save its whole storage)
-            shard = {name: split_tp(name, tensor, tp)[rank].clone() for name, tensor in state.items()}
+            shard = _shard(state, tp, rank, quantization)
             torch.save({"module": shard, "iteration": iteration}, tmp / str(iteration) / SHARD_FILE.format(rank=rank))
             del shard
         (tmp / "latest").write_text(f"{iteration}\n")
         os.replace(tmp, directory)
 
+
+
+def _shard(state: dict[str, torch.Tensor], tp: int, rank: int, quantization: dict | None) -> dict:
+    from glm130b.interop import sat_quantized as SQ
+
+    shard = {}
+    for name, tensor in state.items():
+        if name.endswith(".scales"):
+            continue
+        if name.endswith(".qweight"):
+            base = name.removesuffix(".qweight")
+            hidden = state[PREFIX + "layers.0.input_layernorm.weight"].shape[0]
+            scales = state[base + ".scales"]
+            in_features = hidden if not base.endswith("dense_4h_to_h") else \
+                state[base.replace("dense_4h_to_h", "dense_h_to_4h") + ".bias"].shape[0] // 2
+            weight, scale = SQ.split_quantized(base + ".weight", tensor, scales, quantization["bits"], in_features,
+                                               tp)[rank]
+            shard[base + ".weight"], shard[base + ".weight" + SQ.SCALE] = weight.clone(), scale.clone()
+        else:
+            shard[name] = split_tp(name, tensor, tp)[rank].clone()
+    return shard
