@@ -180,6 +180,21 @@ class Engine:
         """masks.prefill_inputs on this engine's device: (ids, positions, allowed)."""
         return prefill_inputs(contexts, self.two_d, pad_id, self.device)
 
+    def step(self, tokens: Sequence[int] | torch.Tensor, cache: KVCache, blocks: Sequence[Block],
+             firsts: Sequence[int], steps: Sequence[int], contexts, generated_from,
+             logits: bool = True) -> torch.Tensor | None:
+        """One decoding step, the one every decoder takes (Batch for greedy/sampled rows and beam
+        search, the serving batcher): token b goes to slot cache.lengths[b] of the selected rows,
+        at masks.step_positions, seeing masks.step_allowed (its context, and its Part B from
+        `generated_from[b]`); FP32 logits [B, V] for the next token (unless logits=False)."""
+        dev = self.device
+        slots = cache.lengths[cache.rows]
+        allowed = step_allowed(contexts, generated_from, slots, int(slots.max()) + 1, device=dev)
+        positions = step_positions(blocks, firsts, steps, self.two_d, device=dev)
+        ids = torch.as_tensor(tokens, dtype=torch.long, device=dev).view(-1, 1)
+        at = torch.zeros(ids.shape[0], dtype=torch.long, device=dev) if logits else None
+        return self.forward(ids, positions, allowed, cache, logits_at=at)
+
 
 @dataclass
 class Row:
@@ -219,13 +234,8 @@ class Batch:
 
     def feed(self, tokens: torch.Tensor, logits: bool = True) -> torch.Tensor | None:
         """Feed one token per row [B]; FP32 logits [B, V] for the next (unless logits=False)."""
-        dev = self.engine.device
-        slot = self.cache.seen
-        allowed = step_allowed(self.ctx, self.P, slot, slot + 1, device=dev)
-        positions = step_positions([r.block for r in self.rows], self.first, [self.step] * len(self.rows),
-                                   self.engine.two_d, device=dev)
-        at = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device) if logits else None
-        out = self.engine.forward(tokens.view(-1, 1), positions, allowed, self.cache, logits_at=at)
+        out = self.engine.step(tokens, self.cache, [r.block for r in self.rows], self.first,
+                               [self.step] * len(self.rows), self.ctx, self.P, logits)
         self.step += 1
         return out
 

@@ -40,7 +40,7 @@ from glm130b.infer.engine import (
     sample_next,
     stop_cut,
 )
-from glm130b.model.masks import Block, step_allowed, step_positions
+from glm130b.model.masks import Block
 
 
 class QueueFull(GLMError):
@@ -251,16 +251,13 @@ class Batcher:
 
     @torch.no_grad()
     def _step(self) -> None:
-        dev, n = self.engine.device, len(self.live)
+        n = len(self.live)
         cache = self.cache.select(slice(0, n))
         lengths = cache.lengths[:n].clone()  # each row's new token goes to slot lengths[row]
-        contexts = [len(live.job.context) for live in self.live]
-        allowed = step_allowed(contexts, contexts, lengths, int(lengths.max()) + 1, device=dev)
-        positions = step_positions([live.row.block for live in self.live], [live.first for live in self.live],
-                                   [live.step for live in self.live], self.engine.two_d, device=dev)
-        tokens = torch.tensor([live.next_token for live in self.live], dtype=torch.long, device=dev)
-        at = torch.zeros(n, dtype=torch.long, device=dev)
-        logits = self.engine.forward(tokens.view(-1, 1), positions, allowed, cache, logits_at=at)
+        contexts = [len(live.job.context) for live in self.live]  # Part B follows each row's own context
+        logits = self.engine.step([live.next_token for live in self.live], cache, [live.row.block for live in self.live],
+                                  [live.first for live in self.live], [live.step for live in self.live], contexts,
+                                  contexts)
         self.steps += 1
         # the rules of each row (vocabulary, min length, n-grams), then one argmax for the batch
         process_logits(logits, [live.row for live in self.live], [live.job.config for live in self.live],
