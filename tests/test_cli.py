@@ -107,3 +107,17 @@ def test_atomic_write_keeps_the_old_file_when_the_disk_is_full(tmp_path):
         atomic_write(target, full_disk)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+
+
+def test_device_flags(trained, capsys):
+    """--device/--dtype on the verbs that run a model: cpu works, a missing GPU is one clear line."""
+    import torch
+
+    code, out, _ = run(capsys, "generate", "--model", str(trained), "--device", "cpu", "--dtype", "fp32",
+                       "--max-new-tokens", "3", "In the beginning")
+    assert code == 0
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, "generate", "--model", str(trained), "--device", "cuda", "x")
+        one_line_error(code, err, "no CUDA GPU")
+    code, _, err = run(capsys, "infill", "--model", str(trained), "--device", "tpu", "a [MASK] b")
+    one_line_error(code, err, "unknown device")

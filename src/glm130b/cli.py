@@ -89,15 +89,26 @@ def cmd_train(args) -> int:
 
 
 def _load(args):
-    """checkpoint.load_model with the verb's --bits / --group-size / --head-bits."""
+    """checkpoint.load_model with the verb's --bits / --group-size / --head-bits / --device / --dtype:
+    the weights go from the file to the device one tensor at a time, quantized on the way."""
     from glm130b.checkpoint import is_quantized_folder, load_model
+    from glm130b.device import resolve_device, resolve_dtype
 
+    device = resolve_device(getattr(args, "device", "cpu"))
+    dtype = resolve_dtype(getattr(args, "dtype", "fp32"), device)
     directory = resolve_model_dir(args.model)
     bits, group_size = getattr(args, "bits", None), getattr(args, "group_size", None)
     head_bits = getattr(args, "head_bits", None)
     if (group_size is not None or head_bits is not None) and bits is None and not is_quantized_folder(directory):
         raise GLMError(f"{'--group-size' if group_size is not None else '--head-bits'} needs --bits 8 or --bits 4")
-    return load_model(directory, bits=bits, group_size=group_size, head_bits=head_bits)
+    return load_model(directory, device=device, dtype=dtype, bits=bits, group_size=group_size, head_bits=head_bits)
+
+
+def _fast(model):
+    """The fast CPU GEMV for the four matrices of every layer (same weights); nothing on a GPU."""
+    from glm130b.quant import use_fast_linears
+
+    return use_fast_linears(model) if model.final_layernorm.weight.device.type == "cpu" else model
 
 
 def cmd_quantize(args) -> int:
@@ -108,7 +119,10 @@ def cmd_quantize(args) -> int:
     directory = resolve_model_dir(args.model)
     if is_quantized_folder(directory) and args.bits is None:
         raise QuantizationError(f"{directory} is already quantized; quantize the full-precision model")
-    model, tokenizer = load_model(directory, bits=args.bits, group_size=args.group_size, head_bits=args.head_bits)
+    from glm130b.device import resolve_device
+
+    model, tokenizer = load_model(directory, device=resolve_device(args.device), bits=args.bits,
+                                  group_size=args.group_size, head_bits=args.head_bits)
     out = save_model(args.out, model, tokenizer)
     info = {**quantization_info(model), "out": str(out), "weight_bytes": weight_bytes(model),
             "file_bytes": (Path(out) / "model.safetensors").stat().st_size,
@@ -128,7 +142,6 @@ def _generation_config(args):
 
 
 def _load_for_generation(args):
-    from glm130b.quant import use_fast_linears
 
     config = _generation_config(args)  # bad settings fail before the model is loaded
     tp = getattr(args, "tp", None) or 1
@@ -146,7 +159,7 @@ def _load_for_generation(args):
         model, tokenizer = load_model(resolve_model_dir(args.model))
         return tensor_parallel_for_inference(model, tp, args.bits, args.group_size), tokenizer, config
     model, tokenizer = _load(args)
-    return use_fast_linears(model), tokenizer, config  # same weights; the fast CPU GEMV at batch 1
+    return _fast(model), tokenizer, config
 
 
 def _leave_tp(args) -> None:
@@ -206,11 +219,12 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from glm130b.device import resolve_device
     from glm130b.eval.runner import run_command
 
     run_command(resolve_model_dir(args.model), args.tasks, limit=args.limit, output=args.output, bits=args.bits,
                 compare=args.compare, progress=not args.no_progress, with_samples=args.samples,
-                precision=args.precision)
+                precision=args.precision, device=resolve_device(args.device))
     return 0
 
 
@@ -233,14 +247,13 @@ def _add_sampling_flags(p) -> None:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from glm130b.quant import use_fast_linears
     from glm130b.serve.app import create_app
 
     if args.max_batch < 1 or args.max_queue < 0:
         raise GLMError("--max-batch must be >= 1 and --max-queue >= 0")
     directory = resolve_model_dir(args.model)
     model, tokenizer = _load(args)
-    model = use_fast_linears(model)
+    model = _fast(model)
     name = args.served_model_name or directory.resolve().name
     app = create_app(model, tokenizer, model_name=name, api_key=args.api_key or os.environ.get("GLM130B_API_KEY"),
                      max_batch=args.max_batch, max_queue=args.max_queue, batcher_thread=False)
@@ -304,6 +317,9 @@ def cmd_convert(args) -> int:
 
 
 def _add_quant_flags(p) -> None:
+    from glm130b.device import add_device_flags
+
+    add_device_flags(p)
     p.add_argument("--bits", type=int, choices=[8, 4], help="quantize the weights to INT8/INT4 while loading")
     p.add_argument("--group-size", dest="group_size", type=int, help="with --bits: one scale per this many inputs")
     p.add_argument("--head-bits", dest="head_bits", type=int, choices=[8, 4],
@@ -388,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also quantize the output head, per row (default: keep it, as GLM-130B); a tied "
                         "embedding table stays for the lookups")
     p.add_argument("--out", required=True, help="folder for the quantized model")
+    p.add_argument("--device", default="cpu", help="where to quantize: cpu, cuda, cuda:N or auto (default cpu)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("plot", help="write PNG curves (loss, gradient norm, lr, loss scale) of a training run")
@@ -465,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", help="comma-separated precisions to compare, e.g. fp32,int8,int4 (also bf16, fp16)")
     p.add_argument("--samples", action="store_true", help="include per-item predictions in the JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     p.set_defaults(func=cmd_eval)
     return parser
 

@@ -81,22 +81,23 @@ def apply_precision(model, precision: str):
     raise GLMError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
 
 
-def load_at_precision(model_dir: Path, precision: str, single: bool = True):
+def load_at_precision(model_dir: Path, precision: str, single: bool = True, device=None):
     """(model, tokenizer, precision label) from a model folder. int8/int4 quantize while reading
     (glm130b.checkpoint.load_model: no FP32 copy of the quantized matrices is kept); a folder
     saved quantized loads as saved (label int4/int8)."""
     from glm130b.checkpoint import is_quantized_folder, load_model
 
+    device = device or "cpu"
     if precision in ("int8", "int4"):
-        model, tokenizer = load_model(model_dir, bits=int(precision[3:]))
+        model, tokenizer = load_model(model_dir, device=device, bits=int(precision[3:]))
         return model.eval(), tokenizer, precision
     if is_quantized_folder(model_dir):
         if not single:
             raise GLMError(f"{model_dir} is saved quantized; --compare needs the full-precision model folder")
-        model, tokenizer = load_model(model_dir)
+        model, tokenizer = load_model(model_dir, device=device)
         info = (model.config.extra or {}).get("quantization") or {}
         return model.eval(), tokenizer, f"int{info.get('bits', '?')} (saved)"
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, device=device)
     return apply_precision(model, precision).eval(), tokenizer, precision
 
 
@@ -167,7 +168,7 @@ def compare_table(runs: dict[str, dict]) -> str:
 # ---------------------------------------------------------------------------------------------
 def run_command(model_dir: str | Path, tasks: Sequence[str], limit: int | None = None, output: str | None = None,
                 bits: int | None = None, compare: str | None = None, progress: bool = True,
-                with_samples: bool = False, out=None, precision: str | None = None) -> dict:
+                with_samples: bool = False, out=None, precision: str | None = None, device=None) -> dict:
     """`glm130b eval`: load the model folder, evaluate, print the table, write JSON."""
     from glm130b.checkpoint import WEIGHTS
 
@@ -192,7 +193,7 @@ def run_command(model_dir: str | Path, tasks: Sequence[str], limit: int | None =
     checksum = None
     runs: dict[str, dict] = {}
     for p in precisions:
-        model, tokenizer, p = load_at_precision(model_dir, p, single=len(precisions) == 1)
+        model, tokenizer, p = load_at_precision(model_dir, p, single=len(precisions) == 1, device=device)
         if checksum is None:
             checksum = file_sha256(model_dir / WEIGHTS)
         if len(precisions) > 1:
