@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -111,24 +112,9 @@ def read_safetensors(path: str | Path, buffer_for=None):
     CheckpointError for a corrupt file. The caller decides what to keep.
     """
     path = Path(path)
+    f = _open(path)
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed in finally
-    except OSError as e:
-        raise CheckpointError(f"{path} is unreadable ({e.strerror or e})") from None
-    try:
-        size = path.stat().st_size
-        head = f.read(8)
-        if len(head) != 8:
-            raise CheckpointError(f"{path} is corrupt or unreadable (too short for a safetensors header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100 * 2**20):
-            raise CheckpointError(f"{path} is corrupt or unreadable (bad header length)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path} is corrupt or unreadable (header is not JSON)") from None
-        header.pop("__metadata__", None)
-        base = 8 + n
+        header, base, size = _header(f, path)
         entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
         for name, entry in entries:
             dtype = _DTYPES.get(entry.get("dtype"))
@@ -152,6 +138,81 @@ def read_safetensors(path: str | Path, buffer_for=None):
         raise CheckpointError(f"{path} is corrupt or unreadable ({e})") from None
     finally:
         f.close()
+
+
+def _open(path: Path):
+    try:
+        return open(path, "rb")  # noqa: SIM115 - the callers close it
+    except OSError as e:
+        raise CheckpointError(f"{path} is unreadable ({e.strerror or e})") from None
+
+
+def _header(f, path: Path) -> tuple[dict, int, int]:
+    """(tensor entries, where the data starts, file size) of an open safetensors file."""
+    size = path.stat().st_size
+    head = f.read(8)
+    if len(head) != 8:
+        raise CheckpointError(f"{path} is corrupt or unreadable (too short for a safetensors header)")
+    (n,) = struct.unpack("<Q", head)
+    if n > min(size - 8, 100 * 2**20):
+        raise CheckpointError(f"{path} is corrupt or unreadable (bad header length)")
+    try:
+        header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path} is corrupt or unreadable (header is not JSON)") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n, size
+
+
+def read_safetensors_slices(path: str | Path, pick, buffer_for=None):
+    """Yield (name, tensor) of the part of each tensor that `pick(name, shape)` asks for: None
+    (skip it), "all", or (dim, [(start, stop), ...]) ranges along dim 0 or 1, concatenated. Only
+    those bytes are read (a row-split matrix row by row), so a tensor-parallel rank reads its
+    1/tp of a checkpoint and no more. `buffer_for(name, shape, dtype)` may give the tensor to
+    read into (the model's own, so that nothing is allocated twice)."""
+    path = Path(path)
+    f = _open(path)
+    try:
+        header, base, size = _header(f, path)
+        for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            dtype, shape = _DTYPES.get(entry.get("dtype")), tuple(entry["shape"])
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry.get('dtype')!r}")
+            want = pick(name, shape)
+            if want is None:
+                continue
+            begin, end = entry["data_offsets"]
+            item = torch.empty((), dtype=dtype).element_size()
+            if end - begin != math.prod(shape) * item or base + end > size:
+                raise CheckpointError(f"{path} is corrupt or unreadable (tensor {name} is truncated)")
+            dim, ranges = (0, [(0, shape[0] if shape else 1)]) if want == "all" else want
+            rows = shape[0] if shape else 1
+            row_elems = math.prod(shape[1:]) if len(shape) > 1 else 1
+            width = sum(stop - start for start, stop in ranges)
+            out_shape = shape if not shape else ((width, *shape[1:]) if dim == 0 else (rows, width))
+            out = buffer_for(name, out_shape, dtype) if buffer_for is not None else None
+            if out is None:
+                out = torch.empty(out_shape, dtype=dtype)
+            at = 0
+            for start, stop in ranges:
+                if dim == 0:
+                    part = out[at : at + stop - start] if shape else out
+                    _read_into(f, base + begin + start * row_elems * item, part, path, name)
+                else:  # columns [start, stop) of every row
+                    for r in range(rows):
+                        _read_into(f, base + begin + (r * row_elems + start) * item, out[r, at : at + stop - start],
+                                   path, name)
+                at += stop - start
+            yield name, out
+    finally:
+        f.close()
+
+
+def _read_into(f, offset: int, out: torch.Tensor, path: Path, name: str) -> None:
+    nbytes = out.numel() * out.element_size()
+    f.seek(offset)
+    if nbytes and f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy())) != nbytes:
+        raise CheckpointError(f"{path} is corrupt or unreadable (tensor {name} is truncated)")
 
 
 def read_state(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -191,7 +252,8 @@ def is_quantized_folder(directory: str | Path) -> bool:
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               bits: int | None = None, group_size: int | None = None, head_bits: int | None = None):
+               bits: int | None = None, group_size: int | None = None, head_bits: int | None = None,
+               tp_mesh=None):
     """(model, tokenizer) from any model folder, with one-line errors for bad folders.
 
     * A quantized folder loads as saved (asking for other bits, group size or head bits is an
@@ -200,9 +262,14 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
       (`group_size`: per group of inputs; `head_bits`: the output head too, quant/weights.py).
     * Otherwise the weights load as saved, cast to `dtype`.
     `dtype` applies to every floating tensor that is not quantized (embeddings, norms, biases).
+    With `tp_mesh` (a 1-D DeviceMesh), this rank builds the tensor-parallel model on the meta
+    device and reads only its own slices of the file (`_load_shard`); `bits` is then the
+    caller's (infer/tensor_parallel.py quantizes each shard).
     """
     directory = _model_dir(directory)
     config = load_config(directory)
+    if tp_mesh is not None:
+        return _load_shard(directory, config, device, dtype, tp_mesh), load_folder_tokenizer(directory, config)
     bits, group_size, head_bits, saved = _quantization_of(directory, config, bits, group_size, head_bits)
     weights = _weights_of(directory)
     with torch.device("meta"):
@@ -263,6 +330,63 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     if bits is not None:
         with_quantization_entry(model)
     return model, load_folder_tokenizer(directory, config)
+
+
+def _load_shard(directory: Path, config: GLMConfig, device, dtype: torch.dtype, tp_mesh) -> GLMModel:
+    """This rank's part of a tensor-parallel model: the plan (train/parallel_plan.py) applied on
+    the meta device, local shards allocated on `device`, and each filled from the slice of the
+    file the layout table (model/layout.py) assigns to this rank; nothing else is read."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    from glm130b.model.layout import split_rule
+    from glm130b.train.parallel_plan import apply_tensor_parallel
+
+    if config.extra.get("quantization"):
+        raise CheckpointError(f"{directory} is quantized; tensor parallelism splits the full-precision folder "
+                              "(give it and --bits: each rank quantizes its own shard)")
+    with torch.device("meta"):
+        model = GLMModel(config).to(dtype)
+    apply_tensor_parallel(model, tp_mesh)
+    model = model.to_empty(device=device)
+    tp, rank = tp_mesh.size(), tp_mesh.get_local_rank()
+    params = dict(model.named_parameters())
+
+    def pick(name, shape):
+        param = params.get(name)
+        if param is None:
+            raise CheckpointError(f"{directory / WEIGHTS}: unexpected tensor {name!r}")
+        placement = param.placements[0] if isinstance(param, DTensor) else None
+        if not isinstance(placement, Shard):
+            return "all"
+        n = shape[placement.dim] // tp
+        if split_rule(name) == "glu" and config.ffn_type == "geglu":  # [a_r; b_r], as the plan permutes
+            half = shape[0] // 2
+            c = half // tp
+            return 0, [(rank * c, (rank + 1) * c), (half + rank * c, half + (rank + 1) * c)]
+        return placement.dim, [(rank * n, (rank + 1) * n)]
+
+    def local_of(name):
+        param = params[name]
+        return param.to_local() if isinstance(param, DTensor) else param
+
+    def buffer_for(name, shape, dtype_):  # straight into the model's own shard when the dtypes agree
+        local = local_of(name)
+        return local.data if local.dtype == dtype_ and tuple(local.shape) == tuple(shape) else None
+
+    seen = set()
+    with torch.no_grad():
+        for name, tensor in read_safetensors_slices(_weights_of(directory), pick, buffer_for):
+            local = local_of(name)
+            if tuple(local.shape) != tuple(tensor.shape):
+                raise CheckpointError(f"{directory / WEIGHTS}: {name} has shape {tuple(tensor.shape)} on this rank, "
+                                      f"the model expects {tuple(local.shape)}")
+            if tensor.data_ptr() != local.data_ptr():
+                local.copy_(tensor)
+            seen.add(name)
+    missing = sorted(set(params) - seen)
+    if missing:
+        raise CheckpointError(f"{directory / WEIGHTS}: missing {len(missing)} tensors, e.g. {missing[0]!r}")
+    return model.eval()
 
 
 def _quantization_of(directory: Path, config: GLMConfig, bits, group_size, head_bits):

@@ -142,12 +142,14 @@ def _generation_config(args):
 
 
 def _load_for_generation(args):
+    import torch
 
     config = _generation_config(args)  # bad settings fail before the model is loaded
     tp = getattr(args, "tp", None) or 1
     if tp > 1:
-        from glm130b.checkpoint import is_quantized_folder, load_model
-        from glm130b.infer.tensor_parallel import tensor_parallel_for_inference
+        from glm130b.checkpoint import is_quantized_folder
+        from glm130b.device import resolve_dtype
+        from glm130b.infer.tensor_parallel import load_tensor_parallel
 
         if is_quantized_folder(resolve_model_dir(args.model)):
             raise GLMError("--tp shards full-precision weights and quantizes each shard: give the unquantized "
@@ -156,8 +158,9 @@ def _load_for_generation(args):
             raise GLMError("--group-size needs --bits 8 or --bits 4")
         if getattr(args, "head_bits", None) is not None:
             raise GLMError("--head-bits is not supported with --tp (the head stays vocabulary-parallel)")
-        model, tokenizer = load_model(resolve_model_dir(args.model))
-        return tensor_parallel_for_inference(model, tp, args.bits, args.group_size), tokenizer, config
+        dtype = resolve_dtype(getattr(args, "dtype", "auto"), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        model, tokenizer = load_tensor_parallel(resolve_model_dir(args.model), tp, args.bits, args.group_size, dtype)
+        return model, tokenizer, config
     model, tokenizer = _load(args)
     return _fast(model), tokenizer, config
 

@@ -21,15 +21,40 @@ from glm130b.errors import GLMError
 from glm130b.model.layout import LAYER_MATRICES
 
 
+def load_tensor_parallel(directory, tp: int, bits: int | None = None, group_size: int | None = None,
+                         dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of this rank of `tp` torchrun processes: each rank reads only its own
+    slices of the folder (checkpoint.load_model with a mesh; peak memory about 1/tp of the
+    model) and, with `bits`, quantizes its own shard."""
+    from glm130b.checkpoint import load_config, load_model
+    from glm130b.train.distributed import join_process_group
+    from glm130b.train.parallel_plan import build_mesh, tp_split_problems
+
+    _check_world(tp)
+    problems = tp_split_problems(load_config(directory), tp)
+    if problems:  # before any collective: every rank says the same and leaves
+        raise GLMError("; ".join(problems))
+    device, _ = join_process_group()
+    mesh = build_mesh(tp=tp, device_type=device.type)
+    model, tokenizer = load_model(directory, device=device, dtype=dtype, tp_mesh=mesh["tp"])
+    if bits is not None:
+        quantize_shards(model, bits, group_size)
+    return model, tokenizer
+
+
+def _check_world(tp: int) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != tp:
+        raise GLMError(f"--tp {tp} runs under torchrun with {tp} processes: "
+                       f"torchrun --standalone --nproc-per-node {tp} -m glm130b ... --tp {tp} (WORLD_SIZE is {world})")
+
+
 def tensor_parallel_for_inference(model, tp: int, bits: int | None = None, group_size: int | None = None):
     """Shard `model` over the TP processes torchrun started (in place; with `bits`, each rank's
     matrices quantized); returns it."""
     if tp <= 1:
         return model
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != tp:
-        raise GLMError(f"--tp {tp} runs under torchrun with {tp} processes: "
-                       f"torchrun --standalone --nproc-per-node {tp} -m glm130b ... --tp {tp} (WORLD_SIZE is {world})")
+    _check_world(tp)
     from glm130b.train.distributed import join_process_group
     from glm130b.train.parallel_plan import apply_tensor_parallel, build_mesh, tp_split_problems
 
