@@ -424,3 +424,55 @@ def test_batcher_with_any_cache_dtype_and_path(env, tokenizer, monkeypatch):
         assert batcher.engine.kv_dtype == (torch.float16 if env.get("GLM130B_KV_CACHE") == "fp16" else torch.float32)
     finally:
         batcher.close()
+
+
+def test_chat_completions_with_the_openai_client(live, model, tokenizer):
+    """chat.completions.create: the rendered conversation continued as generate() continues it;
+    streaming deltas, n, usage, and OpenAI's errors."""
+    import openai
+
+    from glm130b.infer.chat import PLAIN, encode_chat
+
+    base, _ = live
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "In the beginning"}]
+    r = client.chat.completions.create(model="tiny-test", messages=messages, max_tokens=8, temperature=0)
+    ids = encode_chat(tokenizer, PLAIN, messages)
+    from glm130b.infer.generate import generate_block
+    from glm130b.model.masks import Block
+
+    want = generate_block(model, ids, Block(len(ids) - 1, 0, continues=True), tokenizer.sop_id,
+                          {tokenizer.eop_id, tokenizer.eos_id}, 8)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == tokenizer.decode(want)
+    assert r.usage.prompt_tokens == len(ids) and r.object == "chat.completion"
+    chunks = list(client.chat.completions.create(model="tiny-test", messages=messages, max_tokens=8, temperature=0,
+                                                 n=2, stream=True, stream_options={"include_usage": True}))
+    for i in range(2):
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+        assert text == tokenizer.decode(want)
+    assert chunks[-1].usage.prompt_tokens == 2 * len(ids)
+    with pytest.raises(openai.BadRequestError, match="last message"):
+        client.chat.completions.create(model="tiny-test", messages=[{"role": "assistant", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.chat.completions.create(model="tiny-test", messages=[{"role": "user", "content": "word " * 300}],
+                                       max_tokens=4)
+
+
+def test_embeddings_endpoint(live, model, tokenizer):
+    import openai
+
+    from glm130b.infer.embed import embed
+
+    base, _ = live
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+    r = client.embeddings.create(model="tiny-test", input=["In the beginning", "起初"])
+    assert [d.index for d in r.data] == [0, 1] and r.usage.prompt_tokens > 0
+    want = embed(model, [tokenizer.encode("In the beginning", blanks=False)])[0]
+    assert max(abs(a - b) for a, b in zip(r.data[0].embedding, want.tolist(), strict=True)) < 1e-5
+    import base64
+
+    import numpy as np
+
+    one = client.embeddings.create(model="tiny-test", input="起初", encoding_format="base64")
+    floats = np.frombuffer(base64.b64decode(one.data[0].embedding), dtype="<f4")  # as OpenAI encodes them
+    assert np.allclose(floats, r.data[1].embedding, atol=1e-6)

@@ -258,8 +258,11 @@ def cmd_serve(args) -> int:
     model, tokenizer = _load(args)
     model = _fast(model)
     name = args.served_model_name or directory.resolve().name
+    from glm130b.infer.chat import template_of
+
+    template = template_of(directory, tokenizer, args.chat_template)
     app = create_app(model, tokenizer, model_name=name, api_key=args.api_key or os.environ.get("GLM130B_API_KEY"),
-                     max_batch=args.max_batch, max_queue=args.max_queue, batcher_thread=False)
+                     max_batch=args.max_batch, max_queue=args.max_queue, batcher_thread=False, chat_template=template)
     # HTTP on a thread, decoding on this (main) thread: the one that owns torch's thread pools
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
     http = threading.Thread(target=server.run, name="glm130b-http", daemon=True)
@@ -276,6 +279,59 @@ def cmd_serve(args) -> int:
         server.should_exit = True
         http.join(timeout=30)
     return 0
+
+
+def cmd_chat(args) -> int:
+    """A terminal chat: the conversation rendered by the model's chat template, each answer
+    streamed; /reset forgets, /exit (or end of input) leaves, Ctrl-C stops the current answer."""
+    from glm130b.infer.chat import fit_history, template_of
+    from glm130b.infer.engine import stop_cut
+    from glm130b.infer.generate import TextStream, generate_block
+    from glm130b.model.masks import Block
+
+    model, tokenizer, config = _load_for_generation(args)
+    template = template_of(resolve_model_dir(args.model), tokenizer, args.chat_template)
+    opening = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(opening)
+    limit = model.config.max_seq_len - 1
+    print("chat: /reset forgets the conversation, /exit leaves, Ctrl-C stops an answer", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        if line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            history = list(opening)
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        messages = history + [{"role": "user", "content": line}]
+        ids = fit_history(tokenizer, template, messages, lambda n: n + config.max_new_tokens <= limit)
+        budget = min(config.max_new_tokens, limit - len(ids))
+        if budget < 1:
+            print("(the message alone fills the model's context; say it shorter)", file=sys.stderr)
+            continue
+        stream = TextStream(tokenizer, lambda piece: print(piece, end="", flush=True), config.stop_strings)
+        print("glm> ", end="", flush=True)
+        try:
+            generate_block(model, ids, Block(len(ids) - 1, 0, continues=True), tokenizer.sop_id,
+                           {tokenizer.eop_id, tokenizer.eos_id}, budget, stream.token,
+                           dataclasses.replace(config, max_new_tokens=budget))
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        answer = tokenizer.decode(stream.tokens)
+        cut = stop_cut(answer, config.stop_strings)
+        answer = answer if cut is None else answer[:cut]
+        stream.finish(answer)
+        print(flush=True)
+        history = messages + [{"role": "assistant", "content": answer}]
 
 
 def cmd_plan(args) -> int:
@@ -432,8 +488,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=128,
                    help="requests that may wait for a batch slot; more get 503 + Retry-After (default 128)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--chat-template", help="a Jinja chat template file, or chatglm-6b / chatglm-6b-cpp / plain "
+                                           "(default: the model folder's, see docs/serving.md)")
     _add_quant_flags(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="talk to a model in turns in the terminal (streaming; /reset, /exit; Ctrl-C "
+                                    "stops an answer)")
+    p.add_argument("--model", help="model folder (default: the shipped model)")
+    p.add_argument("--system", help="a system message opening the conversation")
+    p.add_argument("--chat-template", help="a Jinja chat template file, or chatglm-6b / chatglm-6b-cpp / plain")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    _add_sampling_flags(p)
+    _add_quant_flags(p)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="convert between SAT TP shards, HF folders (ChatGLM-6B) and ours; re-shard")
     p.add_argument("src")

@@ -70,18 +70,21 @@ class GLMTokenizer:
     def special_ids(self) -> dict[str, int]:
         return {name: getattr(self, attr) for name, attr in zip(SPECIAL_TOKENS, _SPECIAL_ATTRS, strict=True)}
 
-    def encode(self, text: str, special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`; nothing (no BOS/EOS) is added. Blank strings become their ids;
-        other special-token strings only with `special_tokens`."""
-        return self.encode_batch([text], special_tokens)[0]
+    def encode(self, text: str, special_tokens: bool = False, blanks: bool = True) -> list[int]:
+        """Token ids of `text`; nothing (no BOS/EOS) is added. Blank strings become their ids
+        (not with `blanks=False`: a chat message); other special-token strings only with
+        `special_tokens`."""
+        return self.encode_batch([text], special_tokens, blanks)[0]
 
-    def encode_batch(self, texts: Iterable[str], special_tokens: bool = False) -> list[list[int]]:
+    def encode_batch(self, texts: Iterable[str], special_tokens: bool = False, blanks: bool = True) -> list[list[int]]:
         texts = list(texts)
         for t in texts:
             _check_text(t)
         try:
             if special_tokens:
                 return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+            if not blanks:
+                return [e.ids for e in self._text_only.encode_batch(texts, add_special_tokens=False)]
             parts = [_BLANK_RE.split(t) for t in texts]
             pieces = [p for ps in parts for p in ps if p and p not in BLANK_TOKENS]
             encoded = iter(self._text_only.encode_batch(pieces, add_special_tokens=False))
@@ -260,20 +263,22 @@ class SentencePieceTokenizer(GLMTokenizer):
         text = text.replace("<n>", "\n").replace("<|tab|>", "\t")
         return re.sub(r"<\|blank_(\d+)\|>", lambda m: " " * int(m.group(1)), text)
 
-    def encode(self, text: str, special_tokens: bool = False) -> list[int]:
+    def encode(self, text: str, special_tokens: bool = False, blanks: bool = True) -> list[int]:
         _check_text(text)
         out: list[int] = []
-        for part in (self._split_re if special_tokens else _BLANK_RE).split(text):
+        special = set(SPECIAL_TOKENS) if special_tokens else set(BLANK_TOKENS) if blanks else set()
+        parts = (self._split_re if special_tokens else _BLANK_RE).split(text) if special else [text]
+        for part in parts:
             if not part:
                 continue
-            if part in SPECIAL_TOKENS:
+            if part in special:
                 out.append(self.special_ids[part])
             else:
                 out.extend(self._offset + i for i in self._sp.encode(self._preprocess(part)))
         return out
 
-    def encode_batch(self, texts: Iterable[str], special_tokens: bool = False) -> list[list[int]]:
-        return [self.encode(t, special_tokens) for t in texts]
+    def encode_batch(self, texts: Iterable[str], special_tokens: bool = False, blanks: bool = True) -> list[list[int]]:
+        return [self.encode(t, special_tokens, blanks) for t in texts]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         ids = _check_ids(ids, self.vocab_size)
@@ -317,9 +322,12 @@ class SentencePieceTokenizer(GLMTokenizer):
         tmp = target.with_name(f".{target.name}.tmp")
         shutil.copyfile(self.model_file, tmp)
         tmp.replace(target)
-        atomic_write_text(folder / SENTENCEPIECE_CONFIG,
-                          json.dumps({"type": "sentencepiece", "convention": self.convention,
-                                      "num_image_tokens": self.num_image_tokens}) + "\n")
+        config = {"type": "sentencepiece", "convention": self.convention, "num_image_tokens": self.num_image_tokens}
+        if self.convention == "chatglm-6b":  # the Hugging Face place for it (glm130b.infer.chat)
+            from glm130b.infer.chat import CHATGLM6B
+
+            config["chat_template"] = CHATGLM6B
+        atomic_write_text(folder / SENTENCEPIECE_CONFIG, json.dumps(config, ensure_ascii=False) + "\n")
         return target
 
     @classmethod

@@ -17,9 +17,11 @@ jobs. Decisions and limits: docs/serving.md.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import hmac
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -40,14 +42,24 @@ from prometheus_client import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from glm130b.infer.chat import ChatError, fit_history, template_of
+from glm130b.infer.embed import embed
 from glm130b.infer.engine import GenerationConfig
 from glm130b.infer.generate import TextStream, blank_ids
 from glm130b.model.masks import Block
 from glm130b.serve.batcher import Batcher, Event, Job, QueueFull
 from glm130b.serve.protocol import (
+    ChatChoice,
+    ChatCompletion,
+    ChatMessage,
+    ChatRequest,
     Completion,
     CompletionChoice,
     CompletionRequest,
+    Embedding,
+    EmbeddingList,
+    EmbeddingRequest,
+    EmbeddingUsage,
     ErrorBody,
     Health,
     Infill,
@@ -58,6 +70,7 @@ from glm130b.serve.protocol import (
     Usage,
 )
 
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/infill", "/v1/embeddings", "/v1/models")
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily (as vLLM does): 1/T would overflow
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 ERRORS = {400: {"model": ErrorBody, "description": "invalid request"},
@@ -123,7 +136,7 @@ class MetricsMiddleware:
         finally:
             m = self.metrics()
             if m is not None:
-                endpoint = scope["path"] if scope["path"] in ("/v1/completions", "/v1/infill", "/v1/models") else "other"
+                endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
                 m.requests.labels(endpoint, str(status[0])).inc()
                 m.latency.labels(endpoint).observe(time.perf_counter() - start)
 
@@ -168,8 +181,11 @@ class _Choice:
 class Server:
     """The model, its batcher and the request handlers of one app."""
 
-    def __init__(self, model, tokenizer, model_name: str, max_batch: int, max_queue: int):
+    def __init__(self, model, tokenizer, model_name: str, max_batch: int, max_queue: int,
+                 chat_template: str | None = None):
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
+        self.chat_template = chat_template or template_of(None, tokenizer)
+        self.embed_lock = threading.Lock()
         self.max_len = model.config.max_seq_len
         self.batcher = Batcher(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
         self.metrics = Metrics(self.batcher)
@@ -345,6 +361,108 @@ class Server:
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    # -- /v1/chat/completions --------------------------------------------------------------------
+    async def chat(self, req: ChatRequest, request: Request):
+        """The messages rendered by the chat template (infer/chat.py; the oldest exchanges dropped
+        when the conversation outgrows the context), continued as /v1/completions continues."""
+        self.check_model(req.model)
+        for name, value, neutral in (("logprobs", req.logprobs, None), ("tools", req.tools, None),
+                                     ("presence_penalty", req.presence_penalty, 0.0),
+                                     ("frequency_penalty", req.frequency_penalty, 0.0)):
+            if value not in (neutral, False):
+                raise APIError(400, f"`{name}` is not supported by this server", param=name, code="unsupported")
+        tok, budget = self.tokenizer, req.answer_budget()
+        try:
+            ids = fit_history(tok, self.chat_template, [m.model_dump() for m in req.messages],
+                              lambda n: n + (budget or 1) <= self.max_len - 1)
+        except ChatError as e:
+            raise APIError(400, str(e), param="messages") from None
+        max_tokens = self.check_room(len(ids), budget, what="messages")
+        prompt_tokens = len(ids) * req.n
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        jobs, queue = self.run(lambda emitter: [
+            Job(ids, [Block(len(ids) - 1, 0, continues=True)], self.config(req, max_tokens, j), emitter(j),
+                stream=req.stream) for j in range(req.n)])
+        choices = [_Choice(j) for j in range(req.n)]
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def usage() -> Usage:
+            gen = sum(c.tokens() for c in choices)
+            return Usage(prompt_tokens=prompt_tokens, completion_tokens=gen, total_tokens=prompt_tokens + gen)
+
+        if not req.stream:
+            async for i, ev in self.events(request, jobs, queue, stream=False):
+                choices[i].on(ev)
+            out = [ChatChoice(index=c.index, message=ChatMessage(role="assistant", content=c.span_text(tok, 0)),
+                              finish_reason=_finish(c.reason)) for c in choices]
+            return ChatCompletion(id=rid, created=created, model=self.model_name, choices=out, usage=usage())
+
+        def chunk(index: int, delta: dict, reason: str | None = None) -> str:
+            return _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                         "choices": [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}]})
+
+        async def stream() -> AsyncIterator[str]:
+            async for item in _or_error(stream_body()):
+                yield item
+
+        async def stream_body() -> AsyncIterator[str]:
+            pieces: list[str] = []
+            for c in choices:
+                c.stream = TextStream(tok, pieces.append, req.stop_strings())
+                yield chunk(c.index, {"role": "assistant", "content": ""})
+            async for i, ev in self.events(request, jobs, queue, stream=True):
+                c = choices[i]
+                c.on(ev)
+                if ev.kind == "token":
+                    c.stream.token(ev.token)
+                elif ev.kind == "done":
+                    c.stream.finish(c.span_text(tok, 0))
+                for piece in pieces:
+                    yield chunk(i, {"content": piece})
+                pieces.clear()
+                if ev.kind == "done":
+                    yield chunk(i, {}, _finish(c.reason))
+            if req.stream_options is not None and req.stream_options.include_usage:
+                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                            "model": self.model_name, "choices": [], "usage": usage().model_dump()})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # -- /v1/embeddings ------------------------------------------------------------------------
+    async def embeddings(self, req: EmbeddingRequest) -> EmbeddingList:
+        """Mean of the final (LayerNormed) hidden states over the input's tokens, L2-normalised;
+        the input is one bidirectional GLM context (infer/embed.py)."""
+        self.check_model(req.model)
+        if req.dimensions is not None:
+            raise APIError(400, "`dimensions` is not supported by this server", param="dimensions", code="unsupported")
+        raw = req.input
+        items = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
+        contexts = []
+        for i, item in enumerate(items):
+            ids = self.tokenizer.encode(item, blanks=False) if isinstance(item, str) else list(item)
+            if not ids or any(not 0 <= t < self.tokenizer.vocab_size for t in ids):
+                raise APIError(400, f"input[{i}] is empty or holds ids outside the vocabulary", param="input")
+            if len(ids) > self.max_len:
+                raise APIError(400, f"input[{i}] is {len(ids)} tokens; this model's maximum context length is "
+                                    f"{self.max_len}", param="input", code="context_length_exceeded")
+            contexts.append(ids)
+        self.metrics.prompt_tokens.inc(sum(len(c) for c in contexts))
+
+        def run():
+            with self.embed_lock:
+                return embed(self.model, contexts, self.tokenizer.pad_id)
+
+        vectors = await asyncio.to_thread(run)
+        data = []
+        for i, v in enumerate(vectors):
+            value = base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() \
+                if req.encoding_format == "base64" else v.tolist()
+            data.append(Embedding(index=i, embedding=value))
+        total = sum(len(c) for c in contexts)
+        return EmbeddingList(data=data, model=self.model_name,
+                             usage=EmbeddingUsage(prompt_tokens=total, total_tokens=total))
+
     # -- /v1/infill ------------------------------------------------------------------------------
     async def infill(self, req: InfillRequest, request: Request):
         """GLM-130B's fill_blanks rules (glm130b.infer.generate.fill_blanks): one kind of blank, `<eos>`
@@ -466,11 +584,12 @@ def _sse(body: dict) -> str:
 
 # --------------------------------------------------------------------------------------------
 def create_app(model, tokenizer, model_name: str = "glm-small", api_key: str | None = None,
-               max_batch: int = 16, max_queue: int = 128, batcher_thread: bool = True) -> FastAPI:
+               max_batch: int = 16, max_queue: int = 128, batcher_thread: bool = True,
+               chat_template: str | None = None) -> FastAPI:
     """The FastAPI app serving `model` (plain or quantized). The batcher starts with the app on
     its own thread, unless `batcher_thread=False`: then the caller runs `app.state.server.batcher.run`
     (glm130b serve does, on the main thread)."""
-    server = Server(model, tokenizer, model_name, max_batch, max_queue)
+    server = Server(model, tokenizer, model_name, max_batch, max_queue, chat_template)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -532,6 +651,15 @@ def create_app(model, tokenizer, model_name: str = "glm-small", api_key: str | N
     @app.post("/v1/completions", response_model=Completion, responses=ERRORS, dependencies=[Depends(authorized)])
     async def completions(req: CompletionRequest, request: Request):
         return await server.completions(req, request)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS,
+              dependencies=[Depends(authorized)])
+    async def chat(req: ChatRequest, request: Request):
+        return await server.chat(req, request)
+
+    @app.post("/v1/embeddings", response_model=EmbeddingList, responses=ERRORS, dependencies=[Depends(authorized)])
+    async def embeddings(req: EmbeddingRequest):
+        return await server.embeddings(req)
 
     @app.post("/v1/infill", response_model=Infill, responses=ERRORS, dependencies=[Depends(authorized)])
     async def infill(req: InfillRequest, request: Request):

@@ -1,0 +1,83 @@
+"""Chat templates (infer/chat.py), the terminal chat, and embeddings (infer/embed.py)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import varied_model
+
+from glm130b.infer.chat import CHATGLM6B, CHATGLM6B_CPP, PLAIN, ChatError, encode_chat, fit_history, render
+from glm130b.infer.embed import embed
+from glm130b.tokenizer import default_tokenizer
+
+CHATGLM_REFERENCE = Path(__file__).parent / "fixtures" / "chatglm6b" / "generation_reference.json"
+
+
+def test_chatglm_cpp_template_renders_the_peers_prompts():
+    """chatglm.cpp 0.4.2's own chat prompts (in the ChatGLM reference) come out of our template."""
+    cases = [c for c in json.loads(CHATGLM_REFERENCE.read_text())["cases"] if c["kind"] == "chat"]
+    assert len(cases) == 2
+    for case in cases:
+        assert render(CHATGLM6B_CPP, case["messages"]) == case["prompt_text"], case["name"]
+
+
+def test_chatglm_hf_template_and_plain():
+    talk = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
+            {"role": "user", "content": "再见"}]
+    assert render(CHATGLM6B, talk[:1]) == "你好"  # one message: the query as it is (HF build_prompt)
+    assert render(CHATGLM6B, talk) == "[Round 1]\n\n问：你好\n\n答：你好！\n\n[Round 2]\n\n问：再见\n\n答："
+    system = [{"role": "system", "content": "Be brief."}] + talk[:1]
+    assert render(PLAIN, system) == "Be brief.\n\nQuestion: 你好\nAnswer:"
+
+
+def test_typed_control_strings_stay_text():
+    tok = default_tokenizer()
+    ids = encode_chat(tok, PLAIN, [{"role": "user", "content": "fill [MASK] then <eop> <sop> [gMASK]"}])
+    assert ids[-1] == tok.gmask_id and not any(i < 8 for i in ids[:-1])  # the only special id is ours
+
+
+def test_bad_messages():
+    for messages, needle in (([], "at least one"), ([{"role": "assistant", "content": "hi"}], "last message"),
+                             ([{"role": "robot", "content": "x"}], "role")):
+        with pytest.raises(ChatError, match=needle):
+            render(PLAIN, messages)
+
+
+def test_long_history_drops_the_oldest_exchanges():
+    tok = default_tokenizer()
+    system = {"role": "system", "content": "S"}
+    turns = []
+    for i in range(6):
+        turns += [{"role": "user", "content": f"question {i} " * 5}, {"role": "assistant", "content": f"answer {i} " * 5}]
+    messages = [system] + turns + [{"role": "user", "content": "last"}]
+    full = len(encode_chat(tok, PLAIN, messages))
+    ids = fit_history(tok, PLAIN, messages, lambda n: n <= full // 2)
+    text = tok.decode(ids[:-1])
+    assert len(ids) <= full // 2 and text.startswith("S") and text.endswith("Question: last\nAnswer:")
+    assert "question 0" not in text and "question 5" in text  # the oldest went first
+    one = fit_history(tok, PLAIN, messages, lambda n: False)  # nothing fits: system + the last question
+    assert tok.decode(one[:-1]) == "S\n\nQuestion: last\nAnswer:"
+
+
+def test_embeddings_are_unit_mean_pooled_and_batch_independent():
+    model = varied_model("1d", seed=3)
+    a, b = [5, 9, 11, 40], [7, 8]
+    together = embed(model, [a, b])
+    alone = embed(model, [b])
+    assert all(abs(v.norm().item() - 1) < 1e-5 for v in together)
+    torch.testing.assert_close(together[1], alone[0], atol=1e-5, rtol=1e-5)  # padding never leaks in
+    with torch.no_grad():
+        h = model.final_layernorm(model.run_blocks(model.embed(torch.tensor([a])), torch.arange(4).view(1, -1),
+                                                   torch.ones(1, 1, 4, 4, dtype=torch.bool)))
+    torch.testing.assert_close(together[0], torch.nn.functional.normalize(h[0].mean(0), dim=0), atol=1e-5, rtol=1e-5)
+
+
+def test_terminal_chat_streams_resets_and_exits():
+    """The verb driven through its standard input: two answers, a reset, /exit, exit 0."""
+    out = subprocess.run([sys.executable, "-m", "glm130b", "chat", "--max-new-tokens", "6", "--system", "Be kind."],
+                         input="In the beginning\n/reset\n起初\n/exit\n", capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("glm> ") == 2 and "(conversation reset)" in out.stderr
