@@ -81,3 +81,49 @@ def test_terminal_chat_streams_resets_and_exits():
                          input="In the beginning\n/reset\n起初\n/exit\n", capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("glm> ") == 2 and "(conversation reset)" in out.stderr
+
+
+def test_terminal_chat_in_tmux_ctrl_c_stops_an_answer_not_the_chat(tmp_path):
+    """Driven as a person would, in tmux: Ctrl-C during an answer stops it and the chat goes on."""
+    import shutil
+    import time
+
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    session = f"glmchat{id(tmp_path) % 100000}"
+    command = f"{sys.executable} -m glm130b chat --max-new-tokens 240 --min-new-tokens 240; echo EXITED $?; sleep 60"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "50", command], check=True)
+
+    def pane() -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-S", "-200", "-t", session], capture_output=True,
+                              text=True).stdout
+
+    def keys(*k) -> None:
+        subprocess.run(["tmux", "send-keys", "-t", session, *k], check=True)
+
+    def wait_for(text: str, timeout: float = 120.0) -> bool:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if text in pane():
+                return True
+            time.sleep(0.05)
+        return False
+
+    try:
+        assert wait_for("you>"), pane()
+        stopped = False
+        for _ in range(5):  # an answer that ends before the key arrives is simply tried again
+            keys("In the beginning", "Enter")
+            assert wait_for("glm>", 60)
+            time.sleep(0.15)
+            keys("C-c")
+            time.sleep(0.5)
+            if "[stopped]" in pane():
+                stopped = True
+                break
+        assert stopped, pane()
+        assert pane().rstrip().endswith("you>"), pane()  # back at the prompt, still chatting
+        keys("/exit", "Enter")
+        assert wait_for("EXITED 0", 30), pane()
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)

@@ -383,13 +383,19 @@ def test_web_page_in_headless_chromium(live, tmp_path):
             page.fill("#text", "Let there be [MASK].")
             page.click("#fill")
             page.wait_for_function("document.getElementById('filled').dataset.done === '1'", timeout=60000)
+            for message in ("Who created the heaven?", "And then?"):  # two turns of one conversation
+                page.fill("#message", message)
+                page.click("#send")
+                page.wait_for_function("document.getElementById('reply').dataset.done === '1'", timeout=60000)
+            turns = page.locator("#chatlog .turn").count()
             completion, filled = page.inner_text("#completion"), page.inner_text("#filled")
-            errors = [page.get_attribute(f"#{x}", "class") for x in ("completion", "filled")]
+            errors = [page.get_attribute(f"#{x}", "class") for x in ("completion", "filled", "reply")]
             shot = tmp_path / "page.png"
             page.screenshot(path=str(shot), full_page=True)
         finally:
             chrome.close()
-    assert errors == [None, None] and completion.strip(), (errors, completion)
+    assert errors == [None, None, None] and completion.strip(), (errors, completion)
+    assert turns == 2
     assert filled.startswith("Let there be") and filled.endswith(".") and "[MASK]" not in filled
     # the screenshot shows the page: a PNG with more than a blank background
     import matplotlib.image
