@@ -1,0 +1,116 @@
+"""A C++ kernel build killed half-way must not wedge later commands; a live build is waited for.
+
+The fast tests replace `torch.utils.cpp_extension.load` with a stand-in that takes torch's own
+build baton exactly as torch's JIT build does (FileBaton on `<folder>/lock`) and then "compiles"
+by sleeping, so no compiler runs. The slow test kills a real build.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+FAKE_BUILD = textwrap.dedent("""
+    import os, sys, time, types
+    import torch.utils.cpp_extension as ext
+    from torch.utils.file_baton import FileBaton
+    from glm130b.quant.kernels import cpu
+
+    def fake_load(name, sources, build_directory, **kw):  # torch's _jit_compile, minus the compiler
+        baton = FileBaton(os.path.join(build_directory, "lock"))
+        if baton.try_acquire():
+            try:
+                print("building", flush=True)
+                time.sleep(float(sys.argv[1]))
+            finally:
+                baton.release()
+        else:
+            baton.wait()
+        return types.SimpleNamespace(set_int4_vnni=lambda on: None)
+
+    ext.load = fake_load
+    print("module" if cpu.get() is not None else "fallback: " + str(cpu.error()), flush=True)
+""")
+
+
+def _env(cache: Path, **extra) -> dict:
+    env = {**os.environ, "PYTHONPATH": SRC, "GLM130B_KERNEL_CACHE": str(cache), **extra}
+    env.pop("GLM130B_NO_KERNELS", None)
+    return env
+
+
+def _start(cache: Path, seconds: float, **extra) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", FAKE_BUILD, str(seconds)], env=_env(cache, **extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_building(proc: subprocess.Popen) -> None:
+    assert proc.stdout.readline().strip() == "building", proc.stderr.read()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_build_does_not_wedge_the_next_one(tmp_path, sig):
+    first = _start(tmp_path, 1000)
+    _wait_building(first)
+    first.send_signal(sig)
+    first.wait(timeout=30)
+    assert list(tmp_path.glob("*/lock")), "the killed build should have left torch's lock behind"
+    # before the fix the next build waited on that lock forever
+    second = subprocess.run([sys.executable, "-c", FAKE_BUILD, "0"], env=_env(tmp_path), capture_output=True,
+                            text=True, timeout=30)
+    assert second.stdout.splitlines()[-1] == "module", second.stderr
+    assert "kernel build was killed" in second.stderr
+    assert not list(tmp_path.glob("*/lock"))
+
+
+def test_a_live_build_is_waited_for_with_a_message(tmp_path):
+    first = _start(tmp_path, 4)
+    _wait_building(first)
+    second = subprocess.run([sys.executable, "-c", FAKE_BUILD, "0"], env=_env(tmp_path), capture_output=True,
+                            text=True, timeout=30)
+    assert first.wait(timeout=30) == 0
+    assert first.stdout.read().strip() == "module"
+    assert second.stdout.splitlines()[-1] == "module", second.stderr
+    assert f"waiting for the C++ kernel build of process {first.pid}" in second.stderr
+    assert "killed" not in second.stderr  # the live build's lock was not broken
+
+
+def test_a_build_that_never_ends_is_given_up_with_a_message(tmp_path):
+    first = _start(tmp_path, 1000)
+    try:
+        _wait_building(first)
+        second = subprocess.run([sys.executable, "-c", FAKE_BUILD, "0"], capture_output=True, text=True, timeout=60,
+                                env=_env(tmp_path, GLM130B_KERNEL_LOCK_TIMEOUT="1"))
+        assert "fallback: TimeoutError" in second.stdout, (second.stdout, second.stderr)
+        assert "slower pure-PyTorch path" in second.stderr
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_real_build_killed_half_way_then_the_next_one_builds(tmp_path):
+    """kill -9 a real first-use compile, then the next process compiles and loads the kernels."""
+    code = "from glm130b.quant.kernels import cpu; m = cpu.get(); print('module' if m else cpu.error())"
+    first = subprocess.Popen([sys.executable, "-c", code], env=_env(tmp_path), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("*/lock")):
+        assert time.time() < deadline and first.poll() is None, first.communicate()
+        time.sleep(0.1)
+    time.sleep(2)  # the compiler is running
+    os.killpg(first.pid, signal.SIGKILL)  # python, ninja and the compilers, as a closed terminal would
+    first.wait(timeout=30)
+    second = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path), capture_output=True, text=True,
+                            timeout=900)
+    assert second.stdout.strip() == "module", second.stderr
+    assert "kernel build was killed" in second.stderr
