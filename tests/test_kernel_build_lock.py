@@ -114,3 +114,21 @@ def test_a_real_build_killed_half_way_then_the_next_one_builds(tmp_path):
                             timeout=900)
     assert second.stdout.strip() == "module", second.stderr
     assert "kernel build was killed" in second.stderr
+
+
+def test_a_live_build_without_our_lock_is_not_broken(tmp_path):
+    """A process that holds only torch's lock (an older glm130b building in the same cache) is
+    waited for, not robbed of its lock."""
+    from glm130b.quant.kernels import cpu
+
+    folder = tmp_path / cpu.build_key()
+    folder.mkdir()
+    hold = ("import os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); print('held', flush=True); "
+            "time.sleep(3); os.close(fd); os.remove(sys.argv[1])")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(folder / "lock")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    second = subprocess.run([sys.executable, "-c", FAKE_BUILD, "0"], env=_env(tmp_path), capture_output=True,
+                            text=True, timeout=30)
+    assert holder.wait(timeout=30) == 0  # its own lock was still there to remove
+    assert second.stdout.splitlines()[-1] == "module", second.stderr
+    assert f"waiting for process {holder.pid}" in second.stderr and "killed" not in second.stderr

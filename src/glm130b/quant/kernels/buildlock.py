@@ -8,8 +8,9 @@ So every build here first takes an flock on `<folder>/owner.lock`. The kernel re
 when its process dies, however it dies, so:
   * held by a live process: that build is running; wait for it, saying so on stderr, up to
     $GLM130B_KERNEL_LOCK_TIMEOUT seconds (default 900), then give up (callers fall back to PyTorch);
-  * ours: nobody else is building, so a torch `lock` file still there was left by a dead build:
-    remove it, saying so, and build.
+  * ours: nobody else of ours is building. A torch `lock` file still there that no process has
+    open (torch keeps it open while it builds) was left by a dead build: remove it, saying so,
+    and build. One that a live process holds (a build by an older glm130b) is waited for.
 The flock file holds the owner's PID, for the messages.
 """
 
@@ -61,14 +62,51 @@ def build_lock(directory: str | Path, timeout: float | None = None,
                 time.sleep(POLL_S)
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        stale = directory / TORCH_LOCK
-        if stale.exists():
-            say(f"removing {stale}: a kernel build was killed before it finished (no live process holds it); "
-                "building again")
-            stale.unlink(missing_ok=True)
+        _clear_torch_lock(directory / TORCH_LOCK, timeout, say)
         yield
     finally:
         os.close(fd)  # releases the flock
+
+
+def _clear_torch_lock(lock: Path, timeout: float, say: Callable[[str], None]) -> None:
+    """Remove torch's lock file when no process has it open. (torch keeps it open for the whole
+    build; a process without our flock, such as an older glm130b, may still be building.)"""
+    if not lock.exists():
+        return
+    holders = _holders(lock)
+    if holders:
+        say(f"waiting for process {holders[0]}, which is building the kernels in {lock.parent}")
+        deadline = time.monotonic() + timeout
+        while lock.exists() and _holders(lock):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"process {holders[0]} has held {lock} for over {timeout:.0f} s")
+            time.sleep(POLL_S)
+    if lock.exists():
+        say(f"removing {lock}: a kernel build was killed before it finished (no live process holds it); "
+            "building again")
+        lock.unlink(missing_ok=True)
+
+
+def _holders(path: Path) -> list[str]:
+    """PIDs of the processes with `path` open (Linux /proc; elsewhere none can be seen)."""
+    target, found = str(path.resolve()), []
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    found.append(pid)
+                    break
+            except OSError:
+                continue
+    return found
 
 
 def _try_lock(fd: int) -> bool:
