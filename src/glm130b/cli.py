@@ -254,30 +254,53 @@ def cmd_serve(args) -> int:
     from glm130b.quant import use_fast_linears
     from glm130b.serve.app import create_app
 
-    if args.max_batch < 1 or args.max_queue < 0:
-        raise GLMError("--max-batch must be >= 1 and --max-queue >= 0")
+    if args.max_batch < 1 or args.max_queue < 0 or not args.drain_timeout >= 0:
+        raise GLMError("--max-batch must be >= 1, --max-queue >= 0 and --drain-timeout >= 0")
     directory = resolve_model_dir(args.model)
     model, tokenizer = _load(args)
     model = use_fast_linears(model)
     name = args.served_model_name or directory.resolve().name
     app = create_app(model, tokenizer, model_name=name, api_key=args.api_key or os.environ.get("GLM130B_API_KEY"),
                      max_batch=args.max_batch, max_queue=args.max_queue, batcher_thread=False)
-    # HTTP on a thread, decoding on this (main) thread: the one that owns torch's thread pools
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    # HTTP on a thread, decoding on this (main) thread: the one that owns torch's thread pools.
+    # uvicorn waits for open requests a little longer than the drain, so they end with our error event
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                          timeout_graceful_shutdown=int(args.drain_timeout) + 5))
     http = threading.Thread(target=server.run, name="glm130b-http", daemon=True)
     http.start()
     while not server.started:
         if not http.is_alive():
             raise GLMError(f"could not serve on {args.host}:{args.port} (see the message above)")
         time.sleep(0.05)
-    print(f"serving {name} from {directory} on http://{args.host}:{args.port} (max batch {args.max_batch}, "
-          f"queue {args.max_queue})", file=sys.stderr)
+    port = server.servers[0].sockets[0].getsockname()[1] if server.servers else args.port
+    print(f"serving {name} from {directory} on http://{args.host}:{port} (max batch {args.max_batch}, "
+          f"queue {args.max_queue})", file=sys.stderr, flush=True)
+    _graceful_stop(server, app.state.server, args.drain_timeout)
     try:
-        app.state.server.batcher.run(keep_running=http.is_alive)
+        app.state.server.batcher.run(keep_running=http.is_alive)  # decodes until HTTP has drained
     finally:
         server.should_exit = True
-        http.join(timeout=30)
+        http.join(timeout=args.drain_timeout + 30)
     return 0
+
+
+def _graceful_stop(server, api, drain: float) -> None:
+    """SIGTERM / SIGINT: stop accepting, let requests in flight finish for `drain` seconds, end
+    the rest with an error (streams get an error event and [DONE]), exit 0. A second signal
+    ends the rest at once (docs/serving.md)."""
+    import signal
+
+    def stop(signum, _frame):
+        now = api.deadline is not None
+        api.drain(0 if now else drain)
+        server.should_exit = True
+        b = api.batcher
+        print(f"glm130b: {signal.Signals(signum).name}: " + ("ending the requests in flight now" if now else
+              f"no new requests; finishing {b.running} running and {b.queue_depth} waiting (up to {drain:g} s; "
+              "signal again to end them now)"), file=sys.stderr, flush=True)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
 
 
 def cmd_plan(args) -> int:
@@ -429,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=128,
                    help="requests that may wait for a batch slot; more get 503 + Retry-After (default 128)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--drain-timeout", dest="drain_timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT: seconds requests in flight may take to finish before they end with "
+                        "an error (default 30)")
     _add_quant_flags(p)
     p.set_defaults(func=cmd_serve)
 

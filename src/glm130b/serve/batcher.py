@@ -269,7 +269,11 @@ class Batcher:
         slot = len(self.live)
         self.engine.forward(*self.engine.prefill_inputs([job.context for job in jobs]), _Prefill(self.cache, slot))
         for i, job in enumerate(jobs):
-            generator = make_generator(job.config.seed) if job.config.strategy == "sample" else None
+            try:
+                generator = make_generator(job.config.seed) if job.config.strategy == "sample" else None
+            except (ValueError, RuntimeError, OverflowError) as e:  # this job's settings: fail it alone
+                self._emit(job, Event("error", message=f"{type(e).__name__}: {e}"))
+                continue
             live = _Live(job, length=len(job.context), generator=generator)
             if self._start_block(live, 0):  # (False only for a context with no room: its row is dropped)
                 if slot + i != len(self.live):  # keep live rows contiguous after a dropped one
