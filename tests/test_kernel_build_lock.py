@@ -12,12 +12,15 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+import glm130b
+
+SRC = str(Path(glm130b.__file__).resolve().parents[1])  # the code under test
 
 FAKE_BUILD = textwrap.dedent("""
     import os, sys, time, types
@@ -30,7 +33,8 @@ FAKE_BUILD = textwrap.dedent("""
         if baton.try_acquire():
             try:
                 print("building", flush=True)
-                time.sleep(float(sys.argv[1]))
+                while sys.argv[1] != "-" and not os.path.exists(sys.argv[1]):  # compiling until released
+                    time.sleep(0.05)
             finally:
                 baton.release()
         else:
@@ -48,9 +52,27 @@ def _env(cache: Path, **extra) -> dict:
     return env
 
 
-def _start(cache: Path, seconds: float, **extra) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", FAKE_BUILD, str(seconds)], env=_env(cache, **extra),
+def _start(cache: Path, release: Path | str = "-", **extra) -> subprocess.Popen:
+    """A stand-in build that compiles until the file `release` exists ("-": not at all)."""
+    return subprocess.Popen([sys.executable, "-c", FAKE_BUILD, str(release)], env=_env(cache, **extra),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _until_said(proc: subprocess.Popen, needle: str, timeout: float = 60) -> list[str]:
+    """Read proc's stderr until a line holds `needle`; the lines read."""
+    lines: list[str] = []
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if needle in line:
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert any(needle in line for line in lines), lines
+    return lines
 
 
 def _wait_building(proc: subprocess.Popen) -> None:
@@ -59,13 +81,13 @@ def _wait_building(proc: subprocess.Popen) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_a_killed_build_does_not_wedge_the_next_one(tmp_path, sig):
-    first = _start(tmp_path, 1000)
+    first = _start(tmp_path, tmp_path / "never")
     _wait_building(first)
     first.send_signal(sig)
     first.wait(timeout=30)
     assert list(tmp_path.glob("*/lock")), "the killed build should have left torch's lock behind"
     # before the fix the next build waited on that lock forever
-    second = subprocess.run([sys.executable, "-c", FAKE_BUILD, "0"], env=_env(tmp_path), capture_output=True,
+    second = subprocess.run([sys.executable, "-c", FAKE_BUILD, "-"], env=_env(tmp_path), capture_output=True,
                             text=True, timeout=30)
     assert second.stdout.splitlines()[-1] == "module", second.stderr
     assert "kernel build was killed" in second.stderr
@@ -73,22 +95,24 @@ def test_a_killed_build_does_not_wedge_the_next_one(tmp_path, sig):
 
 
 def test_a_live_build_is_waited_for_with_a_message(tmp_path):
-    first = _start(tmp_path, 4)
+    release = tmp_path / "release"
+    first = _start(tmp_path, release)
     _wait_building(first)
-    second = subprocess.run([sys.executable, "-c", FAKE_BUILD, "0"], env=_env(tmp_path), capture_output=True,
-                            text=True, timeout=30)
-    assert first.wait(timeout=30) == 0
+    second = _start(tmp_path)
+    said = _until_said(second, f"waiting for the C++ kernel build of process {first.pid}")
+    release.touch()  # the first build ends only now
+    assert first.wait(timeout=60) == 0
     assert first.stdout.read().strip() == "module"
-    assert second.stdout.splitlines()[-1] == "module", second.stderr
-    assert f"waiting for the C++ kernel build of process {first.pid}" in second.stderr
-    assert "killed" not in second.stderr  # the live build's lock was not broken
+    assert second.wait(timeout=60) == 0
+    assert second.stdout.read().splitlines()[-1] == "module"
+    assert "killed" not in "".join(said) + second.stderr.read()  # the live build's lock was not broken
 
 
 def test_a_build_that_never_ends_is_given_up_with_a_message(tmp_path):
-    first = _start(tmp_path, 1000)
+    first = _start(tmp_path, tmp_path / "never")
     try:
         _wait_building(first)
-        second = subprocess.run([sys.executable, "-c", FAKE_BUILD, "0"], capture_output=True, text=True, timeout=60,
+        second = subprocess.run([sys.executable, "-c", FAKE_BUILD, "-"], capture_output=True, text=True, timeout=60,
                                 env=_env(tmp_path, GLM130B_KERNEL_LOCK_TIMEOUT="1"))
         assert "fallback: TimeoutError" in second.stdout, (second.stdout, second.stderr)
         assert "slower pure-PyTorch path" in second.stderr
@@ -124,11 +148,14 @@ def test_a_live_build_without_our_lock_is_not_broken(tmp_path):
     folder = tmp_path / cpu.build_key()
     folder.mkdir()
     hold = ("import os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); print('held', flush=True); "
-            "time.sleep(3); os.close(fd); os.remove(sys.argv[1])")
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(folder / "lock")], stdout=subprocess.PIPE, text=True)
+            "sys.stdin.read(); os.close(fd); os.remove(sys.argv[1])")  # holds until its stdin closes
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(folder / "lock")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    second = subprocess.run([sys.executable, "-c", FAKE_BUILD, "0"], env=_env(tmp_path), capture_output=True,
-                            text=True, timeout=30)
-    assert holder.wait(timeout=30) == 0  # its own lock was still there to remove
-    assert second.stdout.splitlines()[-1] == "module", second.stderr
-    assert f"waiting for process {holder.pid}" in second.stderr and "killed" not in second.stderr
+    second = _start(tmp_path)
+    said = _until_said(second, f"waiting for process {holder.pid}")
+    holder.stdin.close()
+    assert holder.wait(timeout=60) == 0  # its own lock was still there to remove
+    assert second.wait(timeout=60) == 0
+    assert second.stdout.read().splitlines()[-1] == "module"
+    assert "killed" not in "".join(said) + second.stderr.read()

@@ -16,10 +16,11 @@ import httpx
 import pytest
 from helpers import varied_model
 
+import glm130b
 from glm130b.checkpoint import save_model
 from glm130b.tokenizer import default_tokenizer
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(glm130b.__file__).resolve().parents[1])  # the code under test
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from glm130b.config import ConfigError, GLMConfig
+from glm130b.integrity import verify_checksums, write_checksums
 from glm130b.interop.sat import CheckpointError, check_state_dict
-from glm130b.io import staging_folder
+from glm130b.io import save_safetensors, staging_folder
 from glm130b.model.glm import GLMModel
 
 WEIGHTS = "model.safetensors"
@@ -39,7 +40,8 @@ def save_model(directory: str | Path, model: GLMModel, tokenizer, dtype: torch.d
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
             state[name] = tensor.contiguous()
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "glm130b": "1"})
+        save_safetensors(state, tmp / WEIGHTS, metadata={"format": "pt", "glm130b": "1"})
+        write_checksums(tmp, (WEIGHTS,))
         config = model.config
         if context is not None and context < config.max_seq_len:
             config = dataclasses.replace(config, max_seq_len=context)
@@ -82,6 +84,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{directory} has no {WEIGHTS}")
+    verify_checksums(directory)
     try:
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, RuntimeError) as e:

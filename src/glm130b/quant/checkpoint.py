@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from glm130b.checkpoint import CONFIG, WEIGHTS, _model_dir, load_config, load_folder_tokenizer, save_model
+from glm130b.integrity import verify_checksums
 from glm130b.interop.sat import CheckpointError
 from glm130b.model.glm import GLMModel
 from glm130b.quant.weights import (
@@ -165,6 +166,7 @@ def load_model_quantized(directory: str | Path, bits: int | None = None, group_s
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{directory} has no {WEIGHTS}")
+    verify_checksums(directory)
 
     with torch.device("meta"):
         model = GLMModel(config)
