@@ -291,3 +291,8 @@ def test_a_metrics_line_torn_by_a_kill_does_not_block_resume_or_plot(tmp_path, c
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     assert main(["plot", str(out)]) == 0
+
+
+def test_a_seed_torch_cannot_take_is_one_line(capsys):
+    code, _, err = run(capsys, "generate", "--strategy", "sample", "--seed", 2**64, "hi")
+    one_line_error(code, err, "seed must be in")
