@@ -83,7 +83,7 @@ def _choices_text(events: list[str]) -> str:
     return "".join(c["text"] for e in events if e.startswith("{") for c in json.loads(e).get("choices", []))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_a_signal_lets_requests_in_flight_finish_then_exits_0(model_dir, sig):
     served = Served(model_dir, "--drain-timeout", "60")
     try:
@@ -109,6 +109,7 @@ def test_a_signal_lets_requests_in_flight_finish_then_exits_0(model_dir, sig):
     assert "no new requests; finishing" in "".join(served.lines)
 
 
+@pytest.mark.slow
 def test_past_the_drain_time_streams_end_with_an_error_event(model_dir):
     served = Served(model_dir, "--drain-timeout", "0", env={"GLM130B_NO_KERNELS": "1"})  # slower decoding
     try:
