@@ -170,6 +170,7 @@ def test_quantize_refuses_to_overwrite_like_convert(small_run, tmp_path, capsys)
     ("lr: fast", "lr must be a number"),
     ("compile: 1", "compile must be true or false"),
     ("sources: corpus", "sources must be a list of strings"),
+    ("lr: 1e-3", "write 1.0e-3"),
 ])
 def test_config_values_of_the_wrong_type_are_one_line(tmp_path, capsys, yaml_text, needle):
     config = tmp_path / "c.yaml"

@@ -53,7 +53,9 @@ class Served:
 
         self.reader = threading.Thread(target=read, daemon=True)
         self.reader.start()
-        assert ready.wait(120) and self.base, "".join(self.lines)
+        if not (ready.wait(180) and self.base):
+            self.kill()  # never leave a server behind
+            raise AssertionError("the server did not start: " + "".join(self.lines))
 
     def stop(self, sig=signal.SIGTERM, timeout=60) -> int:
         self.proc.send_signal(sig)

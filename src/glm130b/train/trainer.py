@@ -147,13 +147,21 @@ def check_types(cfg) -> None:
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif float in args:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, tuple(a for a in args if isinstance(a, type) and a is not type(None)))
+        else:  # (a path is taken for a str: `out`, `instructions`)
+            ok = isinstance(value, tuple(a for a in args if isinstance(a, type) and a is not type(None))) or (
+                str in args and isinstance(value, os.PathLike))
         if not ok:
             kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
             want = "a list of strings" if base in (tuple, list) else next(
                 (kind[a] for a in (bool, int, float, str) if a in args), "a " + getattr(base, "__name__", "value"))
-            raise ConfigError(f"option {name} must be {want}, got {value!r}")
+            hint = ""
+            if isinstance(value, str) and float in args:
+                try:
+                    float(value)
+                    hint = " (YAML reads a number like 1e-3 as text: write 1.0e-3)"
+                except ValueError:
+                    pass
+            raise ConfigError(f"option {name} must be {want}, got {value!r}{hint}")
 
 
 def check_disk_space(out: Path, n_parameters: int) -> None:
