@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from glm130b.config import ConfigError, GLMConfig
-from glm130b.errors import GLMError
-from glm130b.io import staging_folder
+from glm130b.errors import CheckpointError
+from glm130b.integrity import verify_checksums, write_checksums
+from glm130b.io import save_safetensors, staging_folder
 from glm130b.model.glm import GLMModel
 from glm130b.quant.weights import (
     QuantizationError,
@@ -44,10 +45,6 @@ from glm130b.quant.weights import (
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
-
-
-class CheckpointError(GLMError, ValueError):
-    """A checkpoint that is missing, corrupt, or does not fit the model it is loaded into."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,9 +65,8 @@ def save_model(directory: str | Path, model: GLMModel, tokenizer, dtype: torch.d
             if dtype is not None and tensor.is_floating_point() and not name.endswith(".scales"):
                 tensor = tensor.to(dtype)
             state[name] = tensor.contiguous()
-        from safetensors.torch import save_file
-
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "glm130b": "1"})
+        save_safetensors(state, tmp / WEIGHTS, metadata={"format": "pt", "glm130b": "1"})
+        write_checksums(tmp, (WEIGHTS,))
         config = model.config
         if context is not None and context < config.max_seq_len:
             config = dataclasses.replace(config, max_seq_len=context)
@@ -268,6 +264,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     """
     directory = _model_dir(directory)
     config = load_config(directory)
+    verify_checksums(directory)
     if tp_mesh is not None:
         return _load_shard(directory, config, device, dtype, tp_mesh), load_folder_tokenizer(directory, config)
     bits, group_size, head_bits, saved = _quantization_of(directory, config, bits, group_size, head_bits)

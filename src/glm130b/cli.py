@@ -71,7 +71,7 @@ def cmd_train(args) -> int:
     unknown = sorted(set(values) - known)
     if unknown:
         raise GLMError(f"unknown training option(s): {', '.join(unknown)}")
-    if "sources" in values:
+    if isinstance(values.get("sources"), list):
         values["sources"] = tuple(values["sources"])
     # Under torchrun every rank runs this; only rank 0 prints (errors and the summary).
     rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -113,8 +113,12 @@ def _fast(model):
 
 def cmd_quantize(args) -> int:
     from glm130b.checkpoint import is_quantized_folder, load_model, save_model
+    from glm130b.io import check_new_folder
     from glm130b.quant import QuantizationError, quantization_info, weight_bytes
 
+    check_new_folder(args.out)  # like convert: never replace a folder that holds something
+    if Path(args.out).is_dir() and any(Path(args.out).iterdir()):
+        raise GLMError(f"--out {args.out} exists and is not empty; choose a new folder")
     t0 = time.perf_counter()
     directory = resolve_model_dir(args.model)
     if is_quantized_folder(directory) and args.bits is None:
@@ -233,7 +237,8 @@ def cmd_eval(args) -> int:
 
 def _add_sampling_flags(p) -> None:
     g = p.add_argument_group("decoding (default: greedy)")
-    g.add_argument("--strategy", choices=["greedy", "sample", "beam"], default="greedy")
+    g.add_argument("--strategy", choices=["greedy", "sample", "beam"], default="greedy",
+                   help="greedy, sample (temperature, top-k, top-p) or beam search")
     g.add_argument("--temperature", type=float, default=1.0, help="sample: divide the logits by this")
     g.add_argument("--top-k", dest="top_k", type=int, default=0, help="sample: keep the k most likely tokens (0: all)")
     g.add_argument("--top-p", dest="top_p", type=float, default=1.0, help="sample: nucleus mass (1: off)")
@@ -243,7 +248,8 @@ def _add_sampling_flags(p) -> None:
                    help="beam: alpha in ((5 + length) / 6) ** alpha")
     g.add_argument("--no-repeat-ngram", dest="no_repeat_ngram", type=int, default=0,
                    help="forbid repeating any n-gram of this size (0: off)")
-    g.add_argument("--min-new-tokens", dest="min_new_tokens", type=int, default=0)
+    g.add_argument("--min-new-tokens", dest="min_new_tokens", type=int, default=0,
+                   help="block <eop>/<eos> until this many tokens")
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop when the text contains TEXT (repeatable)")
 
 
@@ -252,8 +258,8 @@ def cmd_serve(args) -> int:
 
     from glm130b.serve.app import create_app
 
-    if args.max_batch < 1 or args.max_queue < 0:
-        raise GLMError("--max-batch must be >= 1 and --max-queue >= 0")
+    if args.max_batch < 1 or args.max_queue < 0 or not args.drain_timeout >= 0:
+        raise GLMError("--max-batch must be >= 1, --max-queue >= 0 and --drain-timeout >= 0")
     directory = resolve_model_dir(args.model)
     model, tokenizer = _load(args)
     model = _fast(model)
@@ -263,21 +269,25 @@ def cmd_serve(args) -> int:
     template = template_of(directory, tokenizer, args.chat_template)
     app = create_app(model, tokenizer, model_name=name, api_key=args.api_key or os.environ.get("GLM130B_API_KEY"),
                      max_batch=args.max_batch, max_queue=args.max_queue, batcher_thread=False, chat_template=template)
-    # HTTP on a thread, decoding on this (main) thread: the one that owns torch's thread pools
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    # HTTP on a thread, decoding on this (main) thread: the one that owns torch's thread pools.
+    # uvicorn waits for open requests a little longer than the drain, so they end with our error event
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                          timeout_graceful_shutdown=int(args.drain_timeout) + 5))
     http = threading.Thread(target=server.run, name="glm130b-http", daemon=True)
     http.start()
     while not server.started:
         if not http.is_alive():
             raise GLMError(f"could not serve on {args.host}:{args.port} (see the message above)")
         time.sleep(0.05)
-    print(f"serving {name} from {directory} on http://{args.host}:{args.port} (max batch {args.max_batch}, "
-          f"queue {args.max_queue})", file=sys.stderr)
+    port = server.servers[0].sockets[0].getsockname()[1] if server.servers else args.port
+    print(f"serving {name} from {directory} on http://{args.host}:{port} (max batch {args.max_batch}, "
+          f"queue {args.max_queue})", file=sys.stderr, flush=True)
+    _graceful_stop(server, app.state.server, args.drain_timeout)
     try:
-        app.state.server.batcher.run(keep_running=http.is_alive)
+        app.state.server.batcher.run(keep_running=http.is_alive)  # decodes until HTTP has drained
     finally:
         server.should_exit = True
-        http.join(timeout=30)
+        http.join(timeout=args.drain_timeout + 30)
     return 0
 
 
@@ -334,6 +344,25 @@ def cmd_chat(args) -> int:
         history = messages + [{"role": "assistant", "content": answer}]
 
 
+def _graceful_stop(server, api, drain: float) -> None:
+    """SIGTERM / SIGINT: stop accepting, let requests in flight finish for `drain` seconds, end
+    the rest with an error (streams get an error event and [DONE]), exit 0. A second signal
+    ends the rest at once (docs/serving.md)."""
+    import signal
+
+    def stop(signum, _frame):
+        now = api.deadline is not None
+        api.drain(0 if now else drain)
+        server.should_exit = True
+        b = api.batcher
+        print(f"glm130b: {signal.Signals(signum).name}: " + ("ending the requests in flight now" if now else
+              f"no new requests; finishing {b.running} running and {b.queue_depth} waiting (up to {drain:g} s; "
+              "signal again to end them now)"), file=sys.stderr, flush=True)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+
+
 def cmd_plan(args) -> int:
     from glm130b.config import GLMConfig
     from glm130b.plan import Gpus, format_plan, plan_inference, plan_training
@@ -386,9 +415,25 @@ def _add_quant_flags(p) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+class _Help(argparse.HelpFormatter):
+    """Every option's default in --help, unless it is None/False or the text already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text and action.option_strings:
+            text += " (default %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kw):
+        kw.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm130b", description="GLM-130B in plain PyTorch")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("info", help="print a model's shape and exact parameter count as JSON")
     g = p.add_mutually_exclusive_group()
@@ -398,18 +443,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model with the GLM objective on the shipped corpus")
     p.add_argument("--config", help="YAML file of training options (command-line flags override it)")
-    p.add_argument("--preset")
-    p.add_argument("--out", help="run folder: model, metrics.jsonl")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--seq-len", dest="seq_len", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup-steps", dest="warmup_steps", type=int)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--seed", type=int)
-    p.add_argument("--gmask-prob", dest="gmask_prob", type=float)
+    p.add_argument("--preset", help="model shape: tiny, small, chatglm-6b or glm-130b (default tiny)")
+    p.add_argument("--out", help="run folder: model, metrics.jsonl (default runs/tiny)")
+    p.add_argument("--steps", type=int, help="optimizer steps; the cosine schedule ends at the last (default 200)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="sequences per step (default 8)")
+    p.add_argument("--seq-len", dest="seq_len", type=int, help="tokens per training sequence (default 128)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 0.002)")
+    p.add_argument("--warmup-steps", dest="warmup_steps", type=int, help="linear warm-up steps (default 20)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="fp32, or bf16 / fp16 autocast (fp16 with loss scaling) (default fp32)")
+    p.add_argument("--seed", type=int, help="seed of the weights, the data order and the masks (default 1234)")
+    p.add_argument("--gmask-prob", dest="gmask_prob", type=float,
+                   help="share of samples with a [gMASK] suffix; the rest get [MASK] spans (default 0.7)")
     p.add_argument("--instructions", help='JSONL of {"prompt", "answer"} pairs mixed into training, or "builtin"')
-    p.add_argument("--instruction-share", dest="instruction_share", type=float)
+    p.add_argument("--instruction-share", dest="instruction_share", type=float,
+                   help="with --instructions: share of samples that are instruction pairs (default 0.05)")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
                    help="save a resumable checkpoint (and the model folder) every N steps")
     p.add_argument("--grad-accum", dest="grad_accum", type=int, help="micro-batches per optimizer step")
@@ -429,9 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="continue a prompt (greedy by default; sampling, beam search)")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the text to continue (a [gMASK] is appended)")
     p.add_argument("--model", help="model folder (default: the shipped model)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate")
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel processes (run under torchrun --nproc-per-node TP)")
@@ -440,9 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("infill", help="fill [MASK]/[sMASK]/[gMASK] blanks left to right")
-    p.add_argument("text")
+    p.add_argument("text", help="text with one or more [MASK] / [sMASK] / [gMASK] blanks")
     p.add_argument("--model", help="model folder (default: the shipped model)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="most tokens per blank")
     p.add_argument("--json", action="store_true", help="print the filled text and spans as JSON")
     p.add_argument("--reuse-cache", action="store_true",
                    help="fill every blank in one KV cache (faster; every kind of blank; not the official "
@@ -456,38 +504,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="write an INT8/INT4 weight-only quantized copy of a model folder")
     p.add_argument("--model", help="model folder (default: the shipped model)")
-    p.add_argument("--bits", type=int, choices=[8, 4], required=True)
+    p.add_argument("--bits", type=int, choices=[8, 4], required=True, help="weight bits: 8 or 4")
     p.add_argument("--group-size", dest="group_size", type=int,
                    help="one scale per this many inputs of a row (default: one per row, as GLM-130B)")
     p.add_argument("--head-bits", dest="head_bits", type=int, choices=[8, 4],
                    help="also quantize the output head, per row (default: keep it, as GLM-130B); a tied "
                         "embedding table stays for the lookups")
-    p.add_argument("--out", required=True, help="folder for the quantized model")
+    p.add_argument("--out", required=True, help="new (or empty) folder for the quantized model")
     p.add_argument("--device", default="cpu", help="where to quantize: cpu, cuda, cuda:N or auto (default cpu)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("plot", help="write PNG curves (loss, gradient norm, lr, loss scale) of a training run")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a training run folder (holds metrics.jsonl)")
     p.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("demo", help="fill blanks, continue and translate with the shipped model in fp32 and int4")
     p.add_argument("--model", help="model folder (default: the shipped model)")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--steps", type=int,
+                   help="train the tiny preset for this many steps first and show that model (default 500 when "
+                        "there is no shipped model)")
+    p.add_argument("--out", help="with --steps: the folder for the trained demo model (default runs/demo)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with GLM blank infilling (docs/serving.md)")
     p.add_argument("--model", help="model folder (default: the shipped model)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
     p.add_argument("--api-key", dest="api_key",
                    help="require `Authorization: Bearer KEY` on /v1 (default: $GLM130B_API_KEY, else none)")
     p.add_argument("--served-model-name", help="the model id clients send (default: the folder's name)")
     p.add_argument("--max-batch", type=int, default=16, help="most sequences decoded together (default 16)")
     p.add_argument("--max-queue", type=int, default=128,
                    help="requests that may wait for a batch slot; more get 503 + Retry-After (default 128)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
+    p.add_argument("--drain-timeout", dest="drain_timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT: seconds requests in flight may take to finish before they end with "
+                        "an error (default 30)")
     p.add_argument("--chat-template", help="a Jinja chat template file, or chatglm-6b / chatglm-6b-cpp / plain "
                                            "(default: the model folder's, see docs/serving.md)")
     _add_quant_flags(p)
@@ -498,16 +552,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder (default: the shipped model)")
     p.add_argument("--system", help="a system message opening the conversation")
     p.add_argument("--chat-template", help="a Jinja chat template file, or chatglm-6b / chatglm-6b-cpp / plain")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens an answer may take (default 128)")
     _add_sampling_flags(p)
     _add_quant_flags(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="convert between SAT TP shards, HF folders (ChatGLM-6B) and ours; re-shard")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--from", dest="from_fmt", required=True, choices=["sat", "hf", "ours"])
-    p.add_argument("--to", dest="to_fmt", required=True, choices=["ours", "hf", "sat"])
+    p.add_argument("src", help="the checkpoint to read (a folder)")
+    p.add_argument("dst", help="a new (or empty) folder to write")
+    p.add_argument("--from", dest="from_fmt", required=True, choices=["sat", "hf", "ours"],
+                   help="format of SRC: sat (SwissArmyTransformer shards), hf (Hugging Face) or ours")
+    p.add_argument("--to", dest="to_fmt", required=True, choices=["ours", "hf", "sat"], help="format of DST")
     p.add_argument("--tp", type=int, help="with --to sat: the number of tensor-parallel shards (default 1)")
     p.add_argument("--bits", type=int, choices=[8, 4], help="with --to ours: quantize while converting")
     p.add_argument("--group-size", dest="group_size", type=int, help="with --bits: group-wise scales")
@@ -525,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", help="a preset (glm-130b, chatglm-6b, small, tiny)")
     g.add_argument("--model", help="a model folder (default: the shipped model)")
     p.add_argument("--gpus", required=True, help="GPUs per node as COUNTxSIZE in GiB, e.g. 4x24GB, 8x40GB, 8x11")
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--nodes", type=int, default=1, help="nodes of --gpus each")
     p.add_argument("--bits", type=int, choices=[16, 8, 4], default=16, help="inference weight bits (default 16)")
     p.add_argument("--group-size", dest="group_size", type=int, help="with --bits 8/4: group-wise scales")
     p.add_argument("--batch", type=int, default=1, help="inference batch (default 1)")
@@ -534,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, help="tensor parallelism (inference default: all GPUs)")
     p.add_argument("--pp", type=int, help="pipeline stages (training)")
     p.add_argument("--dp", type=int, help="data parallelism (training; default: GPUs / (tp x pp))")
-    p.add_argument("--micro-batch", dest="micro_batch", type=int, default=1)
+    p.add_argument("--micro-batch", dest="micro_batch", type=int, default=1, help="training: sequences per micro-batch")
     p.add_argument("--microbatches", type=int, help="micro-batches per step (default: pp)")
     p.add_argument("--shard", choices=["full", "optimizer", "none"], default="full",
                    help="how DP shares model states: full = FSDP2 (ours), optimizer = ZeRO-1, none = DDP")
@@ -559,6 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 path from argv is printed escaped, not a traceback
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     try:

@@ -50,10 +50,20 @@ def _show(model, tokenizer, label: str) -> None:
     print(f"   speed: {n / dt:.0f} tokens/s (batch 1, greedy, {n} tokens); peak RSS so far {_peak_rss_mb():.0f} MiB")
 
 
-def run_demo(steps: int = 500, out: str = "runs/demo", model_dir: str | None = None) -> int:
+def run_demo(steps: int | None = None, out: str | None = None, model_dir: str | None = None) -> int:
+    """The shipped (or --model) model; with --steps or --out, a tiny model trained for the demo
+    (as README's `glm130b demo --steps 500 --out runs/demo`, then `glm130b info --model runs/demo`)."""
+    from glm130b.errors import GLMError
+
+    if model_dir and (steps is not None or out is not None):
+        raise GLMError("--model shows an existing model; --steps and --out train a new one: give one or the other")
+    if steps is not None and steps < 1:
+        raise GLMError(f"--steps must be >= 1, got {steps}")
     directory = Path(model_dir) if model_dir else SHIPPED
-    if not (directory / "model.safetensors").is_file():
-        return _train_tiny_demo(steps, out)
+    if steps is not None or out is not None or not (directory / "model.safetensors").is_file():
+        if model_dir:
+            raise GLMError(f"{directory} has no model.safetensors")
+        return _train_tiny_demo(steps or 500, out or "runs/demo")
     from glm130b.quant.weights import quantize_model, use_fast_linears
 
     model, tokenizer = load_model(directory)
@@ -69,7 +79,7 @@ def _train_tiny_demo(steps: int, out: str) -> int:
     from glm130b.tokenizer import default_tokenizer
     from glm130b.train.trainer import TrainConfig, train
 
-    print(f"== no shipped model found; training the tiny preset for {steps} steps -> {out}")
+    print(f"== training the tiny preset for {steps} steps -> {out}")
     summary = train(TrainConfig(preset="tiny", out=out, steps=steps, batch_size=8, seq_len=128, lr=3e-3),
                     default_tokenizer())
     print(f"   loss {summary['first_loss']:.2f} -> {summary['final_loss']:.2f} in {summary['seconds']:.0f}s "

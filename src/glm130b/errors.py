@@ -8,6 +8,11 @@ class GLMError(Exception):
     """An error caused by input, with a message that says what to fix."""
 
 
+class CheckpointError(GLMError, ValueError):
+    """A checkpoint that is missing, corrupt, or does not fit the model it is loaded into
+    (raised by the loader, glm130b.checkpoint, and what it reads with)."""
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (libraries' errors can run to many lines)."""
     lines = str(e).strip().splitlines()

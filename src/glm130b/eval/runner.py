@@ -166,6 +166,21 @@ def compare_table(runs: dict[str, dict]) -> str:
 # ---------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------
+def limit_notes(configs, limit: int | None) -> list[str]:
+    """For tasks whose --limit counts items per group (MMLU: per subject), how many that makes:
+    `--limit 100` on MMLU is 57 x 100 items, which nobody guesses from the flag."""
+    from glm130b.eval.tasks import load_items
+
+    notes = []
+    for cfg in configs:
+        if limit is not None and cfg.limit_by == "group":
+            items = load_items(cfg, limit)
+            groups = len({item.group for item in items})
+            notes.append(f"note: {cfg.name}: --limit {limit} counts items per subject: {len(items)} items "
+                         f"from {groups} subjects")
+    return notes
+
+
 def run_command(model_dir: str | Path, tasks: Sequence[str], limit: int | None = None, output: str | None = None,
                 bits: int | None = None, compare: str | None = None, progress: bool = True,
                 with_samples: bool = False, out=None, precision: str | None = None, device=None) -> dict:
@@ -178,6 +193,8 @@ def run_command(model_dir: str | Path, tasks: Sequence[str], limit: int | None =
     if limit is not None and limit < 1:
         raise GLMError(f"--limit must be at least 1, got {limit}")
     configs = [load_task(t) for t in tasks]  # fail on a bad task before loading the model
+    for note in limit_notes(configs, limit):
+        print(note, file=sys.stderr)
     model_dir = Path(model_dir)
     if sum(x is not None for x in (compare, bits, precision)) > 1:
         raise GLMError("use one of --bits, --precision and --compare")

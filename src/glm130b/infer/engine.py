@@ -90,6 +90,8 @@ class GenerationConfig:
         need(isinstance(self.no_repeat_ngram_size, int) and self.no_repeat_ngram_size >= 0,
              f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size!r}")
         need(all(isinstance(s, str) and s for s in self.stop_strings), "stop strings must be non-empty strings")
+        need(self.seed is None or -(2**63) <= self.seed < 2**64,  # torch.Generator's range (#20)
+             f"seed must be in [-2**63, 2**64), got {self.seed!r}")
 
 
 GREEDY = GenerationConfig()

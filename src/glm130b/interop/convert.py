@@ -38,6 +38,7 @@ from glm130b.interop.sat import (
     sat_quantization,
     write_sat,
 )
+from glm130b.io import check_new_folder
 from glm130b.model.glm import GLMModel
 from glm130b.model.layout import QUANTIZED_MODULES
 from glm130b.quant.weights import SCHEME
@@ -101,6 +102,7 @@ def convert(src, dst, from_fmt: str, to_fmt: str, tp: int | None = None, bits: i
         raise GLMError("--tp sets the shard count of --to sat (ours and hf folders hold one model)")
     if bits is not None and to_fmt != "ours":
         raise GLMError("--bits quantizes into our model folder: use --to ours")
+    check_new_folder(dst, "the destination")
     if Path(dst).exists() and any(Path(dst).iterdir()):
         raise GLMError(f"{dst} exists and is not empty; choose a new folder")
     tokenizer = None

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from glm130b.checkpoint import CheckpointError
 from glm130b.config import GLMConfig
 from glm130b.errors import first_line
 from glm130b.interop.sat import PREFIX
-from glm130b.io import SaveError, staging_folder
+from glm130b.io import SaveError, save_safetensors, staging_folder
 
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE = ("model.safetensors", "pytorch_model.bin")
@@ -177,7 +177,7 @@ def write_hf(directory, cfg: GLMConfig, state: dict[str, torch.Tensor], tokenize
         weight_map, total = {}, 0
         for k, shard in enumerate(shards, start=1):
             fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+            save_safetensors(shard, tmp / fname, metadata={"format": "pt"})
             for name, tensor in shard.items():
                 weight_map[name] = fname
                 total += tensor.numel() * tensor.element_size()

@@ -42,6 +42,7 @@ from prometheus_client import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from glm130b.errors import GLMError
 from glm130b.infer.chat import ChatError, fit_history, template_of
 from glm130b.infer.embed import embed
 from glm130b.infer.engine import GenerationConfig
@@ -190,6 +191,13 @@ class Server:
         self.batcher = Batcher(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
         self.metrics = Metrics(self.batcher)
         self.created = int(time.time())
+        self.deadline: float | None = None  # set by drain(): requests still running then end with an error
+
+    def drain(self, seconds: float) -> None:
+        """Shutting down: requests in flight may finish for `seconds`; after that each ends with a
+        503 `server_shutting_down` (an error event in a stream), so none is cut without a word."""
+        deadline = time.monotonic() + max(0.0, seconds)
+        self.deadline = deadline if self.deadline is None else min(self.deadline, deadline)
 
     # -- building jobs ---------------------------------------------------------------------------
     def config(self, req, max_tokens: int, index: int) -> GenerationConfig:
@@ -198,7 +206,7 @@ class Server:
         if req.temperature < GREEDY_BELOW:
             return GenerationConfig(max_new_tokens=max_tokens, min_new_tokens=least, strategy="greedy",
                                     stop_strings=stop)
-        seed = None if req.seed is None else req.seed + index
+        seed = None if req.seed is None else (req.seed + index) % 2**64  # torch's own wrap; never overflows
         return GenerationConfig(max_new_tokens=max_tokens, min_new_tokens=least, strategy="sample",
                                 temperature=req.temperature, top_p=req.top_p, seed=seed, stop_strings=stop)
 
@@ -251,6 +259,9 @@ class Server:
         left, t0, first = len(jobs), time.perf_counter(), True
         try:
             while left:
+                if self.deadline is not None and time.monotonic() >= self.deadline:
+                    raise APIError(503, "the server is shutting down and stopped this request before it finished",
+                                   type="server_error", code="server_shutting_down")
                 try:
                     i, ev = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_POLL_S)
                 except TimeoutError:
@@ -287,7 +298,13 @@ class Server:
         tok, blanks = self.tokenizer, blank_ids(self.tokenizer)
         contexts = []
         for p in req.prompts():
-            ids = tok.encode(p)
+            if isinstance(p, str):
+                ids = tok.encode(p)
+            elif max(p) >= tok.vocab_size:
+                raise APIError(400, f"token id {max(p)} is outside the vocabulary (0..{tok.vocab_size - 1})",
+                               param="prompt")
+            else:
+                ids = list(p)
             if any(t in blanks for t in ids[:-1]) or (ids and ids[-1] in blanks and ids[-1] != tok.gmask_id):
                 raise APIError(400, "the prompt holds [MASK]/[sMASK]/[gMASK] blanks: /v1/completions continues "
                                     "text; fill blanks with POST /v1/infill", param="prompt")
@@ -309,7 +326,7 @@ class Server:
     async def completions(self, req: CompletionRequest, request: Request):
         self.check_model(req.model)
         contexts, jobs_of = self.completion_jobs(req)
-        prompts = req.prompts()
+        prompts = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in req.prompts()]  # for echo
         prompt_tokens = sum(len(ids) for ids, _ in contexts) * req.n
         self.metrics.prompt_tokens.inc(prompt_tokens)
         jobs, queue = self.run(jobs_of)
@@ -578,6 +595,21 @@ async def _or_error(events: AsyncIterator[str]) -> AsyncIterator[str]:
         yield "data: [DONE]\n\n"
 
 
+def _validation_message(errors: list) -> tuple[str, str | None]:
+    """(message, param) for the first of pydantic's errors: field names only in the path (not
+    the union member a value was tried against), and no "Value error, " prefix."""
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        where = next((x for x in first.get("loc", ()) if isinstance(x, int)), None)
+        reason = (first.get("ctx") or {}).get("error", "JSON decode error")
+        return f"the body is not valid JSON ({reason}{f' at character {where}' if where is not None else ''})", None
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    loc = [x for x in loc if x.isdigit() or x.isidentifier() and x not in ("str", "int", "list", "float", "bool")]
+    where = ".".join(loc)
+    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    return (f"{where}: {message}" if where else message), where or None
+
+
 def _sse(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
@@ -619,13 +651,17 @@ def create_app(model, tokenizer, model_name: str = "glm-small", api_key: str | N
         return _error(e.status, e.message, e.type, e.param, e.code, e.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request, e: RequestValidationError):
-        errors = e.errors()
-        first = errors[0] if errors else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        where = ".".join(loc)
-        message = first.get("msg", "invalid request")
-        return _error(400, f"{where}: {message}" if where else message, param=where or None)
+    async def invalid(request: Request, e: RequestValidationError):
+        try:  # the key is checked first: a wrong key is 401 whatever the body holds
+            authorized(request)
+        except APIError as denied:
+            return await api_error(request, denied)
+        message, param = _validation_message(e.errors())
+        return _error(400, message, param=param)
+
+    @app.exception_handler(GLMError)
+    async def input_error(_request, e: GLMError):  # e.g. text the tokenizer cannot take
+        return _error(400, str(e))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, e: StarletteHTTPException):

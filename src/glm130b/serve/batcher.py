@@ -215,7 +215,11 @@ class Batcher:
         self.engine.forward(*self.engine.prefill_inputs([job.context for job in jobs]), self.cache.select(rows))
         for i, job in enumerate(jobs):
             self.cache.lengths[slot + i] = len(job.context)
-            generator = make_generator(job.config.seed) if job.config.strategy == "sample" else None
+            try:
+                generator = make_generator(job.config.seed) if job.config.strategy == "sample" else None
+            except (ValueError, RuntimeError, OverflowError) as e:  # this job's settings: fail it alone
+                self._emit(job, Event("error", message=f"{type(e).__name__}: {e}"))
+                continue
             live = _Live(job, generator=generator)
             if self._start_block(live, 0, len(job.context)):  # (False: a context with no room; row dropped)
                 if slot + i != len(self.live):  # keep live rows contiguous after a dropped one

@@ -9,10 +9,42 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 16
 MAX_STOP = 4
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # torch.Generator.manual_seed's range (negatives wrap)
+
+
+MAX_PROMPTS = 64
+
+
+def _unicode(value: str) -> str:
+    """Lone surrogates ("\\ud800") are valid JSON but not text: no tokenizer can take them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode: a lone surrogate (\\u{ord(value[e.start]):04x}) at character "
+                         f"{e.start}") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
+def _each_unicode(values: list) -> None:
+    """Checked before the union is tried, so the error names the item (not a union member)."""
+    for i, value in enumerate(values):
+        if isinstance(value, str):
+            try:
+                _unicode(value)
+            except ValueError as e:
+                raise ValueError(f"item {i} is {e}") from None
+
+
+def _is_ids(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
 
 
 class OpenAIError(BaseModel):
@@ -33,20 +65,26 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = None
+    model: Text | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP)] | None = None
-    seed: int | None = None
+    stop: Text | Annotated[list[Annotated[Text, Field(min_length=1)]], Field(max_length=MAX_STOP)] | None = None
+    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None  # what torch.Generator takes
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _stop_not_empty(cls, value):
+    def _stop_shape(cls, value):
         if value == "":
-            raise ValueError("stop must not be an empty string")
+            raise ValueError("must not be an empty string")
+        if value is None or isinstance(value, str):
+            return value
+        if (not isinstance(value, list) or len(value) > MAX_STOP
+                or not all(isinstance(s, str) and s for s in value)):
+            raise ValueError(f"must be a string or a list of at most {MAX_STOP} non-empty strings")
+        _each_unicode(value)
         return value
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -59,7 +97,9 @@ class CompletionRequest(_Sampling):
     """POST /v1/completions. A prompt with no blank gets a [gMASK] appended (GLM-130B's
     convention) and the model continues it."""
 
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=64)]
+    # OpenAI's four forms: a string, strings, token ids, lists of token ids
+    prompt: (Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
+             | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)])
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # null: up to the end of the context
     min_tokens: Annotated[int, Field(ge=0)] = 0  # vLLM's extension: <eop>/<eos> are blocked before
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
@@ -70,8 +110,27 @@ class CompletionRequest(_Sampling):
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     suffix: str | None = None
 
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, value):
+        if isinstance(value, str):
+            return _unicode(value)
+        if isinstance(value, list) and value and (all(isinstance(p, str) for p in value) or _is_ids(value)
+                                                  or all(_is_ids(p) for p in value)):
+            if not _is_ids(value) and len(value) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts in one request")
+            _each_unicode(value)
+            if any(t < 0 for p in ([value] if _is_ids(value) else value) if _is_ids(p) for t in p):
+                raise ValueError("token ids must be >= 0")
+            return value
+        raise ValueError("must be a string, a non-empty list of strings, a non-empty list of token ids "
+                         "(integers), or a list of such lists")
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text, or token ids."""
+        if isinstance(self.prompt, str) or _is_ids(self.prompt):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class InfillRequest(_Sampling):
@@ -79,7 +138,7 @@ class InfillRequest(_Sampling):
     (one kind of blank: [MASK] > [sMASK] > [gMASK]; each re-encoded with the earlier answers), or
     with `reuse_cache` every blank of every kind in one KV cache."""
 
-    text: Annotated[str, Field(min_length=1)]
+    text: Annotated[Text, Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = 32  # per blank; null: up to the end of the context
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0  # greedy unless asked: blanks want the likeliest
     reuse_cache: bool = False

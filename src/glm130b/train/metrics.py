@@ -7,7 +7,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from glm130b.io import atomic_write_text
+
 PLOTTED = (("loss", "loss"), ("grad_norm", "gradient norm"), ("lr", "learning rate"), ("loss_scale", "loss scale"))
+
+
+def _step(line: str) -> float:
+    """A record's step; infinity (dropped) for a blank or torn line."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 class MetricsLog:
@@ -16,11 +26,11 @@ class MetricsLog:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.events_path = self.dir / "events.jsonl"
-        # On resume, drop records of steps that are about to be redone.
+        # On resume, drop records of steps that are about to be redone, and a line torn by a
+        # kill mid-write; rewritten atomically, so a kill now cannot lose the records kept.
         if resume_step and self.metrics_path.exists():
-            kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in self.metrics_path.read_text().splitlines() if _step(line) <= resume_step]
+            atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
         elif not resume_step:
             for p in (self.metrics_path, self.events_path):
                 p.unlink(missing_ok=True)
@@ -55,7 +65,13 @@ class MetricsLog:
 def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # blank, or torn by a kill mid-write
+            continue
+    return records
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -67,6 +83,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     from glm130b.errors import GLMError
+    from glm130b.io import atomic_write
 
     run_dir = Path(run_dir)
     records = read_jsonl(run_dir / "metrics.jsonl")
@@ -88,6 +105,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.suptitle(f"{run_dir.name}: {len(records)} steps, {len(events)} events")
     fig.tight_layout()
     out = Path(out) if out else run_dir / "curves.png"
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    fmt = out.suffix[1:].lower() or "png"
+    try:
+        if fmt not in fig.canvas.get_supported_filetypes():
+            raise GLMError(f"cannot write {out}: .{fmt} is not an image format matplotlib writes (use .png, .svg, .pdf)")
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format=fmt))  # missing folders are made
+    finally:
+        plt.close(fig)
     return out

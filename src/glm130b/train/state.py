@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from glm130b.errors import GLMError
-from glm130b.io import staging_folder
+from glm130b.io import save_safetensors, staging_folder
 
 MANIFEST = "manifest.json"
 
@@ -70,7 +70,7 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, keep: int = 3) -> Pa
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{state.step:06d}"
     with staging_folder(final, f"could not save checkpoint {final}") as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.model.items()}, str(tmp / "model.safetensors"))
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.model.items()}, tmp / "model.safetensors")
         torch.save({"optimizer": state.optimizer, "rng": state.rng}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": state.step, **state.extra}) + "\n")
         files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}

@@ -32,6 +32,7 @@ from glm130b.config import ConfigError, GLMConfig
 from glm130b.data.heldout import training_documents
 from glm130b.data.instructions import builtin_instructions, cycle
 from glm130b.data.objective import GLMSampleBuilder, ObjectiveConfig, collate, read_instructions
+from glm130b.io import SaveError, check_new_folder, free_bytes
 from glm130b.model.glm import GLMModel, glm_loss
 from glm130b.train import distributed
 from glm130b.train.metrics import MetricsLog
@@ -91,6 +92,8 @@ class TrainConfig:
     microbatches: int = 0  # pipeline microbatches per dp rank and step; 0: one per stage
 
     def validate(self) -> None:
+        check_types(self)
+        check_new_folder(self.out)
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.seq_len < 16:
             raise ConfigError("steps, batch_size and grad_accum must be >= 1 and seq_len >= 16")
         if self.precision not in PRECISIONS:
@@ -112,6 +115,66 @@ class TrainConfig:
             raise ConfigError(f"device must be cpu, cuda or auto, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device cuda asked for, but this PyTorch sees no CUDA GPU (use cpu or auto)")
+
+
+def schedule_note(saved: dict, cfg: TrainConfig, step: int, log) -> None:
+    """Resuming with other schedule settings (most often more --steps) reshapes the cosine
+    decay from here on: say so, with the learning rate before and after."""
+    keys = ("steps", "warmup_steps", "lr", "min_lr_ratio")
+    changed = {k: saved[k] for k in keys if k in saved and saved[k] != getattr(cfg, k)}
+    if changed:
+        before = lr_at(step, dataclasses.replace(cfg, **changed))
+        what = ", ".join(f"{k} {v} -> {getattr(cfg, k)}" for k, v in changed.items())
+        log(f"note: {what}: the learning-rate schedule changes from step {step} on "
+            f"(lr there {before:.3g} -> {lr_at(step, cfg):.3g})")
+
+
+def check_types(cfg) -> None:
+    """Each option has its field's type (YAML gives whatever was written: `steps: "ten"`,
+    `steps: 2.5`, `batch_size: true`); an int is taken for a float, nothing else is converted."""
+    import typing
+
+    for name, hint in typing.get_type_hints(type(cfg)).items():
+        value = getattr(cfg, name)
+        args = set(typing.get_args(hint)) or {hint}
+        if value is None and type(None) in args:
+            continue
+        base = typing.get_origin(hint) or hint
+        if base in (tuple, list):
+            ok = isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value)
+        elif bool in args:
+            ok = isinstance(value, bool)
+        elif int in args:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif float in args:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:  # (a path is taken for a str: `out`, `instructions`)
+            ok = isinstance(value, tuple(a for a in args if isinstance(a, type) and a is not type(None))) or (
+                str in args and isinstance(value, os.PathLike))
+        if not ok:
+            kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+            want = "a list of strings" if base in (tuple, list) else next(
+                (kind[a] for a in (bool, int, float, str) if a in args), "a " + getattr(base, "__name__", "value"))
+            hint = ""
+            if isinstance(value, str) and float in args:
+                try:
+                    float(value)
+                    hint = " (YAML reads a number like 1e-3 as text: write 1.0e-3)"
+                except ValueError:
+                    pass
+            raise ConfigError(f"option {name} must be {want}, got {value!r}{hint}")
+
+
+def check_disk_space(out: Path, n_parameters: int) -> None:
+    """Refuse to start a run whose saves cannot fit: a full disk found at the end lost the run.
+    A save writes the FP32 model folder (4 bytes a parameter) and a checkpoint (FP32 weights and
+    AdamW's two moments: 12 bytes) beside the files they replace, plus the tokenizer (~0.5 MiB)."""
+    need = 16 * n_parameters + (2 << 20)
+    free = free_bytes(out)
+    if free is not None and free < need:
+        raise ConfigError(f"{out}: {free / 2**20:.1f} MiB free, but this run's saves need about "
+                          f"{need / 2**20:.0f} MiB (model folder and resumable checkpoint of {n_parameters:,} "
+                          "parameters); free some space or choose another --out")
 
 
 def training_device(cfg: TrainConfig) -> torch.device:
@@ -359,21 +422,29 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg: GLMConfig, progress: bool, lo
         step, extra = restore(data_too=True)
         tokens_seen = extra.get("tokens", 0)
         log(f"resuming {out} from step {step}")
+        schedule_note(extra.get("config", {}), cfg, step, log)
         saved = extra.get("layout")
         if parallel is not None and saved and saved != {"pp": cfg.pp, "dp": cfg.dp, "tp": cfg.tp}:
             log(f"note: checkpoint written with pp={saved['pp']} dp={saved['dp']} tp={saved['tp']}, "
                 f"continuing with {parallel[0]}")
     elif list_checkpoints(out):
         raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue it, or choose another --out")
+    if parallel is None:
+        check_disk_space(out, n_parameters)
     engine.barrier()
 
     def checkpoint() -> None:
         extra = {"objective": objective_state, "guard": guard.state_dict(), "scaler": precision.state_dict(),
                  "tokens": tokens_seen, "config": dataclasses.asdict(cfg)}
-        engine.save_checkpoint(out, step, extra, keep=cfg.keep_checkpoints)
-        # the folder's context is the training windows' length (positions past it were never trained)
+        # the model folder first: it is what the run is for, and a quarter of a checkpoint's size.
+        # The folder's context is the training windows' length (positions past it were never trained)
         engine.save_model(out, tokenizer, extra={"trained_steps": step, "train_config": dataclasses.asdict(cfg)},
                           context=cfg.seq_len)
+        try:
+            engine.save_checkpoint(out, step, extra, keep=cfg.keep_checkpoints)
+        except SaveError as e:
+            raise SaveError(f"{e}; the model folder {out} holds step {step}, only the resumable checkpoint "
+                            "is missing") from e
         metrics.event(step, "checkpoint")
 
     instructions = instruction_pairs(cfg.instructions, tokenizer, cfg.seed) if cfg.instructions else None

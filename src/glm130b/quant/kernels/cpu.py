@@ -6,6 +6,7 @@ cache folder keyed by the source, the compiler flags, the torch version and the 
   $GLM130B_KERNEL_CACHE, else $XDG_CACHE_HOME/glm130b/kernels, else ~/.cache/glm130b/kernels.
 It is never built at install time (building under pip's build isolation would pull torch from
 PyPI). The first build takes about 10-20 s; later imports load the cached library.
+A build killed half-way does not wedge later ones (buildlock.py).
 
 GLM130B_INT4_VNNI=0 keeps INT4 products on the FP32-activation kernel even where the
 AVX-512 VNNI one (16-bit fixed-point activations, see gemv.h) would run.
@@ -22,6 +23,8 @@ import platform
 import threading
 import warnings
 from pathlib import Path
+
+from glm130b.quant.kernels.buildlock import build_lock
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "cpu_gemv.cpp", HERE / "decode_step.cpp"]
@@ -94,11 +97,12 @@ def _build():
     key = build_key()
     directory = cache_root() / key
     directory.mkdir(parents=True, exist_ok=True)
-    return ext.load(
-        name=f"glm130b_cpu_{key}",
-        sources=[str(f) for f in SOURCES],
-        extra_cflags=FLAGS,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(directory),
-        verbose=bool(os.environ.get("GLM130B_KERNEL_VERBOSE")),
-    )
+    with build_lock(directory):  # a killed build's torch lock is broken, a live one waited for
+        return ext.load(
+            name=f"glm130b_cpu_{key}",
+            sources=[str(f) for f in SOURCES],
+            extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            verbose=bool(os.environ.get("GLM130B_KERNEL_VERBOSE")),
+        )

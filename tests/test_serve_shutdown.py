@@ -1,0 +1,137 @@
+"""`glm130b serve` stopped by SIGTERM or SIGINT: requests in flight finish (or, past the drain
+time, end with an error event and [DONE]), nothing new is accepted, and the process exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import varied_model
+
+import glm130b
+from glm130b.checkpoint import save_model
+from glm130b.tokenizer import default_tokenizer
+
+SRC = str(Path(glm130b.__file__).resolve().parents[1])  # the code under test
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("served") / "m"
+    save_model(out, varied_model("1d", seed=1, max_seq_len=512), default_tokenizer())
+    return out
+
+
+class Served:
+    """A `glm130b serve` subprocess on a free loopback port."""
+
+    def __init__(self, model_dir: Path, *flags: str, env: dict | None = None):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "glm130b", "serve", "--model", str(model_dir), "--port", "0",
+             "--log-level", "warning", *flags],
+            env={**os.environ, "PYTHONPATH": SRC, **(env or {})}, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.base: str | None = None
+        ready = threading.Event()
+
+        def read():
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                m = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
+                if m and self.base is None:
+                    self.base = m.group(1)
+                    ready.set()
+            ready.set()
+
+        self.reader = threading.Thread(target=read, daemon=True)
+        self.reader.start()
+        if not (ready.wait(180) and self.base):
+            self.kill()  # never leave a server behind
+            raise AssertionError("the server did not start: " + "".join(self.lines))
+
+    def stop(self, sig=signal.SIGTERM, timeout=60) -> int:
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=timeout)
+        self.reader.join(10)
+        return code
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+def stream_events(base: str, body: dict, out: list, first: threading.Event) -> None:
+    try:
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    out.append(line[6:])
+                    first.set()
+    except httpx.HTTPError as e:
+        out.append(f"transport error: {e!r}")
+    first.set()
+
+
+def _choices_text(events: list[str]) -> str:
+    return "".join(c["text"] for e in events if e.startswith("{") for c in json.loads(e).get("choices", []))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+def test_a_signal_lets_requests_in_flight_finish_then_exits_0(model_dir, sig):
+    served = Served(model_dir, "--drain-timeout", "60")
+    try:
+        body = {"prompt": "In the beginning", "max_tokens": 200, "min_tokens": 200, "temperature": 0}
+        events, first = [], threading.Event()
+        streamer = threading.Thread(target=stream_events, args=(served.base, {**body, "stream": True}, events, first))
+        streamer.start()
+        plain: list = []
+        poster = threading.Thread(target=lambda: plain.append(httpx.post(f"{served.base}/v1/completions",
+                                                                          json=body, timeout=120)))
+        poster.start()
+        assert first.wait(60)
+        code = served.stop(sig)
+        streamer.join(60)
+        poster.join(60)
+    finally:
+        served.kill()
+    assert code == 0, "".join(served.lines)
+    assert events[-1] == "[DONE]" and not any("error" in e for e in events), events[-3:]
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+    assert plain[0].status_code == 200 and plain[0].json()["usage"]["completion_tokens"] == 200
+    assert plain[0].json()["choices"][0]["text"] == _choices_text(events)
+    assert "no new requests; finishing" in "".join(served.lines)
+
+
+@pytest.mark.slow
+def test_past_the_drain_time_streams_end_with_an_error_event(model_dir):
+    served = Served(model_dir, "--drain-timeout", "0", env={"GLM130B_NO_KERNELS": "1"})  # slower decoding
+    try:
+        body = {"prompt": "In the beginning", "max_tokens": 400, "min_tokens": 400, "temperature": 0}
+        events, first = [], threading.Event()
+        streamer = threading.Thread(target=stream_events, args=(served.base, {**body, "stream": True}, events, first))
+        streamer.start()
+        assert first.wait(60)
+        code = served.stop(signal.SIGTERM)
+        streamer.join(60)
+    finally:
+        served.kill()
+    assert code == 0, "".join(served.lines)
+    assert events[-1] == "[DONE]", events[-3:]
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "server_shutting_down", error
+
+
+def test_bad_drain_timeout_is_one_line(capsys):
+    from glm130b.cli import main
+
+    assert main(["serve", "--drain-timeout", "-1"]) == 2
+    assert "--drain-timeout" in capsys.readouterr().err
