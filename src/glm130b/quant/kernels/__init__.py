@@ -5,8 +5,9 @@
   dequantized in row blocks and multiplied with PyTorch's BLAS, which is faster there. INT4 at
   small batch uses AVX-512 VNNI integer dot products with 16-bit fixed-point activations where
   the CPU has them (about 1.4x the FP32-activation kernel's bandwidth; see gemv.h for the
-  error bound, below FP16 activations'); `set_int4_vnni(False)` or GLM130B_INT4_VNNI=0 turns
-  that off.
+  error bound, below FP16 activations'); without AVX-512 VNNI, INT8 and INT4 at batch 1-8 use
+  8-bit activations per block of 32 units (llama.cpp's Q8_0 scheme: AVX2 maddubs, AVX-VNNI,
+  NEON sdot). `set_int_activations(False)` or GLM130B_INT_ACT=0 turns both off.
 * CUDA: INT4 through PyTorch's tinygemm kernel `torch._weight_int4pack_mm` (BF16 activations;
   the packed layout is built once per module and cached); INT8 and anything tinygemm cannot
   take (odd shapes, group sizes other than 32/64/128/256) dequantize in the activation dtype
@@ -54,21 +55,35 @@ def cpu_kernels_available() -> bool:
     return _cpu.get() is not None
 
 
-def set_int4_vnni(on: bool) -> bool:
-    """Use (default) or skip the INT4 x 16-bit-activation VNNI kernel where the CPU has it;
-    returns the previous setting."""
+def set_int_activations(on: bool) -> bool:
+    """Use (default) or skip the integer-activation kernels: INT4 x 16-bit activations with
+    AVX-512 VNNI, else INT8 / INT4 x 8-bit activations (AVX2, AVX-VNNI, NEON) at batch 1-8.
+    Off, every product runs on the exact FP32-activation kernels. Returns the previous setting."""
     ext = _cpu.get()
     if ext is None:
         return False
-    before = ext.int4_vnni_enabled()
-    ext.set_int4_vnni(bool(on))
+    before = ext.int_activations_enabled()
+    ext.set_int_activations(bool(on))
     return before
+
+
+set_int4_vnni = set_int_activations  # the earlier name (it covered the INT4 VNNI kernel only)
+
+
+def int_kernel_name(ext) -> str:
+    """Which integer-activation kernel this build runs (empty: none)."""
+    if ext is None or not ext.int_activations_enabled():
+        return ""
+    if ext.int4_vnni:
+        return "int4 x int16 VNNI"
+    return f"int8/int4 x int8 {ext.q8_dot}" if ext.q8 else ""
 
 
 def backend_info() -> dict:
     ext = _cpu.get()
-    vnni = ", int4 x int16 VNNI" if ext is not None and ext.int4_vnni and ext.int4_vnni_enabled() else ""
-    info = {"cpu": f"C++ {ext.isa} ({ext.lanes} lanes{vnni})" if ext else f"PyTorch fallback ({_cpu.error()})",
+    kind = int_kernel_name(ext)
+    kind = f", {kind}" if kind else ""
+    info = {"cpu": f"C++ {ext.isa} ({ext.lanes} lanes{kind})" if ext else f"PyTorch fallback ({_cpu.error()})",
             "cpu_threads": num_threads()}
     if torch.cuda.is_available():
         info["cuda"] = "tinygemm int4 / cuBLAS dequantized int8"
