@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all bench lint setup clean browser
+.PHONY: run test test-all bench lint setup clean browser arm-tools
 
 setup: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/glm130b demo
 
-test: $(STAMP) browser
+test: $(STAMP) browser arm-tools
 	$(PY) -m pytest
 
 # The serving page's test drives Debian's chromium; installed when root and apt can reach Debian.
@@ -30,6 +30,14 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	  echo "note: chromium not installed; the web-page test will be skipped"; }
+
+# The ARM kernel test cross-compiles gemv.h and runs it under qemu-aarch64 (tests/test_native_kernels.py);
+# installed when root and apt can reach Debian, else those tests are skipped with a reason.
+arm-tools:
+	@command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 && command -v qemu-aarch64 >/dev/null 2>&1 || { \
+	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu qemu-user >/dev/null) || \
+	  echo "note: aarch64 cross-compiler or qemu not installed; the ARM kernel tests will be skipped"; }
 
 test-all: $(STAMP)
 	$(PY) -m pytest -m ''
