@@ -168,3 +168,17 @@ def _build(isa: str | None = None):
         build_directory=str(directory),
         verbose=bool(os.environ.get("GLM130B_KERNEL_VERBOSE")),
     )
+
+
+def main() -> int:
+    """Build (or load) the kernels now, as `make setup` does, so no later command compiles;
+    prints what was built, returns 1 if the build failed."""
+    module = get()
+    if module is None:
+        print(f"glm130b kernels: not built ({error()}); commands will use the PyTorch fallback")
+        return 1
+    print(f"glm130b kernels: {module.isa} ({' '.join(isa_flags()) or 'no ISA flags'}), "
+          f"integer kernel: {'int4 x int16 VNNI' if module.int4_vnni else module.q8_dot or 'none'}, "
+          f"cache {cache_root() / build_key()}")
+    return 0
+
