@@ -104,7 +104,7 @@ void check(int fmt, int64_t N, int64_t K, int64_t G, int64_t M, int threads) {
         ymax = std::max(ymax, std::fabs(acc));
       }
       const double rounding = 2e-6 * std::sqrt(double(K)) * ymax + 1e-6;
-      const bool integer = intact && q8 && (fmt == I8 || fmt == I4) && M <= 8 && !GLM_I4_VNNI;
+      const bool integer = intact && q8 && (fmt == I8 || fmt == I4) && !GLM_I4_VNNI;
       for (int64_t n = 0; n < N; ++n) {
         const double err = std::fabs(y[m * N + n] - ref[n]), lim = rounding + (integer ? bound[n] : 0.0);
         if (!(err <= lim)) {

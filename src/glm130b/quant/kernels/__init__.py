@@ -5,7 +5,7 @@
   dequantized in row blocks and multiplied with PyTorch's BLAS, which is faster there. INT4 at
   small batch uses AVX-512 VNNI integer dot products with 16-bit fixed-point activations where
   the CPU has them (about 1.4x the FP32-activation kernel's bandwidth; see gemv.h for the
-  error bound, below FP16 activations'); without AVX-512 VNNI, INT8 and INT4 at batch 1-8 use
+  error bound, below FP16 activations'); without AVX-512 VNNI, INT8 and INT4 (decoding, prefills) use
   8-bit activations per block of 32 units (llama.cpp's Q8_0 scheme: AVX2 maddubs, AVX-VNNI,
   NEON sdot). `set_int_activations(False)` or GLM130B_INT_ACT=0 turns both off.
 * CUDA: INT4 through PyTorch's tinygemm kernel `torch._weight_int4pack_mm` (BF16 activations;
@@ -28,6 +28,10 @@ from glm130b.quant.kernels import cpu as _cpu
 
 FMT = {torch.float32: 0, torch.bfloat16: 1, "int8": 2, "int4": 3}
 BLAS_MIN_ROWS = 256  # rows of x from which the CPU path dequantizes blocks and calls BLAS
+# FP32 / BF16 weights: from this many rows of x PyTorch's BLAS beats our GEMV (measured with one
+# thread on the Zen 5, AVX2 and AVX-512 builds alike: ours 1.15-1.6x faster at 32 rows, BLAS 1.05-1.15x faster at 64-128)
+DENSE_BLAS_MIN_ROWS = 32
+USE_ONEDNN = torch.backends.mkldnn.is_available() and os.environ.get("GLM130B_ONEDNN") != "0"
 _threads: int | None = None
 
 
@@ -57,7 +61,7 @@ def cpu_kernels_available() -> bool:
 
 def set_int_activations(on: bool) -> bool:
     """Use (default) or skip the integer-activation kernels: INT4 x 16-bit activations with
-    AVX-512 VNNI, else INT8 / INT4 x 8-bit activations (AVX2, AVX-VNNI, NEON) at batch 1-8.
+    AVX-512 VNNI, else INT8 / INT4 x 8-bit activations (AVX2, AVX-VNNI, NEON).
     Off, every product runs on the exact FP32-activation kernels. Returns the previous setting."""
     ext = _cpu.get()
     if ext is None:
@@ -119,12 +123,19 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """F.linear with the CPU GEMV for FP32 / BF16 weights at small batch; PyTorch otherwise."""
     if x.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
         rows = x.numel() // max(1, x.shape[-1])
-        ext = _cpu.get() if rows < BLAS_MIN_ROWS else None
+        ext = _cpu.get() if rows < DENSE_BLAS_MIN_ROWS else None
         if ext is not None:
             return _cpu_call(ext, x, weight, None, None, bias, FMT[weight.dtype], weight.shape[0])
     if weight.dtype != x.dtype:
         weight = weight.to(x.dtype)
-    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    bias = None if bias is None else bias.to(x.dtype)
+    if x.device.type == "cpu" and x.dtype == torch.float32 and USE_ONEDNN and not (
+            torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        try:  # oneDNN's FP32 GEMM: 1.1-1.2x MKL's (F.linear) at 32-512 rows on the Zen 5, AVX2 or AVX-512
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        except (RuntimeError, AttributeError):  # not built with oneDNN, or an unsupported shape
+            pass
+    return F.linear(x, weight, bias)
 
 
 def _cpu_call(ext, x, w, scales, group_size, bias, fmt, n_out) -> torch.Tensor:

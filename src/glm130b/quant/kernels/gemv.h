@@ -651,8 +651,9 @@ struct QuantX {};
 // 8 * sum(x8)) with x8 is an exact integer, converted to float and scaled by the block's step;
 // a group's scale multiplies its blocks' sum. The only rounding beyond the FP32 kernel's is
 // x's: at most step / 2 = absmax(block) / 254 per input (the tests check the bound).
-// Used for INT8 and INT4 at batch 1-8 where the 16-bit VNNI kernel above does not run and the
-// groups are whole blocks (or one per row); `set_int_activations(False)` turns it off.
+// Used for INT8 and INT4 at every batch size that reaches gemv() (decoding and prefills below
+// kernels.BLAS_MIN_ROWS rows) where the 16-bit VNNI kernel above does not run and the groups are
+// whole blocks (or one per row); `set_int_activations(False)` turns it off.
 //
 // The ISA specifics are three helpers on 32 weight units: dot_u4 (packed nibbles), dot_s8
 // (int8 weights), and acc_block (int32 lanes -> float, times the step): AVX2 `maddubs` +
@@ -752,7 +753,10 @@ inline std::atomic<bool>& int_act_enabled() {  // integer-activation kernels on 
 
 constexpr int64_t QB = 32;   // weight units per activation block
 constexpr int Q8_MAXM = 4;   // rows of x per pass over a weight row
-constexpr int64_t Q8_MAX_ROWS = 8;  // batch sizes it takes (larger ones are compute bound: FP32 kernel / BLAS)
+inline std::atomic<int64_t>& q8_max_rows() {  // batch sizes it takes (larger ones: FP32 kernel / BLAS)
+  static std::atomic<int64_t> rows{INT64_MAX};  // all: prefill products measured 1.2-1.5x the FP32 kernel
+  return rows;
+}
 
 struct Q8X {  // one call's x in blocks of QB units
   int64_t M = 0, nb = 0, bytes = 0;  // bytes of x per block: INT8 32, INT4 64 (32 even, 32 odd inputs)
@@ -861,7 +865,7 @@ struct Scratch {  // per-call buffers of gemv(), reusable across calls
 };
 
 // Which integer-activation kernel (if any) takes this product: the 16-bit VNNI one for INT4
-// where the CPU has AVX-512 VNNI; else the 8-bit one for INT8 / INT4 at batch 1-8.
+// where the CPU has AVX-512 VNNI; else the 8-bit one for INT8 / INT4.
 enum IntKernel { NONE, VNNI16, Q8 };
 inline IntKernel int_kernel(const Problem& p, int fmt, int64_t M) {
   if ((fmt != I4 && fmt != I8) || !int_act_enabled()) return NONE;
@@ -869,7 +873,7 @@ inline IntKernel int_kernel(const Problem& p, int fmt, int64_t M) {
   if (fmt == I4) return vnni_fits(p) ? VNNI16 : NONE;
   return NONE;  // INT8 with AVX-512: the FP32 kernel streams it at memory speed
 #else
-  return GLM_Q8 && M <= Q8_MAX_ROWS && q8_fits(p) ? Q8 : NONE;
+  return GLM_Q8 && M <= q8_max_rows().load() && q8_fits(p) ? Q8 : NONE;
 #endif
 }
 
