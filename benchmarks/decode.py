@@ -9,8 +9,8 @@ through the inference engine (glm130b.infer.engine) with
 * `bf16`: BF16 weights (FP32 activations),
 * `int8` / `int4`: GLM-130B's weight-only quantization of the four matrices of every layer,
   the unquantized rest (embeddings = the tied output head) in BF16, as GLM-130B keeps it in FP16,
-* `int4_head8`: int4 with an INT8 output head (`quantize_model(..., head_bits=8)`; llama.cpp's
-  Q4_0 files likewise carry a 6.5-bit Q6_K output head).
+* `int4_head8` / `int8_head8`: int4 / int8 with an INT8 output head (`quantize_model(...,
+  head_bits=8)`; llama.cpp's Q4_0 and Q8_0 files likewise carry a 6.5-bit Q6_K output head).
 A name ending in `_unfused` decodes through the modules one by one instead of the fused step.
 
 For each: weight bytes read per decoded token (every matrix and the output head), prefill
@@ -369,8 +369,9 @@ def build_variants(base, names: list[str], group_size: int | None) -> dict:
             use_fast_linears(m)
         elif kind == "bf16":
             use_fast_linears(m, torch.bfloat16)
-        elif kind in ("int8", "int4", "int4_head8"):
-            quantize_model(m, 8 if kind == "int8" else 4, group_size, head_bits=8 if kind == "int4_head8" else None)
+        elif kind in ("int8", "int4", "int4_head8", "int8_head8"):
+            quantize_model(m, 8 if kind.startswith("int8") else 4, group_size,
+                           head_bits=8 if kind.endswith("_head8") else None)
             use_fast_linears(m, torch.bfloat16)  # the unquantized rest (embeddings, head) in BF16
         else:
             raise ValueError(name)
@@ -391,7 +392,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--group-size", type=int, default=None, help="INT8/INT4 group size (default per row)")
     parser.add_argument("--threads", type=int, default=None, help="torch and kernel threads (default: torch's)")
-    parser.add_argument("--variants", default="fp32_torch,fp32,bf16,int8,int4,int4_head8")
+    parser.add_argument("--variants", default="fp32_torch,fp32,bf16,int8,int8_head8,int4,int4_head8")
     parser.add_argument("--quick", action="store_true", help="a smaller model and fewer steps (a smoke test)")
     parser.add_argument("--no-peers", action="store_true", help="skip transformers and llama.cpp even if installed")
     parser.add_argument("--json", action="store_true")
@@ -471,9 +472,12 @@ def main() -> None:
             out["int4_head8_vs_llamacpp_q4_0"] = v["int4_head8"]["tok_s"] / out["llamacpp_q4_0_tok_s"]
         if "int8" in v:
             out["int8_vs_llamacpp_q8_0"] = v["int8"]["tok_s"] / out["llamacpp_q8_0_tok_s"]
+        if "int8_head8" in v:
+            out["int8_head8_vs_llamacpp_q8_0"] = v["int8_head8"]["tok_s"] / out["llamacpp_q8_0_tok_s"]
         if "fp32" in v:
             out["fp32_vs_llamacpp_f32"] = v["fp32"]["tok_s"] / out["llamacpp_f32_tok_s"]
-        for ours, q in (("fp32", "f32"), ("int8", "q8_0"), ("int4", "q4_0"), ("int4_head8", "q4_0")):
+        for ours, q in (("fp32", "f32"), ("int8", "q8_0"), ("int8_head8", "q8_0"), ("int4", "q4_0"),
+                        ("int4_head8", "q4_0")):
             if ours in v:  # prefill of the same prompt, side by side
                 out[f"llamacpp_{q}_prefill_tok_s"] = peers["llama_cpp"][q]["prefill_tok_s"]
                 out[f"{ours}_prefill_vs_llamacpp_{q}"] = v[ours]["prefill_tok_s"] / peers["llama_cpp"][q]["prefill_tok_s"]
@@ -510,8 +514,9 @@ def main() -> None:
         p = out["peers"]["llama_cpp"]
         print(f"peer llama.cpp {p['version']} (same shape): " + ", ".join(
             f"{q} {p[q]['tok_s']:.1f} tok/s b1, prefill {p[q]['prefill_tok_s']:.0f}" for q in ("f32", "q8_0", "q4_0")))
-    for key in ("fp32_vs_hf", "fp32_vs_llamacpp_f32", "int8_vs_llamacpp_q8_0", "int4_vs_llamacpp_q4_0",
-                "int4_head8_vs_llamacpp_q4_0", "fp32_prefill_vs_llamacpp_f32", "int8_prefill_vs_llamacpp_q8_0",
+    for key in ("fp32_vs_hf", "fp32_vs_llamacpp_f32", "int8_vs_llamacpp_q8_0", "int8_head8_vs_llamacpp_q8_0",
+                "int4_vs_llamacpp_q4_0", "int4_head8_vs_llamacpp_q4_0", "fp32_prefill_vs_llamacpp_f32",
+                "int8_prefill_vs_llamacpp_q8_0", "int8_head8_prefill_vs_llamacpp_q8_0",
                 "int4_prefill_vs_llamacpp_q4_0", "int4_head8_prefill_vs_llamacpp_q4_0"):
         if out.get(key):
             print(f"{key}: {out[key]:.2f}")

@@ -688,8 +688,13 @@ inline vi dot_us(vi acc, __m256i u, __m256i s) {
 // acc + sum over 32 bytes of w: (low nibble) * x[0..32) + (high nibble) * x[32..64)
 inline vi dot_u4(vi acc, const uint8_t* w, const int8_t* x) {
   const __m256i v = load32(w), nib = _mm256_set1_epi8(0x0F);
-  acc = dot_us(acc, _mm256_and_si256(v, nib), load32(x));
-  return dot_us(acc, _mm256_and_si256(_mm256_srli_epi16(v, 4), nib), load32(x + 32));
+  const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+  return dot_us(dot_us(acc, lo, load32(x)), hi, load32(x + 32));
+#else  // both halves summed in 16 bits first (|sum| <= 4 * 15 * 127), then one madd
+  const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, load32(x)), _mm256_maddubs_epi16(hi, load32(x + 32)));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+#endif
 }
 // acc + w[0..32) . x[0..32), both signed: |w| times x with w's sign (llama.cpp's trick)
 inline vi dot_s8(vi acc, const int8_t* w, const int8_t* x) {
