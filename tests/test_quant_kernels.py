@@ -191,6 +191,21 @@ def test_variant_dense_kernels_match_reference(variant, dtype):
             torch.testing.assert_close(y, F.linear(x, w.float(), b), rtol=1e-5, atol=1e-5 * k ** 0.5)
 
 
+def test_long_prefills_stay_on_the_int8_activation_kernel_where_it_runs():
+    from types import SimpleNamespace
+
+    def ext(q8, vnni, on=True):
+        return SimpleNamespace(q8=q8, int4_vnni=vnni, int_activations_enabled=lambda: on)
+
+    assert K._int8_activation_gemm(ext(True, False), _layer(8, 256, 4, None))
+    assert K._int8_activation_gemm(ext(True, False), _layer(8, 256, 4, 128))
+    assert K._int8_activation_gemm(ext(True, False), _layer(8, 256, 8, 32))
+    assert not K._int8_activation_gemm(ext(True, False), _layer(8, 256, 4, 32))  # half a block
+    assert not K._int8_activation_gemm(ext(True, True), _layer(8, 256, 4, None))  # AVX-512 VNNI: BLAS
+    assert not K._int8_activation_gemm(ext(True, False, on=False), _layer(8, 256, 8, None))
+    assert not K._int8_activation_gemm(ext(False, False), _layer(8, 256, 8, None))
+
+
 def test_isa_selection(monkeypatch):
     """GLM130B_CPU_ISA picks the compile flags (a cache entry of its own); auto follows the CPU."""
     monkeypatch.setenv("GLM130B_CPU_ISA", "avx2")
@@ -252,7 +267,11 @@ def test_kernel_does_not_touch_its_inputs(ext):
 def test_non_contiguous_and_3d_inputs(ext):
     layer = _layer(48, 96, 8, None)
     x = torch.randn(2, 96, 5).transpose(1, 2)  # [2, 5, 96], not contiguous
-    torch.testing.assert_close(layer(x), K.reference_linear(x, layer), rtol=1e-5, atol=1e-5)
+    before = K.set_int_activations(False)  # the layout is under test, not the 8-bit activations' rounding
+    try:
+        torch.testing.assert_close(layer(x), K.reference_linear(x, layer), rtol=1e-5, atol=1e-5)
+    finally:
+        K.set_int_activations(before)
 
 
 @needs_kernels
@@ -269,7 +288,11 @@ def test_dequantize_kernel_is_exact(ext, bits, group):
 def test_long_prefill_uses_blas_blocks_and_matches():
     layer = _layer(200, 300, 4, 64)
     x = torch.randn(K.BLAS_MIN_ROWS + 3, 300)
-    torch.testing.assert_close(K.quantized_linear(x, layer), K.reference_linear(x, layer), rtol=1e-4, atol=1e-4)
+    before = K.set_int_activations(False)  # else CPUs without AVX-512 VNNI keep it on the integer kernel
+    try:
+        torch.testing.assert_close(K.quantized_linear(x, layer), K.reference_linear(x, layer), rtol=1e-4, atol=1e-4)
+    finally:
+        K.set_int_activations(before)
     torch.testing.assert_close(K._blocked_blas_linear(x, layer, block_elems=7 * 300), K.reference_linear(x, layer),
                                rtol=1e-4, atol=1e-4)
 
