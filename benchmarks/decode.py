@@ -9,8 +9,8 @@ through the inference engine (glm130b.infer.engine) with
 * `bf16`: BF16 weights (FP32 activations),
 * `int8` / `int4`: GLM-130B's weight-only quantization of the four matrices of every layer,
   the unquantized rest (embeddings = the tied output head) in BF16, as GLM-130B keeps it in FP16,
-* `int4_head8`: int4 with an INT8 output head (`quantize_model(..., head_bits=8)`; llama.cpp's
-  Q4_0 files likewise carry a 6.5-bit Q6_K output head).
+* `int4_head8` / `int8_head8`: int4 / int8 with an INT8 output head (`quantize_model(...,
+  head_bits=8)`; llama.cpp's Q4_0 and Q8_0 files likewise carry a 6.5-bit Q6_K output head).
 A name ending in `_unfused` decodes through the modules one by one instead of the fused step.
 
 For each: weight bytes read per decoded token (every matrix and the output head), prefill
@@ -35,6 +35,7 @@ import argparse
 import copy
 import json
 import os
+import platform
 import resource
 import sys
 import time
@@ -43,12 +44,24 @@ import numpy as np
 import torch
 
 from glm130b.config import GLMConfig
+from glm130b.cpu_precision import native_half
 from glm130b.infer.engine import Batch, Engine, Row
 from glm130b.model.glm import build_model
 from glm130b.model.masks import Block
 from glm130b.quant import QuantizedLinear, quantize_model, use_fast_linears
 from glm130b.quant import kernels as K
+from glm130b.quant.kernels import cpu as _cpu_build
 from glm130b.quant.weights import DenseLinear, dequantize_weight, pack_int4, quantize_weight
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def best_time(fn, repeats: int) -> float:
@@ -181,13 +194,17 @@ def gemv_microbench(repeats: int, stream_mb: int = 96) -> dict:
         "ours_int8": case(lambda: quantized(q8, s8, 8), n * k + 4 * n, lambda m: m(x)),
         "ours_int4": case(lambda: quantized(p4, s4, 4), n * k // 2 + 4 * n, lambda m: m(x)),
     }
-    out = {}
+    bf16_ok, why = native_half(torch.bfloat16)
+    if not bf16_ok:  # PyTorch's BF16 product would crawl here (glm130b.cpu_precision)
+        del cases["torch_bf16"]
+    out = {} if bf16_ok else {"torch_bf16": {"skipped": why}}
     for name, (fn, nbytes, count) in cases.items():
         t = best_time(fn, repeats) / count
         out[name] = {"ms": t * 1e3, "gb_s": nbytes / t / 1e9}
     base = out["torch_fp32"]["ms"]
     for v in out.values():
-        v["speedup_vs_torch_fp32"] = base / v["ms"]
+        if "ms" in v:
+            v["speedup_vs_torch_fp32"] = base / v["ms"]
     return out
 
 
@@ -352,8 +369,9 @@ def build_variants(base, names: list[str], group_size: int | None) -> dict:
             use_fast_linears(m)
         elif kind == "bf16":
             use_fast_linears(m, torch.bfloat16)
-        elif kind in ("int8", "int4", "int4_head8"):
-            quantize_model(m, 8 if kind == "int8" else 4, group_size, head_bits=8 if kind == "int4_head8" else None)
+        elif kind in ("int8", "int4", "int4_head8", "int8_head8"):
+            quantize_model(m, 8 if kind.startswith("int8") else 4, group_size,
+                           head_bits=8 if kind.endswith("_head8") else None)
             use_fast_linears(m, torch.bfloat16)  # the unquantized rest (embeddings, head) in BF16
         else:
             raise ValueError(name)
@@ -374,7 +392,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--group-size", type=int, default=None, help="INT8/INT4 group size (default per row)")
     parser.add_argument("--threads", type=int, default=None, help="torch and kernel threads (default: torch's)")
-    parser.add_argument("--variants", default="fp32_torch,fp32,bf16,int8,int4,int4_head8")
+    parser.add_argument("--variants", default="fp32_torch,fp32,bf16,int8,int8_head8,int4,int4_head8")
     parser.add_argument("--quick", action="store_true", help="a smaller model and fewer steps (a smoke test)")
     parser.add_argument("--no-peers", action="store_true", help="skip transformers and llama.cpp even if installed")
     parser.add_argument("--json", action="store_true")
@@ -412,7 +430,8 @@ def main() -> None:
         "model": {"parameters": base.num_parameters(), "layers": cfg.num_layers, "hidden": cfg.hidden_size,
                   "ffn": cfg.ffn_hidden_size, "vocab": cfg.vocab_size},
         "threads": {"torch": torch.get_num_threads(), "kernels": K.num_threads()},
-        "kernel_backend": K.backend_info()["cpu"],
+        "kernel_backend": K.backend_info()["cpu"], "cpu": cpu_name(),
+        "kernel_isa_flags": " ".join(_cpu_build.isa_flags()),
         "read_bw_gbs": bw["best"] / 1e9, "read_bw_sources_gbs": {k: v / 1e9 for k, v in bw.items() if k != "best"},
         "prompt_tokens": args.prompt, "new_tokens": args.new_tokens, "batch": args.batch,
         "variants": {},
@@ -453,8 +472,15 @@ def main() -> None:
             out["int4_head8_vs_llamacpp_q4_0"] = v["int4_head8"]["tok_s"] / out["llamacpp_q4_0_tok_s"]
         if "int8" in v:
             out["int8_vs_llamacpp_q8_0"] = v["int8"]["tok_s"] / out["llamacpp_q8_0_tok_s"]
+        if "int8_head8" in v:
+            out["int8_head8_vs_llamacpp_q8_0"] = v["int8_head8"]["tok_s"] / out["llamacpp_q8_0_tok_s"]
         if "fp32" in v:
             out["fp32_vs_llamacpp_f32"] = v["fp32"]["tok_s"] / out["llamacpp_f32_tok_s"]
+        for ours, q in (("fp32", "f32"), ("int8", "q8_0"), ("int8_head8", "q8_0"), ("int4", "q4_0"),
+                        ("int4_head8", "q4_0")):
+            if ours in v:  # prefill of the same prompt, side by side
+                out[f"llamacpp_{q}_prefill_tok_s"] = peers["llama_cpp"][q]["prefill_tok_s"]
+                out[f"{ours}_prefill_vs_llamacpp_{q}"] = v[ours]["prefill_tok_s"] / peers["llama_cpp"][q]["prefill_tok_s"]
     out["gemv_4096"] = micro
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["seconds"] = time.perf_counter() - t_start
@@ -462,6 +488,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(out, indent=2))
         return
+    print(f"CPU: {out['cpu']}; kernels built with {out['kernel_isa_flags'] or 'no ISA flags'}")
     print(f"GLM {out['model']['parameters'] / 1e6:.0f}M parameters ({cfg.num_layers} layers, hidden {cfg.hidden_size}), "
           f"threads torch={out['threads']['torch']} kernels={out['threads']['kernels']}, {out['kernel_backend']}")
     sources = ", ".join(f"{k} {v:.1f}" for k, v in out["read_bw_sources_gbs"].items())
@@ -486,15 +513,20 @@ def main() -> None:
     if "llama_cpp" in out["peers"]:
         p = out["peers"]["llama_cpp"]
         print(f"peer llama.cpp {p['version']} (same shape): " + ", ".join(
-            f"{q} {p[q]['tok_s']:.1f} tok/s b1" for q in ("f32", "q8_0", "q4_0")))
-    for key in ("fp32_vs_hf", "fp32_vs_llamacpp_f32", "int8_vs_llamacpp_q8_0", "int4_vs_llamacpp_q4_0",
-                "int4_head8_vs_llamacpp_q4_0"):
+            f"{q} {p[q]['tok_s']:.1f} tok/s b1, prefill {p[q]['prefill_tok_s']:.0f}" for q in ("f32", "q8_0", "q4_0")))
+    for key in ("fp32_vs_hf", "fp32_vs_llamacpp_f32", "int8_vs_llamacpp_q8_0", "int8_head8_vs_llamacpp_q8_0",
+                "int4_vs_llamacpp_q4_0", "int4_head8_vs_llamacpp_q4_0", "fp32_prefill_vs_llamacpp_f32",
+                "int8_prefill_vs_llamacpp_q8_0", "int8_head8_prefill_vs_llamacpp_q8_0",
+                "int4_prefill_vs_llamacpp_q4_0", "int4_head8_prefill_vs_llamacpp_q4_0"):
         if out.get(key):
             print(f"{key}: {out[key]:.2f}")
     if not out["peers"]:
         print("peers: not installed (pip install -e '.[peers]' for transformers and llama.cpp)")
     print("4096x4096 matrix-vector product (batch 1, weights streamed from DRAM):")
     for n, r in micro.items():
+        if "skipped" in r:
+            print(f"  {n:<16} skipped: {r['skipped']}")
+            continue
         print(f"  {n:<16}{r['ms']:>8.3f} ms {r['gb_s']:>7.1f} GB/s  {r['speedup_vs_torch_fp32']:>5.2f}x torch fp32")
     print(f"peak RSS {out['peak_rss_mb']:.0f} MB, {out['seconds']:.0f} s")
 

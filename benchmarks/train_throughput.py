@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -92,18 +93,29 @@ def main() -> None:
     cfg = GLMConfig.from_preset(args.preset, max_seq_len=max(args.seq, 512), **overrides)
     n = 4096 if args.device == "cuda" else 1024
     peaks = {"fp32": matmul_peak(args.device, torch.float32, n)}
-    runs = []
+    runs, skipped = [], {}
     for precision in args.precision.split(","):
+        if args.device == "cpu" and precision in ("bf16", "fp16") and os.environ.get("GLM130B_CPU_HALF") != "allow":
+            from glm130b.cpu_precision import native_half
+
+            ok, reason = native_half(torch.bfloat16 if precision == "bf16" else torch.float16)
+            if not ok:  # it would crawl (minutes per step), not measure anything useful
+                skipped[precision] = reason
+                continue
         if precision != "fp32":
             peaks[precision] = matmul_peak(args.device, torch.bfloat16 if precision == "bf16" else torch.float16, n)
         run = measure(cfg, precision, args.device, args.batch, args.seq, args.steps)
         run["mfu"] = run["model_flops_per_s"] / peaks["fp32"]
         run["mfu_vs_own_precision_peak"] = run["model_flops_per_s"] / peaks[precision]
         runs.append(run)
+    if not runs:
+        print(json.dumps({"device": args.device, "runs": [], "skipped": skipped}) if args.json else
+              "\n".join(f"{k}: skipped: {why}" for k, why in skipped.items()))
+        return
     best = max(runs, key=lambda r: r["tokens_per_s"])
     result = {"device": args.device, "threads": torch.get_num_threads(), "preset": cfg.name,
               "batch": args.batch, "seq": args.seq, "peak_flops": peaks["fp32"], "peaks": peaks,
-              "tokens_per_s": best["tokens_per_s"], "mfu": best["mfu"], "runs": runs}
+              "tokens_per_s": best["tokens_per_s"], "mfu": best["mfu"], "runs": runs, "skipped": skipped}
     if args.json:
         print(json.dumps(result))
         return
@@ -113,6 +125,8 @@ def main() -> None:
     for r in runs:
         print(f"  {r['precision']:>5}: {r['tokens_per_s']:8.0f} tokens/s  {r['model_flops_per_s'] / 1e9:7.1f} GFLOP/s  "
               f"MFU {100 * r['mfu']:5.1f}% of the fp32 peak, {100 * r['mfu_vs_own_precision_peak']:5.1f}% of its own")
+    for k, why in skipped.items():
+        print(f"  {k:>5}: skipped: {why} (GLM130B_CPU_HALF=allow runs it anyway)")
 
 
 if __name__ == "__main__":

@@ -112,6 +112,128 @@ def test_int4_vnni_kernel_within_its_bound(ext, group, shape):
         assert not torch.equal(exact, y)
 
 
+def _x86_variants() -> list[str]:
+    """Instruction sets this CPU can also run, built beside the default (AVX-512) kernels."""
+    f = cpu_build.cpu_features()
+    out = ["avx2"] if {"avx2", "fma", "f16c"} <= f else []
+    return out + (["avxvnni"] if "avx_vnni" in f and out else [])
+
+
+@pytest.fixture(scope="module", params=_x86_variants() or [pytest.param("avx2", marks=pytest.mark.skip("no AVX2"))])
+def variant(request):
+    """The kernels built with GLM130B_CPU_ISA=<variant> flags (e.g. AVX2 only, no AVX-512)."""
+    if os.environ.get("GLM130B_NO_KERNELS"):
+        pytest.skip("GLM130B_NO_KERNELS is set")
+    return cpu_build.variant(request.param)
+
+
+def q8_error_bound(x: torch.Tensor, w: torch.Tensor, bits: int) -> torch.Tensor:
+    """The 8-bit-activation kernel's bound (gemv.h): each input is rounded to a multiple of its
+    block's step = absmax / 127 (blocks of 32 inputs for INT8, 64 for INT4), so
+    |error| <= sum |w| step / 2."""
+    k = x.shape[1]
+    block = 32 if bits == 8 else 64
+    nb = -(-k // block)
+    padded = torch.zeros(x.shape[0], nb * block)
+    padded[:, :k] = x.abs()
+    step = (padded.view(x.shape[0], nb, block).amax(-1) / 127).repeat_interleave(block, dim=1)[:, :k]
+    return (step / 2) @ w.abs().t()
+
+
+def _variant_linear(ext, x, layer, threads):
+    fmt = K.FMT[f"int{layer.bits}"]
+    return ext.linear(x, layer.qweight, layer.scales, layer.group_size or 0, layer.bias, fmt, threads)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group", [None, 64, 128, 6])
+@pytest.mark.parametrize("shape", SHAPES + [(64, 2752)])
+def test_int8_activation_kernels_within_their_bound(variant, bits, group, shape):
+    """The AVX2 (maddubs) and AVX-VNNI builds: INT8 / INT4 x 8-bit activations (decode batches
+    and short prefills) within the bound above; with integer activations off, the exact FP32 kernels (rounding only)."""
+    assert variant.q8 and not variant.int4_vnni and "avx512" not in variant.isa
+    n, k = shape
+    layer = _layer(n, k, bits, group)
+    w = layer.dequantized_weight()
+    for batch in (1, 2, 4, 5, 8, 9):
+        x = torch.randn(batch, k) * torch.linspace(0.01, 4.0, k)  # small and large inputs side by side
+        x[0, : k // 3] = 0.0  # zero blocks
+        ref = K.reference_linear(x, layer)
+        rounding = 2e-6 * (k ** 0.5) * ref.abs().max().item() + 1e-6
+        for threads in (1, 2):
+            y = _variant_linear(variant, x, layer, threads)
+            bound = q8_error_bound(x, w, bits) + rounding
+            assert bool(((y - ref).abs() <= bound).all()), (shape, group, batch, threads)
+            before = variant.int_activations_enabled()
+            variant.set_int_activations(False)
+            try:
+                exact = _variant_linear(variant, x, layer, threads)
+            finally:
+                variant.set_int_activations(before)
+            assert (exact - ref).abs().max().item() <= rounding, (shape, group, batch, threads)
+        takes = group in (None, 64, 128) or group >= k  # whole blocks of 32 units, or per row
+        if takes and k >= 64:  # the integer path ran: its error is not FP32 rounding
+            assert not torch.equal(exact, y)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_variant_dense_kernels_match_reference(variant, dtype):
+    """FP32 / BF16 weights on the AVX2 build's float kernels."""
+    for n, k in SHAPES:
+        torch.manual_seed(0)
+        w = torch.randn(n, k).to(dtype)
+        b = torch.randn(n)
+        for batch in (1, 4, 9):
+            x = torch.randn(batch, k)
+            y = variant.linear(x, w, None, 0, b, K.FMT[dtype], 2)
+            torch.testing.assert_close(y, F.linear(x, w.float(), b), rtol=1e-5, atol=1e-5 * k ** 0.5)
+
+
+def test_long_prefills_stay_on_the_int8_activation_kernel_where_it_runs():
+    from types import SimpleNamespace
+
+    def ext(q8, vnni, on=True):
+        return SimpleNamespace(q8=q8, int4_vnni=vnni, int_activations_enabled=lambda: on)
+
+    assert K._int8_activation_gemm(ext(True, False), _layer(8, 256, 4, None))
+    assert K._int8_activation_gemm(ext(True, False), _layer(8, 256, 4, 128))
+    assert K._int8_activation_gemm(ext(True, False), _layer(8, 256, 8, 32))
+    assert not K._int8_activation_gemm(ext(True, False), _layer(8, 256, 4, 32))  # half a block
+    assert not K._int8_activation_gemm(ext(True, True), _layer(8, 256, 4, None))  # AVX-512 VNNI: BLAS
+    assert not K._int8_activation_gemm(ext(True, False, on=False), _layer(8, 256, 8, None))
+    assert not K._int8_activation_gemm(ext(False, False), _layer(8, 256, 8, None))
+
+
+def test_isa_selection(monkeypatch):
+    """GLM130B_CPU_ISA picks the compile flags (a cache entry of its own); auto follows the CPU."""
+    monkeypatch.setenv("GLM130B_CPU_ISA", "avx2")
+    assert cpu_build.isa_flags() == ["-mavx2", "-mfma", "-mf16c"]
+    key = cpu_build.build_key()
+    monkeypatch.setenv("GLM130B_CPU_ISA", "scalar")
+    assert cpu_build.isa_flags() == [] and cpu_build.build_key() != key
+    monkeypatch.setenv("GLM130B_CPU_ISA", "native")
+    assert cpu_build.isa_flags() == ["-march=native"]
+    monkeypatch.setenv("GLM130B_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="GLM130B_CPU_ISA"):
+        cpu_build.isa_flags()
+    monkeypatch.delenv("GLM130B_CPU_ISA")
+    monkeypatch.setattr(cpu_build, "cpu_features", lambda: {"avx", "avx2", "fma", "f16c"})
+    monkeypatch.setattr(cpu_build.platform, "machine", lambda: "x86_64")
+    assert cpu_build.isa_name() == "avx2" and not any("512" in f for f in cpu_build.isa_flags())
+    monkeypatch.setattr(cpu_build, "cpu_features", lambda: {"avx2", "fma", "f16c", "avx_vnni"})
+    assert cpu_build.isa_name() == "avxvnni"
+    monkeypatch.setattr(cpu_build, "cpu_features",
+                        lambda: {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"})
+    assert cpu_build.isa_name() == "avx512" and "-mavx512vnni" not in cpu_build.isa_flags()
+    monkeypatch.setattr(cpu_build, "cpu_features", lambda: {"sse2"})
+    assert cpu_build.isa_name() == "scalar"
+    monkeypatch.setattr(cpu_build.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(cpu_build, "cpu_features", lambda: {"fp", "asimd", "asimddp"})
+    assert cpu_build.isa_flags() == ["-march=armv8.2-a+dotprod"]
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
@@ -145,7 +267,11 @@ def test_kernel_does_not_touch_its_inputs(ext):
 def test_non_contiguous_and_3d_inputs(ext):
     layer = _layer(48, 96, 8, None)
     x = torch.randn(2, 96, 5).transpose(1, 2)  # [2, 5, 96], not contiguous
-    torch.testing.assert_close(layer(x), K.reference_linear(x, layer), rtol=1e-5, atol=1e-5)
+    before = K.set_int_activations(False)  # the layout is under test, not the 8-bit activations' rounding
+    try:
+        torch.testing.assert_close(layer(x), K.reference_linear(x, layer), rtol=1e-5, atol=1e-5)
+    finally:
+        K.set_int_activations(before)
 
 
 @needs_kernels
@@ -162,7 +288,11 @@ def test_dequantize_kernel_is_exact(ext, bits, group):
 def test_long_prefill_uses_blas_blocks_and_matches():
     layer = _layer(200, 300, 4, 64)
     x = torch.randn(K.BLAS_MIN_ROWS + 3, 300)
-    torch.testing.assert_close(K.quantized_linear(x, layer), K.reference_linear(x, layer), rtol=1e-4, atol=1e-4)
+    before = K.set_int_activations(False)  # else CPUs without AVX-512 VNNI keep it on the integer kernel
+    try:
+        torch.testing.assert_close(K.quantized_linear(x, layer), K.reference_linear(x, layer), rtol=1e-4, atol=1e-4)
+    finally:
+        K.set_int_activations(before)
     torch.testing.assert_close(K._blocked_blas_linear(x, layer, block_elems=7 * 300), K.reference_linear(x, layer),
                                rtol=1e-4, atol=1e-4)
 

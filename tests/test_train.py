@@ -75,7 +75,8 @@ def test_keep_last_k_and_refuse_to_overwrite_a_run(tmp_path):
         train(cfg, default_tokenizer(), progress=False)
 
 
-def test_fp16_loss_scaler_skips_overflow_and_regrows():
+def test_fp16_loss_scaler_skips_overflow_and_regrows(monkeypatch):
+    monkeypatch.setenv("GLM130B_CPU_HALF", "allow")  # fp16 even where this CPU has no fast FP16
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     prec = Precision("fp16", growth_interval=2, init_scale=2.0**4)
@@ -94,7 +95,8 @@ def test_fp16_loss_scaler_skips_overflow_and_regrows():
     assert prec.scale == 16.0 and not torch.equal(model.weight, before)
 
 
-def test_fp16_training_runs_and_logs_the_scale(tmp_path):
+def test_fp16_training_runs_and_logs_the_scale(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLM130B_CPU_HALF", "allow")  # the loss scaler runs (tiny model: speed is no issue)
     out = tmp_path / "fp16"
     train(TrainConfig(out=str(out), steps=5, precision="fp16", **SMALL), default_tokenizer(), progress=False)
     records = read_jsonl(out / "metrics.jsonl")

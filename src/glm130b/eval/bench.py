@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     model = GLMModel(GLMConfig.from_preset(args.preset)).eval()
     if args.dtype == "bf16":
-        model = model.to(torch.bfloat16)
+        from glm130b.cpu_precision import cpu_precision
+
+        if cpu_precision("bf16", "the evaluation benchmark") == "bf16":  # else FP32, warned
+            model = model.to(torch.bfloat16)
     tokenizer = default_tokenizer()
     cfg = load_task(args.task)
     if args.batch_tokens:

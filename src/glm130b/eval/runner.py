@@ -70,6 +70,11 @@ def apply_precision(model, precision: str):
     """fp32 / bf16 / fp16 cast the model; int8 / int4 quantize it with glm130b.quant."""
     if precision == "fp32":
         return model.float()
+    if precision in ("bf16", "fp16") and _on_cpu(model):
+        from glm130b.cpu_precision import cpu_precision
+
+        if cpu_precision(precision, "evaluation") == "fp32":  # no fast BF16/FP16 here: warned once
+            return model.float()
     if precision == "bf16":
         return model.to(torch.bfloat16)
     if precision == "fp16":
@@ -79,6 +84,11 @@ def apply_precision(model, precision: str):
 
         return quantize_model(model, int(precision[3:]))
     raise GLMError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+
+
+def _on_cpu(model) -> bool:
+    p = next(iter(model.parameters()), None)
+    return p is None or p.device.type in ("cpu", "meta")
 
 
 def load_at_precision(model_dir: Path, precision: str, single: bool = True, device=None):
@@ -98,7 +108,10 @@ def load_at_precision(model_dir: Path, precision: str, single: bool = True, devi
         info = (model.config.extra or {}).get("quantization") or {}
         return model.eval(), tokenizer, f"int{info.get('bits', '?')} (saved)"
     model, tokenizer = load_model(model_dir, device=device)
-    return apply_precision(model, precision).eval(), tokenizer, precision
+    model = apply_precision(model, precision).eval()
+    if precision in ("bf16", "fp16") and next(iter(model.parameters())).dtype == torch.float32:
+        precision = f"{precision}->fp32"  # no fast BF16 / FP16 on this CPU (warned)
+    return model, tokenizer, precision
 
 
 # ---------------------------------------------------------------------------------------------

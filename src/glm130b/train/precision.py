@@ -4,6 +4,10 @@ The parameters stay FP32 in every mode (they are the master weights) and AdamW k
 states; autocast runs the matmuls in half precision. For fp16, PyTorch's own GradScaler scales
 the loss, skips a step whose gradients overflowed, halves the scale, and doubles it again after
 `growth_interval` clean steps.
+
+On a CPU without fast BF16 / FP16 matrix products (glm130b.cpu_precision: e.g. AVX2-only
+CPUs, where a BF16 product runs ~200x slower than FP32) bf16 / fp16 warn once and run as fp32;
+`requested` keeps what was asked for.
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ class Precision:
     def __init__(self, mode: str, device_type: str = "cpu", init_scale: float = 2.0**16, growth_interval: int = 1000):
         if mode not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {mode!r}")
+        self.requested = mode
+        if device_type == "cpu":
+            from glm130b.cpu_precision import cpu_precision
+
+            mode = cpu_precision(mode, "training")
         self.mode = mode
         self.device_type = device_type
         self.scaler = torch.amp.GradScaler(

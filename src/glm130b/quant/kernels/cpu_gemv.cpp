@@ -85,10 +85,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &dequantize, "rows of an INT8/INT4 matrix as FP32", pybind11::arg("w"),
         pybind11::arg("scales"), pybind11::arg("group_size"), pybind11::arg("fmt"), pybind11::arg("K"),
         pybind11::arg("r0"), pybind11::arg("r1"), pybind11::arg("threads"));
-  m.def("set_int4_vnni", [](bool on) { int4_vnni_enabled().store(on); },
-        "use (default) or skip the INT4 x 16-bit-activation VNNI kernel where it applies");
-  m.def("int4_vnni_enabled", []() { return bool(GLM_I4_VNNI) && int4_vnni_enabled().load(); });
+  m.def("set_int_activations", [](bool on) { int_act_enabled().store(on); },
+        "use (default) or skip the integer-activation kernels (INT4 x int16 VNNI, INT8/INT4 x int8)");
+  m.def("int_activations_enabled", []() { return int_act_enabled().load(); });
+  m.def("set_int_activation_rows", [](int64_t rows) { q8_max_rows().store(rows); },
+        "largest batch (rows of x) the 8-bit-activation kernel takes");
+  m.def("int_activation_rows", []() { return q8_max_rows().load(); });
   m.attr("int4_vnni") = bool(GLM_I4_VNNI);
+  m.attr("q8") = bool(GLM_Q8);
+  m.attr("q8_dot") = Q8_DOT;
   register_decode_step(m);
   m.attr("isa") = ISA;
   m.attr("lanes") = LANES;

@@ -95,6 +95,8 @@ inline vf load_kv(const uint16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 #elif defined(__AVX2__) && defined(__F16C__)
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+  return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)));
 #else
   return c10::detail::fp16_ieee_to_fp32_value(*p);
 #endif
@@ -103,7 +105,7 @@ inline float kv_value(float v) { return v; }
 inline float kv_value(uint16_t v) { return c10::detail::fp16_ieee_to_fp32_value(v); }
 inline void store_kv(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, sizeof(float) * n); }
 // Round to nearest even, as .to(float16), after clamping to FP16's finite range (as
-// model/attention.py's fit_cache: an overflow would be inf, and the row's attention NaN).
+// model/kv_cache.py's fit_cache: an overflow would be inf, and the row's attention NaN).
 inline void store_kv(uint16_t* dst, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
     dst[i] = c10::detail::fp16_ieee_from_fp32_value(std::max(-65504.f, std::min(65504.f, src[i])));
@@ -134,55 +136,107 @@ inline void axpy(float s, const C* x, float* y, int64_t n) {  // y += s * x
 
 // exp and erf over arrays, vectorised: exp by range reduction to 2^n * exp(r), |r| <= ln2/2,
 // with Cephes' degree-6 polynomial (about 1 ulp); erf by Abramowitz & Stegun 7.1.26 (absolute
-// error <= 1.5e-7), the formula of PyTorch's own vectorised erf. Scalar tails use libm.
+// error <= 1.5e-7), the formula of PyTorch's own vectorised erf. One generic version on vf; the
+// ISA specifics are the helpers below (AVX-512, AVX2, NEON, or scalar floats).
 #if defined(__AVX512F__)
-inline __m512 exp16(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.33654f);
-  const __mmask16 live = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);  // below: exp underflows to 0 (and -inf -> 0)
-  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.37626f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(y, n));
+inline void vstore(float* p, vf a) { _mm512_storeu_ps(p, a); }
+inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
+inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+inline vf vabs(vf a) { return _mm512_abs_ps(a); }
+inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
+inline vf vround(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vf vldexp(vf y, vf n) { return _mm512_scalef_ps(y, n); }  // y * 2^n, n integral
+inline vf vkeep_ge(vf v, vf x, vf lo) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), v); }
+inline vf vcopysign(vf v, vf x) { return _mm512_or_ps(v, _mm512_and_ps(x, _mm512_set1_ps(-0.f))); }  // v >= 0
+#elif defined(__AVX2__) && defined(__FMA__)
+inline void vstore(float* p, vf a) { _mm256_storeu_ps(p, a); }
+inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+inline vf vmin(vf a, vf b) { return _mm256_min_ps(a, b); }
+inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+inline vf vabs(vf a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), a); }
+inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
+inline vf vround(vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vf vldexp(vf y, vf n) {  // n in [-126, 127]: 2^n built in the exponent field
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
-inline __m512 erf16(__m512 x) {
-  const __m512 one = _mm512_set1_ps(1.f);
-  const __m512 a = _mm512_abs_ps(x);
-  const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a, one));
-  __m512 r = _mm512_set1_ps(1.061405429f);
-  for (float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(c));
-  const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(x, x)));
-  const __m512 v = _mm512_fnmadd_ps(_mm512_mul_ps(r, t), e, one);  // 1 - r t exp(-x^2)
-  return _mm512_or_ps(v, _mm512_and_ps(x, _mm512_set1_ps(-0.f)));  // the sign of x
+inline vf vkeep_ge(vf v, vf x, vf lo) { return _mm256_and_ps(v, _mm256_cmp_ps(x, lo, _CMP_GE_OQ)); }
+inline vf vcopysign(vf v, vf x) { return _mm256_or_ps(v, _mm256_and_ps(x, _mm256_set1_ps(-0.f))); }
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+inline void vstore(float* p, vf a) { vst1q_f32(p, a); }
+inline vf vmul(vf a, vf b) { return vmulq_f32(a, b); }
+inline vf vsub(vf a, vf b) { return vsubq_f32(a, b); }
+inline vf vmin(vf a, vf b) { return vminq_f32(a, b); }
+inline vf vmax(vf a, vf b) { return vmaxq_f32(a, b); }
+inline vf vabs(vf a) { return vabsq_f32(a); }
+inline vf vdiv(vf a, vf b) { return vdivq_f32(a, b); }
+inline vf vround(vf a) { return vrndnq_f32(a); }
+inline vf vldexp(vf y, vf n) {
+  const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(n), vdupq_n_s32(127)), 23);
+  return vmulq_f32(y, vreinterpretq_f32_s32(e));
 }
+inline vf vkeep_ge(vf v, vf x, vf lo) { return vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(v), vcgeq_f32(x, lo))); }
+inline vf vcopysign(vf v, vf x) { return vbslq_f32(vdupq_n_u32(0x80000000u), x, v); }
+#else
+inline void vstore(float* p, vf a) { *p = a; }
+inline vf vmul(vf a, vf b) { return a * b; }
+inline vf vsub(vf a, vf b) { return a - b; }
+inline vf vmin(vf a, vf b) { return std::min(a, b); }
+inline vf vmax(vf a, vf b) { return std::max(a, b); }
+inline vf vabs(vf a) { return std::fabs(a); }
+inline vf vdiv(vf a, vf b) { return a / b; }
+inline vf vround(vf a) { return std::nearbyint(a); }
+inline vf vldexp(vf y, vf n) { return std::ldexp(y, static_cast<int>(n)); }
+inline vf vkeep_ge(vf v, vf x, vf lo) { return x >= lo ? v : 0.f; }
+inline vf vcopysign(vf v, vf x) { return std::copysign(v, x); }
 #endif
+
+inline vf vexp(vf x) {
+  const vf lo = vset1(-87.33654f);  // below: exp underflows to 0 (and -inf -> 0)
+  const vf live_x = x;
+  x = vmin(vmax(x, lo), vset1(LANES == 16 ? 88.37626f : 88.0f));  // 2^n in the exponent field needs n <= 127
+  const vf n = vround(vmul(x, vset1(1.44269504088896341f)));
+  vf r = vfma(n, vset1(-0.693359375f), x);
+  r = vfma(n, vset1(2.12194440e-4f), r);
+  vf y = vset1(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = vfma(y, r, vset1(c));
+  y = vfma(y, vmul(r, r), vadd(r, vset1(1.f)));
+  return vkeep_ge(vldexp(y, n), live_x, lo);
+}
+inline vf verf(vf x) {
+  const vf one = vset1(1.f);
+  const vf a = vabs(x);
+  const vf t = vdiv(one, vfma(vset1(0.3275911f), a, one));
+  vf r = vset1(1.061405429f);
+  for (float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) r = vfma(r, t, vset1(c));
+  const vf e = vexp(vsub(vzero(), vmul(x, x)));
+  const vf v = vfma(vmul(r, t), vsub(vzero(), e), one);  // 1 - r t exp(-x^2)
+  return vcopysign(v, x);  // the sign of x
+}
 
 inline void exp_inplace(float* x, int64_t n) {
   int64_t i = 0;
-#if defined(__AVX512F__)
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, exp16(_mm512_loadu_ps(x + i)));
-#endif
+  if constexpr (LANES > 1)
+    for (; i + LANES <= n; i += LANES) vstore(x + i, vexp(vload(x + i)));
   for (; i < n; ++i) x[i] = std::exp(x[i]);
 }
 
 // g[i] = gelu(z[i]) (exact erf form, or the tanh approximation), times a[i] when a is given (GeGLU).
 inline void gelu(const float* z, const float* a, float* g, int64_t n, bool tanh_form) {
   int64_t i = 0;
-#if defined(__AVX512F__)
-  if (!tanh_form)
-    for (; i + 16 <= n; i += 16) {
-      const __m512 v = _mm512_loadu_ps(z + i);
-      const __m512 e = erf16(_mm512_mul_ps(v, _mm512_set1_ps(0.7071067811865476f)));
-      __m512 out = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(_mm512_set1_ps(1.f), e));
-      if (a) out = _mm512_mul_ps(out, _mm512_loadu_ps(a + i));
-      _mm512_storeu_ps(g + i, out);
-    }
-#endif
+  if constexpr (LANES > 1)
+    if (!tanh_form)
+      for (; i + LANES <= n; i += LANES) {
+        const vf v = vload(z + i);
+        const vf e = verf(vmul(v, vset1(0.7071067811865476f)));
+        vf out = vmul(vmul(vset1(0.5f), v), vadd(vset1(1.f), e));
+        if (a) out = vmul(out, vload(a + i));
+        vstore(g + i, out);
+      }
   for (; i < n; ++i) {
     const float v = z[i];
     const float gv = tanh_form ? 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)))

@@ -11,11 +11,15 @@
 // inputs, so the low nibbles of 16 consecutive bytes multiply x_even[j..j+16) and the high
 // nibbles x_odd[j..j+16). The canonical packed layout is used as stored: no repacking.
 //
-// Compiled at first use on the machine that runs it (-O3 -march=native) by
-// glm130b/quant/kernels/cpu.py; AVX-512, AVX2+FMA and plain C++ paths share this code.
+// Compiled for the CPU that runs it (flags from its detected instruction sets, see
+// glm130b/quant/kernels/cpu.py); AVX-512, AVX2+FMA, ARM NEON and plain C++ paths share this
+// code: the instruction-set specifics are the small inline helpers of each section.
 // cpu_gemv.cpp exposes it to PyTorch; decode_step.cpp runs a whole decode step with it.
+// With GLM_NO_TORCH defined the header needs no PyTorch (the standalone ARM test under qemu).
 #pragma once
+#ifndef GLM_NO_TORCH
 #include <ATen/core/Tensor.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -28,6 +32,8 @@
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
 #endif
 
 namespace glm {
@@ -89,6 +95,29 @@ inline void cvt_u4(const uint8_t* p, vf& lo, vf& hi) {
   lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v, _mm256_set1_epi32(15)), eight));
   hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v, 4), eight));
 }
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+constexpr int LANES = 4;
+constexpr int MAXM = 4;
+constexpr const char* ISA = "neon";
+using vf = float32x4_t;
+inline vf vzero() { return vdupq_n_f32(0.f); }
+inline vf vload(const float* p) { return vld1q_f32(p); }
+inline vf vfma(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }
+inline vf vadd(vf a, vf b) { return vaddq_f32(a, b); }
+inline vf vset1(float s) { return vdupq_n_f32(s); }
+inline float vsum(vf a) { return vaddvq_f32(a); }
+inline vf cvt_bf16(const uint16_t* p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+inline int8x8_t load4_s8(const void* p) {  // 4 bytes into the low half of a vector
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return vreinterpret_s8_s32(vdup_n_s32(v));
+}
+inline vf cvt_i8(const int8_t* p) { return vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(load4_s8(p))))); }
+inline void cvt_u4(const uint8_t* p, vf& lo, vf& hi) {
+  const int32x4_t v = vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(vmovl_u8(vreinterpret_u8_s8(load4_s8(p))))));
+  lo = vcvtq_f32_s32(vsubq_s32(vandq_s32(v, vdupq_n_s32(15)), vdupq_n_s32(8)));
+  hi = vcvtq_f32_s32(vsubq_s32(vshrq_n_s32(v, 4), vdupq_n_s32(8)));
+}
 #else
 constexpr int LANES = 1;
 constexpr int MAXM = 4;
@@ -125,6 +154,8 @@ template <typename T>
 inline void prefetch_row(const T* p, int64_t j) {
 #if GLM_PF > 0 && (defined(__AVX512F__) || defined(__AVX2__))
   _mm_prefetch(reinterpret_cast<const char*>(p + j) + GLM_PF, _MM_HINT_T0);
+#elif GLM_PF > 0 && defined(__GNUC__)
+  __builtin_prefetch(reinterpret_cast<const char*>(p + j) + GLM_PF);
 #else
   (void)p;
   (void)j;
@@ -308,12 +339,13 @@ inline void rows_dispatch(const Problem& p, int64_t r0, int64_t r1, int64_t m0, 
     case 2: rows_range<FMT, 2>(p, r0, r1, m0, jb, je); break;
     case 3: rows_range<FMT, 3>(p, r0, r1, m0, jb, je); break;
     case 4: rows_range<FMT, 4>(p, r0, r1, m0, jb, je); break;
-    default: TORCH_CHECK(false, "bad batch tile ", mb);
+    default: break;  // gemv_run passes 1..MAXM
   }
 }
 
 inline int64_t unit_bytes(int fmt) { return fmt == F32 ? 4 : fmt == BF16 ? 2 : 1; }
 
+#ifndef GLM_NO_TORCH
 // The Problem of weight w (checked against format fmt and K logical inputs), with its scales
 // (INT8 / INT4) and bias; x and y are left for the caller. The tensors must outlive the Problem.
 inline Problem weight_problem(const at::Tensor& w, const c10::optional<at::Tensor>& scales, int64_t group_size,
@@ -351,6 +383,8 @@ inline Problem weight_problem(const at::Tensor& w, const c10::optional<at::Tenso
   }
   return p;
 }
+
+#endif  // GLM_NO_TORCH
 
 // Row width of the prepared x: INT4 splits each row into its even and odd inputs.
 inline int64_t x_width(int fmt, int64_t K, int64_t Ku) { return fmt == I4 ? 2 * Ku : K; }
@@ -606,31 +640,275 @@ inline void vnni_work(const Problem& p, const QuantX& qx, int64_t begin, int64_t
 struct QuantX {};
 #endif
 
-inline std::atomic<bool>& int4_vnni_enabled() {  // the VNNI path on (default) or off (tests compare both)
+// ------------------------------------------------------------------------------------------
+// INT8 / INT4 x 8-bit activations with integer dot products (CPUs without AVX-512 VNNI).
+//
+// llama.cpp's Q4_0 x Q8_0 scheme on our weight layout: x is quantized once per call, per block
+// of QB = 32 weight units, to int8 x8 = round(x / step), step = absmax(block) / 127 (INT8: a
+// block is 32 inputs; INT4: 32 packed bytes = 64 inputs, stored as their 32 even then 32 odd
+// inputs, so the low nibbles of 32 bytes meet x8_even and the high nibbles x8_odd). Per block
+// and row the dot product of the weights (INT4: the stored nibbles q + 8, then minus
+// 8 * sum(x8)) with x8 is an exact integer, converted to float and scaled by the block's step;
+// a group's scale multiplies its blocks' sum. The only rounding beyond the FP32 kernel's is
+// x's: at most step / 2 = absmax(block) / 254 per input (the tests check the bound).
+// Used for INT8 and INT4 at every batch size that reaches gemv() (decoding and prefills below
+// kernels.BLAS_MIN_ROWS rows) where the 16-bit VNNI kernel above does not run and the groups are
+// whole blocks (or one per row); `set_int_activations(False)` turns it off.
+//
+// The ISA specifics are three helpers on 32 weight units: dot_u4 (packed nibbles), dot_s8
+// (int8 weights), and acc_block (int32 lanes -> float, times the step): AVX2 `maddubs` +
+// `madd` (the sign trick for signed INT8), AVX-VNNI / AVX-512 VL `vpdpbusd`, NEON `sdot` (or
+// `smull` + pairwise adds without the dot-product extension).
+// ------------------------------------------------------------------------------------------
+#if defined(__AVX2__) && defined(__FMA__)
+#define GLM_Q8 1
+using vi = __m256i;  // 8 int32 lanes
+using qf = __m256;   // 8 float lanes
+inline vi vi_first(int32_t c) { return _mm256_setr_epi32(c, 0, 0, 0, 0, 0, 0, 0); }
+inline qf qf_zero() { return _mm256_setzero_ps(); }
+inline float qf_sum(qf a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline qf qf_fma(qf a, float s, qf acc) { return _mm256_fmadd_ps(a, _mm256_set1_ps(s), acc); }
+inline qf acc_block(vi d, float step, qf acc) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(step), acc); }
+inline __m256i load32(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+// acc + (unsigned bytes u) . (signed bytes s), in groups of 4 bytes per int32 lane
+inline vi dot_us(vi acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else  // u <= 128 here (nibbles, |INT8|), so u * s + u * s <= 2 * 128 * 127 < 2^15: no saturation
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+// acc + sum over 32 bytes of w: (low nibble) * x[0..32) + (high nibble) * x[32..64)
+inline vi dot_u4(vi acc, const uint8_t* w, const int8_t* x) {
+  const __m256i v = load32(w), nib = _mm256_set1_epi8(0x0F);
+  const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+  return dot_us(dot_us(acc, lo, load32(x)), hi, load32(x + 32));
+#else  // both halves summed in 16 bits first (|sum| <= 4 * 15 * 127), then one madd
+  const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, load32(x)), _mm256_maddubs_epi16(hi, load32(x + 32)));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+#endif
+}
+// acc + w[0..32) . x[0..32), both signed: |w| times x with w's sign (llama.cpp's trick)
+inline vi dot_s8(vi acc, const int8_t* w, const int8_t* x) {
+  const __m256i v = load32(w);
+  return dot_us(acc, _mm256_sign_epi8(v, v), _mm256_sign_epi8(load32(x), v));
+}
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+constexpr const char* Q8_DOT = "vpdpbusd (AVX-512 VL)";
+#elif defined(__AVXVNNI__)
+constexpr const char* Q8_DOT = "vpdpbusd (AVX-VNNI)";
+#else
+constexpr const char* Q8_DOT = "maddubs (AVX2)";
+#endif
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+#define GLM_Q8 1
+struct vi { int32x4_t a, b; };
+struct qf { float32x4_t a, b; };
+inline vi vi_first(int32_t c) { return {vsetq_lane_s32(c, vdupq_n_s32(0), 0), vdupq_n_s32(0)}; }
+inline qf qf_zero() { return {vdupq_n_f32(0.f), vdupq_n_f32(0.f)}; }
+inline float qf_sum(qf a) { return vaddvq_f32(vaddq_f32(a.a, a.b)); }
+inline qf qf_fma(qf a, float s, qf acc) { return {vfmaq_n_f32(acc.a, a.a, s), vfmaq_n_f32(acc.b, a.b, s)}; }
+inline qf acc_block(vi d, float step, qf acc) {
+  return {vfmaq_n_f32(acc.a, vcvtq_f32_s32(d.a), step), vfmaq_n_f32(acc.b, vcvtq_f32_s32(d.b), step)};
+}
+inline int32x4_t dot16(int32x4_t acc, int8x16_t a, int8x16_t b) {  // acc + a . b in groups of 4 bytes
+#if defined(__ARM_FEATURE_DOTPROD)
+  return vdotq_s32(acc, a, b);
+#else
+  const int16x8_t p = vmlal_s8(vmull_s8(vget_low_s8(a), vget_low_s8(b)), vget_high_s8(a), vget_high_s8(b));
+  return vpadalq_s16(acc, p);  // the same total per vector; lanes pair bytes differently
+#endif
+}
+// nibbles q + 8 are 0..15: as signed bytes they multiply with sdot directly
+inline vi dot_u4(vi acc, const uint8_t* w, const int8_t* x) {
+  const uint8x16_t v0 = vld1q_u8(w), v1 = vld1q_u8(w + 16), nib = vdupq_n_u8(0x0F);
+  acc.a = dot16(acc.a, vreinterpretq_s8_u8(vandq_u8(v0, nib)), vld1q_s8(x));
+  acc.b = dot16(acc.b, vreinterpretq_s8_u8(vandq_u8(v1, nib)), vld1q_s8(x + 16));
+  acc.a = dot16(acc.a, vreinterpretq_s8_u8(vshrq_n_u8(v0, 4)), vld1q_s8(x + 32));
+  acc.b = dot16(acc.b, vreinterpretq_s8_u8(vshrq_n_u8(v1, 4)), vld1q_s8(x + 48));
+  return acc;
+}
+inline vi dot_s8(vi acc, const int8_t* w, const int8_t* x) {
+  acc.a = dot16(acc.a, vld1q_s8(w), vld1q_s8(x));
+  acc.b = dot16(acc.b, vld1q_s8(w + 16), vld1q_s8(x + 16));
+  return acc;
+}
+#if defined(__ARM_FEATURE_DOTPROD)
+constexpr const char* Q8_DOT = "sdot (NEON)";
+#else
+constexpr const char* Q8_DOT = "smull (NEON)";
+#endif
+#else
+#define GLM_Q8 0
+constexpr const char* Q8_DOT = "";
+#endif
+
+inline std::atomic<bool>& int_act_enabled() {  // integer-activation kernels on (default) or off (exact FP32 kernels)
   static std::atomic<bool> on{true};
   return on;
 }
 
+constexpr int64_t QB = 32;   // weight units per activation block
+constexpr int Q8_MAXM = 4;   // rows of x per pass over a weight row
+inline std::atomic<int64_t>& q8_max_rows() {  // batch sizes it takes (larger ones: FP32 kernel / BLAS)
+  static std::atomic<int64_t> rows{INT64_MAX};  // all: prefill products measured 1.2-1.5x the FP32 kernel
+  return rows;
+}
+
+struct Q8X {  // one call's x in blocks of QB units
+  int64_t M = 0, nb = 0, bytes = 0;  // bytes of x per block: INT8 32, INT4 64 (32 even, 32 odd inputs)
+  std::vector<int8_t> q;           // [M][nb][bytes]
+  std::vector<float> step;         // [M][nb]
+  std::vector<int32_t> base;       // [M][nb]: INT4: -8 * sum(x8), the nibbles' + 8; INT8: 0
+  const int8_t* block(int64_t m, int64_t b) const { return q.data() + (m * nb + b) * bytes; }
+};
+
+inline bool q8_fits(const Problem& p) { return p.Gu == p.Ku || p.Gu % QB == 0; }
+
+inline void quantize_x8(const float* x, int64_t M, int64_t K, int64_t Ku, int fmt, Q8X& qx) {
+  const bool i4 = fmt == I4;
+  qx.M = M;
+  qx.nb = (Ku + QB - 1) / QB;
+  qx.bytes = i4 ? 2 * QB : QB;
+  qx.q.assign(static_cast<size_t>(M * qx.nb * qx.bytes), 0);
+  qx.step.assign(static_cast<size_t>(M * qx.nb), 0.f);
+  qx.base.assign(static_cast<size_t>(M * qx.nb), 0);
+  std::vector<float> v(static_cast<size_t>(qx.bytes));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < qx.nb; ++b) {
+      // the block's inputs in the order the kernel reads them, zero past K
+      const int64_t k0 = b * QB * (i4 ? 2 : 1);
+      for (int64_t i = 0; i < qx.bytes; ++i) {
+        const int64_t k = i4 ? k0 + 2 * (i % QB) + i / QB : k0 + i;
+        v[i] = k < K ? x[m * K + k] : 0.f;
+      }
+      float amax = 0.f;
+      for (float f : v) amax = std::max(amax, std::fabs(f));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      int8_t* q = qx.q.data() + (m * qx.nb + b) * qx.bytes;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < qx.bytes; ++i) {
+        q[i] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(v[i] * inv))));
+        sum += q[i];
+      }
+      qx.step[m * qx.nb + b] = amax / 127.f;
+      qx.base[m * qx.nb + b] = i4 ? -8 * sum : 0;
+    }
+}
+
+#if GLM_Q8
+// One weight row against x rows [m0, m0 + M): y += W x over all units (scales per group).
+template <int FMT, int M>
+inline void q8_row(const Problem& p, const Q8X& qx, int64_t row, int64_t m0) {
+  using T = typename Unit<FMT>::T;
+  const T* w = static_cast<const T*>(p.w) + row * p.Ku;
+  const int64_t nb = qx.nb, bpg = p.Gu == p.Ku ? nb : p.Gu / QB;  // blocks per scale group
+  alignas(32) T tail[QB];  // the row's last, partial block (x is zero past the row)
+  qf tot[M];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) tot[m] = qf_zero();
+  for (int64_t g0 = 0; g0 < nb; g0 += bpg) {
+    const int64_t g1 = std::min(nb, g0 + bpg);
+    qf acc[M];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) acc[m] = qf_zero();
+    for (int64_t b = g0; b < g1; ++b) {
+      const int64_t j = b * QB;
+      if ((j & 63) == 0) prefetch_row(w, j);
+      const T* wb = w + j;
+      if (j + QB > p.Ku) {
+        std::memset(tail, 0, sizeof(tail));
+        std::memcpy(tail, wb, sizeof(T) * (p.Ku - j));
+        wb = tail;
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const int64_t mb = (m0 + m) * nb + b;
+        vi d;
+        if constexpr (FMT == I4) d = dot_u4(vi_first(qx.base[mb]), wb, qx.block(m0 + m, b));
+        else d = dot_s8(vi_first(0), wb, qx.block(m0 + m, b));
+        acc[m] = acc_block(d, qx.step[mb], acc[m]);
+      }
+    }
+    const float s = p.scales[row * p.ng + g0 / bpg];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) tot[m] = qf_fma(acc[m], s, tot[m]);
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) p.y[(m0 + m) * p.N + row] += qf_sum(tot[m]);
+}
+
+template <int FMT>
+inline void q8_work(const Problem& p, const Q8X& qx, int64_t begin, int64_t end) {
+  // rows in tiles of about 64 KiB, which stay in L2 while every batch chunk of x passes over them
+  const int64_t tile = std::max<int64_t>(4, 65536 / std::max<int64_t>(1, p.Ku));
+  for (int64_t t0 = begin; t0 < end; t0 += tile) {
+    const int64_t t1 = std::min(end, t0 + tile);
+    for (int64_t m0 = 0; m0 < qx.M; m0 += Q8_MAXM)
+      for (int64_t r = t0; r < t1; ++r) switch (std::min<int64_t>(Q8_MAXM, qx.M - m0)) {
+          case 1: q8_row<FMT, 1>(p, qx, r, m0); break;
+          case 2: q8_row<FMT, 2>(p, qx, r, m0); break;
+          case 3: q8_row<FMT, 3>(p, qx, r, m0); break;
+          default: q8_row<FMT, 4>(p, qx, r, m0); break;
+        }
+  }
+}
+#endif  // GLM_Q8
+
 struct Scratch {  // per-call buffers of gemv(), reusable across calls
   std::vector<float> xs;
   QuantX qx;
+  Q8X q8;
 };
 
+// Which integer-activation kernel (if any) takes this product: the 16-bit VNNI one for INT4
+// where the CPU has AVX-512 VNNI; else the 8-bit one for INT8 / INT4.
+enum IntKernel { NONE, VNNI16, Q8 };
+inline IntKernel int_kernel(const Problem& p, int fmt, int64_t M) {
+  if ((fmt != I4 && fmt != I8) || !int_act_enabled()) return NONE;
+#if GLM_I4_VNNI
+  if (fmt == I4) return vnni_fits(p) ? VNNI16 : NONE;
+  return NONE;  // INT8 with AVX-512: the FP32 kernel streams it at memory speed
+#else
+  return GLM_Q8 && M <= q8_max_rows().load() && q8_fits(p) ? Q8 : NONE;
+#endif
+}
+
 // p.y [M, N] = x[M, K] @ W^T + bias (p.bias, or none): prepares x for the kernel that takes
-// this weight (INT4 with VNNI, or the FP32 kernels) and runs it.
+// this weight (an integer-activation kernel, or the FP32 kernels) and runs it.
 inline void gemv(Problem p, const float* x, int64_t M, int64_t K, int fmt, int64_t threads, Scratch& s) {
   for (int64_t m = 0; m < M; ++m) {  // the kernels add their products to y
     if (p.bias) std::memcpy(p.y + m * p.N, p.bias, sizeof(float) * p.N);
     else std::fill(p.y + m * p.N, p.y + (m + 1) * p.N, 0.f);
   }
   if (M == 0 || p.N == 0) return;
+  const IntKernel ik = int_kernel(p, fmt, M);
 #if GLM_I4_VNNI
-  if (fmt == I4 && int4_vnni_enabled() && vnni_fits(p)) {
+  if (ik == VNNI16) {
     quantize_x(x, M, K, p.Ku, s.qx);
     split_rows(p.N, p.N * p.Ku * 2 * M, threads, [&](int64_t a, int64_t b) { vnni_work(p, s.qx, a, b); });
     return;
   }
 #endif
+#if GLM_Q8
+  if (ik == Q8) {
+    quantize_x8(x, M, K, p.Ku, fmt, s.q8);
+    split_rows(p.N, p.N * p.Ku * (fmt == I4 ? 2 : 1) * M, threads, [&](int64_t a, int64_t b) {
+      if (fmt == I4) q8_work<I4>(p, s.q8, a, b);
+      else q8_work<I8>(p, s.q8, a, b);
+    });
+    return;
+  }
+#endif
+  (void)ik;
   p.xstride = x_stride(fmt, M, K, p.Ku);
   s.xs.resize(static_cast<size_t>(M * p.xstride));
   prepare_x(x, M, K, p.Ku, fmt, s.xs.data(), p.xstride);
