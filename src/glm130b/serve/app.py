@@ -349,16 +349,25 @@ class Server:
                     "choices": [{"index": index, "text": text, "finish_reason": reason, "logprobs": None}]}
             return _sse(body)
 
-        async def stream() -> AsyncIterator[str]:
-            async for item in _or_error(stream_body()):
-                yield item
+        return self.stream_choices(
+            request, jobs, queue, req, choices, opening=lambda c: chunk(c.index, c.prefix) if c.prefix else None,
+            piece=chunk, end=lambda i, reason: chunk(i, "", reason),
+            usage=lambda: _sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                                "choices": [], "usage": usage().model_dump()}))
 
-        async def stream_body() -> AsyncIterator[str]:
+    def stream_choices(self, request: Request, jobs, queue, req, choices: list[_Choice], opening, piece, end,
+                       usage) -> StreamingResponse:
+        """Server-sent events of continuation jobs (completions, chat): `opening(choice)` (a first
+        event, or None), `piece(index, text)` for each piece of whole characters (stop strings
+        held back), `end(index, finish_reason)`, then `usage()` when asked, then [DONE]."""
+
+        async def body() -> AsyncIterator[str]:
             pieces: list[str] = []
             for c in choices:
                 c.stream = TextStream(self.tokenizer, pieces.append, req.stop_strings())
-                if c.prefix:
-                    yield chunk(c.index, c.prefix)
+                first = opening(c)
+                if first:
+                    yield first
             async for i, ev in self.events(request, jobs, queue, stream=True):
                 c = choices[i]
                 c.on(ev)
@@ -366,15 +375,18 @@ class Server:
                     c.stream.token(ev.token)
                 elif ev.kind == "done":
                     c.stream.finish(c.span_text(self.tokenizer, 0))
-                for piece in pieces:
-                    yield chunk(i, piece)
+                for text in pieces:
+                    yield piece(i, text)
                 pieces.clear()
                 if ev.kind == "done":
-                    yield chunk(i, "", _finish(c.reason))
+                    yield end(i, _finish(c.reason))
             if req.stream_options is not None and req.stream_options.include_usage:
-                yield _sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                            "choices": [], "usage": usage().model_dump()})
+                yield usage()
             yield "data: [DONE]\n\n"
+
+        async def stream() -> AsyncIterator[str]:
+            async for item in _or_error(body()):
+                yield item
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -418,33 +430,11 @@ class Server:
             return _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                          "choices": [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}]})
 
-        async def stream() -> AsyncIterator[str]:
-            async for item in _or_error(stream_body()):
-                yield item
-
-        async def stream_body() -> AsyncIterator[str]:
-            pieces: list[str] = []
-            for c in choices:
-                c.stream = TextStream(tok, pieces.append, req.stop_strings())
-                yield chunk(c.index, {"role": "assistant", "content": ""})
-            async for i, ev in self.events(request, jobs, queue, stream=True):
-                c = choices[i]
-                c.on(ev)
-                if ev.kind == "token":
-                    c.stream.token(ev.token)
-                elif ev.kind == "done":
-                    c.stream.finish(c.span_text(tok, 0))
-                for piece in pieces:
-                    yield chunk(i, {"content": piece})
-                pieces.clear()
-                if ev.kind == "done":
-                    yield chunk(i, {}, _finish(c.reason))
-            if req.stream_options is not None and req.stream_options.include_usage:
-                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                            "model": self.model_name, "choices": [], "usage": usage().model_dump()})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return self.stream_choices(
+            request, jobs, queue, req, choices, opening=lambda c: chunk(c.index, {"role": "assistant", "content": ""}),
+            piece=lambda i, text: chunk(i, {"content": text}), end=lambda i, reason: chunk(i, {}, reason),
+            usage=lambda: _sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                "model": self.model_name, "choices": [], "usage": usage().model_dump()}))
 
     # -- /v1/embeddings ------------------------------------------------------------------------
     async def embeddings(self, req: EmbeddingRequest) -> EmbeddingList:

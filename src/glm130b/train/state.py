@@ -10,7 +10,6 @@ with a message and the previous good one is used. Only the last `keep` are kept.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from glm130b.errors import GLMError
+from glm130b.integrity import sha256_file
 from glm130b.io import save_safetensors, staging_folder
 
 MANIFEST = "manifest.json"
@@ -37,14 +37,6 @@ class TrainState:
     optimizer: dict
     extra: dict  # JSON-safe: objective state, spike guard, scaler, events
     rng: dict
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def rng_state() -> dict:
