@@ -311,6 +311,8 @@ def cmd_chat(args) -> int:
         except EOFError:
             print(file=sys.stderr)
             return 0
+        except OSError as e:  # no readable standard input (a detached process, a test runner)
+            raise GLMError(f"chat reads the conversation from standard input, which cannot be read ({e})") from None
         except KeyboardInterrupt:
             print(file=sys.stderr)
             continue
