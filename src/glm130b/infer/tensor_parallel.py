@@ -30,7 +30,10 @@ def load_tensor_parallel(directory, tp: int, bits: int | None = None, group_size
     from glm130b.train.distributed import join_process_group
     from glm130b.train.parallel_plan import build_mesh, tp_split_problems
 
-    _check_world(tp)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != tp:
+        raise GLMError(f"--tp {tp} runs under torchrun with {tp} processes: "
+                       f"torchrun --standalone --nproc-per-node {tp} -m glm130b ... --tp {tp} (WORLD_SIZE is {world})")
     problems = tp_split_problems(load_config(directory), tp)
     if problems:  # before any collective: every rank says the same and leaves
         raise GLMError("; ".join(problems))
@@ -40,34 +43,6 @@ def load_tensor_parallel(directory, tp: int, bits: int | None = None, group_size
     if bits is not None:
         quantize_shards(model, bits, group_size)
     return model, tokenizer
-
-
-def _check_world(tp: int) -> None:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != tp:
-        raise GLMError(f"--tp {tp} runs under torchrun with {tp} processes: "
-                       f"torchrun --standalone --nproc-per-node {tp} -m glm130b ... --tp {tp} (WORLD_SIZE is {world})")
-
-
-def tensor_parallel_for_inference(model, tp: int, bits: int | None = None, group_size: int | None = None):
-    """Shard `model` over the TP processes torchrun started (in place; with `bits`, each rank's
-    matrices quantized); returns it."""
-    if tp <= 1:
-        return model
-    _check_world(tp)
-    from glm130b.train.distributed import join_process_group
-    from glm130b.train.parallel_plan import apply_tensor_parallel, build_mesh, tp_split_problems
-
-    problems = tp_split_problems(model.config, tp)
-    if problems:  # before any collective: every rank says the same and leaves
-        raise GLMError("; ".join(problems))
-    device, _ = join_process_group()
-    model = model.to(device)
-    mesh = build_mesh(tp=tp, device_type=device.type)
-    model = apply_tensor_parallel(model, mesh["tp"])
-    if bits is not None:
-        quantize_shards(model, bits, group_size)
-    return model
 
 
 class ShardQuantizedLinear(torch.nn.Module):

@@ -36,7 +36,7 @@ class KVCache:
         self.max_len = max_len
         self.lengths = torch.zeros(rows, dtype=torch.long)  # keys held by each row (on the CPU)
         self.rows = slice(0, rows)  # the rows the next forward writes
-        self._starts: list[int] | None = None  # the selected rows' write slots, while a forward runs
+        self._starts: tuple[list[int], bool] | None = None  # (write slots, all equal), while a forward runs
 
     # -- what the decoders call ------------------------------------------------------------------
     def select(self, rows: slice) -> KVCache:
@@ -83,10 +83,10 @@ class KVCache:
         """Write k, v [rows, heads, L, d] at each selected row's length; return the rows' keys and
         values [rows, heads, end, d] in k's dtype."""
         n = k.shape[2]
-        starts = self._write_starts()
+        starts, uniform = self._write_starts()
         end = self.check_room(n)
         ck, cv = self.k[layer_id][self.rows], self.v[layer_id][self.rows]
-        if len(set(starts)) == 1:
+        if uniform:
             s = starts[0]
             ck[:, :, s : s + n] = fit_cache(k, ck.dtype)
             cv[:, :, s : s + n] = fit_cache(v, cv.dtype)
@@ -110,7 +110,9 @@ class KVCache:
         vs = self.v if whole else [v[self.rows] for v in self.v]
         return ks, vs, self.lengths[self.rows].clone(), end
 
-    def _write_starts(self) -> list[int]:
+    def _write_starts(self) -> tuple[list[int], bool]:
+        """Each selected row's write slot, and whether they are all equal (once per forward)."""
         if self._starts is None:
-            self._starts = self.lengths[self.rows].tolist()
+            starts = self.lengths[self.rows].tolist()
+            self._starts = starts, len(set(starts)) == 1
         return self._starts
