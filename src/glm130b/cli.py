@@ -101,7 +101,13 @@ def _load(args):
     head_bits = getattr(args, "head_bits", None)
     if (group_size is not None or head_bits is not None) and bits is None and not is_quantized_folder(directory):
         raise GLMError(f"{'--group-size' if group_size is not None else '--head-bits'} needs --bits 8 or --bits 4")
-    return load_model(directory, device=device, dtype=dtype, bits=bits, group_size=group_size, head_bits=head_bits)
+    model, tokenizer = load_model(directory, device=device, dtype=dtype, bits=bits, group_size=group_size,
+                                  head_bits=head_bits)
+    if getattr(args, "adapter", None):
+        from glm130b.finetune.adapters import load_adapter
+
+        load_adapter(model, args.adapter, log=lambda m: print(m, file=sys.stderr))
+    return model, tokenizer
 
 
 def _fast(model):
@@ -162,6 +168,8 @@ def _load_for_generation(args):
             raise GLMError("--group-size needs --bits 8 or --bits 4")
         if getattr(args, "head_bits", None) is not None:
             raise GLMError("--head-bits is not supported with --tp (the head stays vocabulary-parallel)")
+        if getattr(args, "adapter", None):
+            raise GLMError("--adapter is not supported with --tp yet: merge it first (glm130b finetune merge)")
         dtype = resolve_dtype(getattr(args, "dtype", "auto"), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         model, tokenizer = load_tensor_parallel(resolve_model_dir(args.model), tp, args.bits, args.group_size, dtype)
         return model, tokenizer, config
@@ -231,7 +239,44 @@ def cmd_eval(args) -> int:
 
     run_command(resolve_model_dir(args.model), args.tasks, limit=args.limit, output=args.output, bits=args.bits,
                 compare=args.compare, progress=not args.no_progress, with_samples=args.samples,
-                precision=args.precision, device=resolve_device(args.device))
+                precision=args.precision, device=resolve_device(args.device), adapter=args.adapter)
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    """`glm130b finetune` (train an adapter) and `glm130b finetune merge`."""
+    from glm130b.finetune.run import FinetuneConfig, finetune, merge
+
+    if args.action == "merge":
+        if not args.adapter or not args.out:
+            raise GLMError("finetune merge needs --adapter DIR and --out DIR (and --model: the base)")
+        info = merge(resolve_model_dir(args.model), args.adapter, args.out, bits=args.bits, group_size=args.group_size,
+                     log=lambda m: print(m, file=sys.stderr))
+        print(json.dumps(info, indent=2))
+        return 0
+    values: dict = {}
+    if args.config:
+        from glm130b.io import read_yaml
+
+        values.update(read_yaml(args.config))
+    flags = ("data", "method", "out", "steps", "batch_size", "seq_len", "lr", "warmup_steps", "precision", "seed",
+             "checkpoint_every", "grad_accum", "resume", "keep_checkpoints", "device", "lora_rank", "lora_alpha",
+             "lora_dropout", "pre_seq_len", "prefix_hidden", "bits", "group_size", "chat_template", "weight_decay")
+    for key in flags:
+        value = getattr(args, key)
+        if value is not None:
+            values[key] = value
+    if args.lora_targets:
+        values["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    if isinstance(values.get("lora_targets"), list):
+        values["lora_targets"] = tuple(values["lora_targets"])
+    values["base"] = str(resolve_model_dir(args.model or values.get("base")))
+    known = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise GLMError(f"unknown fine-tuning option(s): {', '.join(unknown)}")
+    summary = finetune(FinetuneConfig(**values))
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -251,6 +296,8 @@ def _add_sampling_flags(p) -> None:
     g.add_argument("--min-new-tokens", dest="min_new_tokens", type=int, default=0,
                    help="block <eop>/<eos> until this many tokens")
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop when the text contains TEXT (repeatable)")
+    p.add_argument("--adapter", help="a fine-tuned adapter folder (glm130b finetune): LoRA merged into "
+                                     "full-precision weights, or a P-Tuning v2 prefix")
 
 
 def cmd_serve(args) -> int:
@@ -546,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "an error (default 30)")
     p.add_argument("--chat-template", help="a Jinja chat template file, or chatglm-6b / chatglm-6b-cpp / plain "
                                            "(default: the model folder's, see docs/serving.md)")
+    p.add_argument("--adapter", help="a fine-tuned adapter folder (glm130b finetune) to serve on the model")
     _add_quant_flags(p)
     p.set_defaults(func=cmd_serve)
 
@@ -611,7 +659,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", action="store_true", help="include per-item predictions in the JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    p.add_argument("--adapter", help="a fine-tuned adapter folder (glm130b finetune) to put on the model")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("finetune", help="fine-tune a model folder on JSONL examples: LoRA, P-Tuning v2 or full, on "
+                                        "full-precision or INT8/INT4 weights (docs/finetune.md); "
+                                        "`finetune merge` folds a LoRA adapter into the weights")
+    p.add_argument("action", nargs="?", choices=["train", "merge"], default="train",
+                   help="train an adapter (default), or merge one into a plain model folder")
+    p.add_argument("--model", help="the base model folder (default: the shipped model)")
+    p.add_argument("--data", help='JSONL of {"prompt", "response"}, {"instruction", "input", "output"} or '
+                                  'conversations ({"messages"} / {"prompt", "response", "history"})')
+    p.add_argument("--method", choices=["lora", "ptuning", "full"], help="default lora")
+    p.add_argument("--config", help="YAML file of fine-tuning options (flags override it)")
+    p.add_argument("--out", help="run folder: the adapter, checkpoints, metrics.jsonl (default runs/finetune); "
+                                 "merge: the new model folder")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 200)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="examples per step (default 8)")
+    p.add_argument("--seq-len", dest="seq_len", type=int,
+                   help="longest example in tokens; longer prompts keep their end (default 256)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: lora 1e-3, ptuning 1e-2, full 1e-4)")
+    p.add_argument("--warmup-steps", dest="warmup_steps", type=int, help="linear warm-up steps (default 10)")
+    p.add_argument("--weight-decay", dest="weight_decay", type=float, help="AdamW weight decay (default 0)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="fp32, or bf16/fp16 autocast (default fp32)")
+    p.add_argument("--seed", type=int, help="seed of the adapter's initialisation and the data order (default 1234)")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
+                   help="save a resumable checkpoint (and the adapter) every N steps")
+    p.add_argument("--grad-accum", dest="grad_accum", type=int, help="micro-batches per optimizer step")
+    p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out from its last good checkpoint")
+    p.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=int, help="keep the last K checkpoints (default 3)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="where to train (default cpu)")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora-rank", dest="lora_rank", type=int, help="rank r (default 8)")
+    g.add_argument("--lora-alpha", dest="lora_alpha", type=float, help="scale alpha; updates are alpha/r * BA (default 16)")
+    g.add_argument("--lora-dropout", dest="lora_dropout", type=float, help="dropout on LoRA's input (default 0.05)")
+    g.add_argument("--lora-targets", dest="lora_targets",
+                   help="comma-separated: qkv, attn_out, ffn_in, ffn_out (default all four)")
+    g = p.add_argument_group("P-Tuning v2")
+    g.add_argument("--pre-seq-len", dest="pre_seq_len", type=int, help="learned prefix length (default 16)")
+    g.add_argument("--prefix-hidden", dest="prefix_hidden", type=int,
+                   help="> 0: train the prefix through a projection MLP of this width, as ChatGLM's "
+                        "--prefix_projection (default 0: no projection)")
+    g = p.add_argument_group("quantized base (frozen INT8/INT4 weights) and merge")
+    g.add_argument("--bits", type=int, choices=[8, 4], help="train on INT8/INT4 base weights; merge: re-quantize")
+    g.add_argument("--group-size", dest="group_size", type=int, help="with --bits: group-wise scales")
+    g.add_argument("--adapter", help="merge: the adapter folder to fold into --model")
+    p.add_argument("--chat-template", dest="chat_template",
+                   help="template for conversation records (default: the base model's)")
+    p.set_defaults(func=cmd_finetune)
     return parser
 
 

@@ -196,7 +196,8 @@ def limit_notes(configs, limit: int | None) -> list[str]:
 
 def run_command(model_dir: str | Path, tasks: Sequence[str], limit: int | None = None, output: str | None = None,
                 bits: int | None = None, compare: str | None = None, progress: bool = True,
-                with_samples: bool = False, out=None, precision: str | None = None, device=None) -> dict:
+                with_samples: bool = False, out=None, precision: str | None = None, device=None,
+                adapter: str | Path | None = None) -> dict:
     """`glm130b eval`: load the model folder, evaluate, print the table, write JSON."""
     from glm130b.checkpoint import WEIGHTS
 
@@ -224,6 +225,10 @@ def run_command(model_dir: str | Path, tasks: Sequence[str], limit: int | None =
     runs: dict[str, dict] = {}
     for p in precisions:
         model, tokenizer, p = load_at_precision(model_dir, p, single=len(precisions) == 1, device=device)
+        if adapter is not None:  # a fine-tuned adapter on the base (finetune/adapters.py)
+            from glm130b.finetune.adapters import load_adapter
+
+            load_adapter(model, adapter, log=lambda m: print(m, file=sys.stderr))
         if checksum is None:
             checksum = file_sha256(model_dir / WEIGHTS)
         if len(precisions) > 1:
@@ -233,7 +238,7 @@ def run_command(model_dir: str | Path, tasks: Sequence[str], limit: int | None =
         del model
 
     report = {
-        "model": {"path": str(model_dir), "weights_sha256": checksum,
+        "model": {"path": str(model_dir), "weights_sha256": checksum, "adapter": None if adapter is None else str(adapter),
                   "config": json.loads((model_dir / "config.json").read_text())},
         "started": started,
         "seconds": time.perf_counter() - t0,

@@ -64,6 +64,8 @@ def why_not(model) -> str | None:
         return "the model is not (all) on the CPU"
     if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
         return "forward hooks on the model (the fused step would skip them)"
+    if model.prefix_encoder is not None:
+        return "a P-Tuning v2 prefix"
     head = model.lm_head
     if head is not None and type(head) not in (nn.Linear, QuantizedLinear):
         return f"an output head of type {type(head).__name__}"

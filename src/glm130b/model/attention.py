@@ -22,6 +22,7 @@ from torch import nn
 
 from glm130b.config import GLMConfig
 from glm130b.model.kv_cache import KVCache
+from glm130b.model.masks import with_prefix
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,7 +113,10 @@ class SelfAttention(nn.Module):
         position_ids: torch.Tensor,
         allowed: torch.Tensor,
         cache: KVCache | None = None,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """`prefix`: learned keys and values [B or 1, nh, P, d] (P-Tuning v2) that every position
+        sees; they are not rotated and not written to the cache."""
         b, length, _ = x.shape
         qkv = self.query_key_value(x).view(b, length, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv.transpose(1, 2).split(self.head_dim, dim=-1)  # each [B, nh, L, d]
@@ -121,6 +125,10 @@ class SelfAttention(nn.Module):
         q, k = apply_position_encoding(q, k, position_ids, self.inv_freq)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)
+        if prefix is not None:
+            pk, pv = (t.to(k.dtype).expand(b, -1, -1, -1) for t in prefix)
+            k, v = torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)
+            allowed = with_prefix(allowed, pk.shape[2])
         attend = attention_sdpa if self.use_sdpa else attention_reference
         ctx = attend(q, k, v, allowed, self.layer_id)
         ctx = ctx.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim)

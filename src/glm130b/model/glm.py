@@ -30,6 +30,7 @@ class GLMModel(nn.Module):
         self.lm_head = None
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.prefix_encoder = None  # P-Tuning v2 keys and values (model/prefix.py), set by an adapter
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -137,8 +138,9 @@ class GLMModel(nn.Module):
         return self.layers.values() if isinstance(self.layers, nn.ModuleDict) else iter(self.layers)
 
     def run_blocks(self, h, position_ids, allowed, cache=None, hidden: list | None = None) -> torch.Tensor:
+        prefix = None if self.prefix_encoder is None else self.prefix_encoder()
         for block in self.blocks():
-            h = block(h, position_ids, allowed, cache)
+            h = block(h, position_ids, allowed, cache, None if prefix is None else prefix[block.attention.layer_id])
             if hidden is not None:
                 hidden.append(h)
         return h

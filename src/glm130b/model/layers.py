@@ -71,9 +71,10 @@ class GLMBlock(nn.Module):
         position_ids: torch.Tensor,
         allowed: torch.Tensor,
         cache: KVCache | None = None,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         x = self.input_layernorm(h)
-        a = self.attention(x, position_ids, allowed, cache)
+        a = self.attention(x, position_ids, allowed, cache, prefix)
         h = (h if self.pre_ln else self.alpha * x) + a
         m = self.post_attention_layernorm(h)
         return (h if self.pre_ln else self.alpha * m) + self.mlp(m)

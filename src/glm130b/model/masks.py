@@ -9,6 +9,8 @@ A GLM sequence is Part A (the context, with [MASK]/[sMASK]/[gMASK] blanks) follo
   (Several Part-B blocks see each other causally too, as in GLM's pretraining.)
 * 1D positions (GLM-130B): the context takes 0..P-1. A [MASK]/[sMASK] block takes the blank's
   position for every token; a [gMASK] block continues counting (P, P+1, ...).
+* Prefix keys (P-Tuning v2, glm130b/model/prefix.py): every position sees every learned prefix
+  key; they sit before the sequence's keys and have no position (`with_prefix`).
 * 2D positions (GLM-10B / ChatGLM-6B): the first row is the blank's position for every token of
   every block, [gMASK] included (GLM's blocklm_utils gives part B the mask position; ChatGLM-6B
   feeds `<sop>` and each generated token at the [gMASK] index); the second row ("block
@@ -50,6 +52,14 @@ def attention_allowed(seq_len: int, context_lengths: torch.Tensor | int, device=
     i = torch.arange(seq_len, device=device).view(1, 1, seq_len, 1)
     j = torch.arange(seq_len, device=device).view(1, 1, 1, seq_len)
     return (j < context_lengths) | (j <= i)
+
+
+def with_prefix(allowed: torch.Tensor, prefix_length: int) -> torch.Tensor:
+    """`allowed` [..., Lq, K] with `prefix_length` always-visible key columns in front (P-Tuning v2
+    prefixes: visible to the context and to every Part-B token alike)."""
+    if prefix_length == 0:
+        return allowed
+    return torch.nn.functional.pad(allowed, (prefix_length, 0), value=True)
 
 
 def blocks_allowed(context_length: int, block_lengths: Sequence[int], total_length: int | None = None) -> torch.Tensor:

@@ -203,6 +203,8 @@ class QuantizedLinear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # fine-tuning with frozen INT4/INT8 weights
+            return _FrozenQuantizedProduct.apply(x, self)
         from glm130b.quant.kernels import quantized_linear
 
         return quantized_linear(x, self)
@@ -211,6 +213,24 @@ class QuantizedLinear(nn.Module):
         g = "per-row" if self.group_size is None else f"group_size={self.group_size}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {g}, "
                 f"bias={self.bias is not None}")
+
+
+class _FrozenQuantizedProduct(torch.autograd.Function):
+    """x @ dequant(W)^T + b with the gradient flowing to x only (QLoRA): the forward runs the
+    quantized kernel; the backward dequantizes W for the one product it needs and drops it, so no
+    full-precision copy of the model ever stays in memory. W and b are frozen."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: QuantizedLinear) -> torch.Tensor:
+        from glm130b.quant.kernels import quantized_linear
+
+        ctx.module = module
+        return quantized_linear(x, module)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight = ctx.module.dequantized_weight(grad.dtype).to(grad.device)
+        return grad @ weight, None
 
 
 class DenseLinear(nn.Module):
@@ -293,6 +313,21 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = None,
         raise QuantizationError("the model has no query_key_value / dense / dense_h_to_4h / dense_4h_to_h layers")
     if head_bits is not None:
         quantize_head(model, head_bits)
+    with_quantization_entry(model)
+    return model
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Swap every QuantizedLinear matrix (and a quantized head) back for an nn.Linear holding its
+    dequantized weight: the same products in full precision (merging a LoRA trained on a quantized
+    base, then maybe quantizing again). In place; returns the model."""
+    for _name, parent, attr, child in list(quantizable_linears(model)):
+        if isinstance(child, QuantizedLinear):
+            setattr(parent, attr, _linear_of(child.dequantized_weight(dtype), child.bias))
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, QuantizedLinear):
+        model.lm_head = None if model.config.tie_word_embeddings else _linear_of(head.dequantized_weight(dtype), None)
     with_quantization_entry(model)
     return model
 

@@ -8,9 +8,12 @@ from torch.distributed.tensor import DTensor
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only; biases, LayerNorms and the (tied) embedding are not decayed."""
+    """Decay matrices only; biases, LayerNorms and the (tied) embedding are not decayed. Frozen
+    parameters (a fine-tuned model's base) are left out."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         (decay if p.dim() == 2 and "word_embeddings" not in name else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -20,7 +23,7 @@ def make_optimizer(module: nn.Module, cfg) -> torch.optim.AdamW:
     plain tensors (replicated LayerNorms), which the multi-tensor (foreach) kernels refuse: the
     per-parameter loop is used then (it is also what CPU runs use by default). `cfg`: a
     TrainConfig (lr, weight_decay)."""
-    params = list(module.parameters())
+    params = [p for p in module.parameters() if p.requires_grad]
     mixed = any(isinstance(p, DTensor) for p in params) and not all(isinstance(p, DTensor) for p in params)
     meshes = {p.device_mesh for p in params if isinstance(p, DTensor)}
     foreach = False if mixed or len(meshes) > 1 else None

@@ -469,6 +469,7 @@ class GLMStage(GLMModel):
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in self.layer_range})
         self.final_layernorm = model.final_layernorm if self.is_last else None
         self.lm_head = model.lm_head if self.is_last else None
+        self.prefix_encoder = model.prefix_encoder
 
 
 def split_stage(model: GLMModel, stage_index: int, num_stages: int) -> GLMStage:

@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,6 +211,14 @@ def instruction_pairs(source: str, tokenizer, seed: int) -> Iterator[tuple[list[
     return cycle(pairs, tokenizer.encode)
 
 
+def trim_padding(batch: dict) -> dict:
+    """The batch without the trailing columns that are padding in every row. Exact: padding sits
+    after Part B, where no real token attends it, and carries no loss."""
+    used = batch["loss_mask"].flatten(0, -2).amax(0).nonzero()
+    end = int(used[-1]) + 1 if len(used) else 1
+    return {k: (v[..., :end] if k != "context_lengths" else v) for k, v in batch.items()}
+
+
 class BatchStream:
     """Batches of cfg.batch_size samples, each with the objective's state just after it (what a
     checkpoint must record to resume exactly there).
@@ -219,9 +227,10 @@ class BatchStream:
     this one (the sample builder is Python; on a GPU it would otherwise leave the GPU idle).
     """
 
-    def __init__(self, samples: Iterator[dict], builder: GLMSampleBuilder, batch_size: int, ahead: int = 0,
-                 pin: bool = False):
+    def __init__(self, samples: Iterator[dict], builder, batch_size: int, ahead: int = 0,
+                 pin: bool = False, trim: bool = False):
         self._samples, self._builder, self._batch_size, self._pin = samples, builder, batch_size, pin
+        self._trim = trim
         self._stop = threading.Event()
         self._queue: queue.Queue | None = None
         self._error: BaseException | None = None
@@ -232,6 +241,8 @@ class BatchStream:
 
     def _make(self) -> tuple[dict, dict]:
         batch = collate([next(self._samples) for _ in range(self._batch_size)])
+        if self._trim:
+            batch = trim_padding(batch)
         if self._pin:
             batch = {k: v.pin_memory() for k, v in batch.items()}
         return batch, self._builder.state_dict()
@@ -273,8 +284,10 @@ class SingleProcessTraining:
 
     is_main = True
 
-    def __init__(self, model: GLMModel, cfg: TrainConfig, device: torch.device):
+    def __init__(self, model: GLMModel, cfg: TrainConfig, device: torch.device, trainable_only: bool = False):
         self.module = model.to(device)
+        # checkpoints of a fine-tuning run hold the parameters that train, not the frozen base
+        self.saved_names = {n for n, p in model.named_parameters() if p.requires_grad} if trainable_only else None
         self.device = device
         self.optimizer = make_optimizer(self.module, cfg)
         # compiled forward; the state dicts and checkpoints keep using the plain module
@@ -324,8 +337,10 @@ class SingleProcessTraining:
         pass
 
     def save_checkpoint(self, out: Path, step: int, extra: dict, keep: int) -> None:
-        save_checkpoint(out, TrainState(step, self.module.state_dict(), self.optimizer.state_dict(), extra, rng_state()),
-                        keep=keep)
+        weights = self.module.state_dict()
+        if self.saved_names is not None:
+            weights = {k: v for k, v in weights.items() if k in self.saved_names}
+        save_checkpoint(out, TrainState(step, weights, self.optimizer.state_dict(), extra, rng_state()), keep=keep)
 
     def load_latest(self, out: Path, log=print) -> tuple[int, dict, dict]:
         """The newest intact checkpoint (corrupt ones reported and skipped), in either format:
@@ -334,7 +349,14 @@ class SingleProcessTraining:
         if distributed.is_dcp_checkpoint(path):
             return distributed.load_into_plain(path, self.module, self.optimizer)
         state = read_checkpoint(path)
-        self.module.load_state_dict(state.model)
+        if self.saved_names is not None:
+            missing = self.saved_names - set(state.model)
+            if missing or set(state.model) - self.saved_names:
+                raise ConfigError(f"{path} was not written by this fine-tuning setup (its trained parameters differ: "
+                                  f"{sorted(missing or set(state.model) - self.saved_names)[0]})")
+            self.module.load_state_dict(state.model, strict=False)
+        else:
+            self.module.load_state_dict(state.model)
         self.optimizer.load_state_dict(state.optimizer)
         return state.step, state.extra, state.rng
 
@@ -380,13 +402,68 @@ def train(cfg: TrainConfig, tokenizer, progress: bool = True, log=print) -> dict
     return summary
 
 
+@dataclass
+class Job:
+    """What a run trains, on what data, and what it leaves behind. Pretraining (`train`) and
+    fine-tuning (glm130b.finetune) differ only here; the loop, checkpoints and resume are shared.
+
+    `data` has `samples()` (an iterator of objective Samples) and a JSON-able `state_dict()` /
+    `load_state_dict()` (where the stream stands, for exact resume). `save_folder(engine, out,
+    step)` writes the run's result (a model folder, or an adapter). With `trainable_only`,
+    checkpoints hold only the parameters that train (a frozen base is not copied); with `trim`,
+    batches lose the padding columns that no row uses (samples of very different lengths)."""
+
+    model: GLMModel
+    data: object
+    save_folder: Callable
+    trainable_only: bool = False
+    trim: bool = False
+
+
+class PretrainingData:
+    """The GLM objective over the shipped corpus, with instruction pairs mixed in."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer, model_cfg: GLMConfig):
+        self.builder = GLMSampleBuilder(
+            ObjectiveConfig(seq_len=cfg.seq_len, gmask_prob=cfg.gmask_prob,
+                            instruction_share=cfg.instruction_share if cfg.instructions else 0.0,
+                            two_d=model_cfg.rotary == "2d"),
+            tokenizer, seed=cfg.seed,
+        )
+        self.cfg, self.tokenizer = cfg, tokenizer
+
+    def samples(self) -> Iterator:
+        cfg = self.cfg
+        instructions = instruction_pairs(cfg.instructions, self.tokenizer, cfg.seed) if cfg.instructions else None
+        return self.builder.samples(token_documents(self.tokenizer, cfg.sources, cfg.seed), instructions)
+
+    def state_dict(self) -> dict:
+        return self.builder.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.builder.load_state_dict(state)
+
+
 def _train(cfg: TrainConfig, tokenizer, model_cfg: GLMConfig, progress: bool, log, parallel) -> dict:
     model = GLMModel(model_cfg)
+
+    def save_folder(engine, out: Path, step: int) -> None:
+        # the folder's context is the training windows' length (positions past it were never trained)
+        engine.save_model(out, tokenizer, extra={"trained_steps": step, "train_config": dataclasses.asdict(cfg)},
+                          context=cfg.seq_len)
+
+    return run_job(cfg, Job(model, PretrainingData(cfg, tokenizer, model_cfg), save_folder), progress, log, parallel)
+
+
+def run_job(cfg: TrainConfig, job: Job, progress: bool = True, log=print, parallel=None) -> dict:
+    """The training loop over `job` (see Job); `parallel` is (layout, device) under torchrun."""
+    model = job.model
     model.train()
     n_parameters = model.num_parameters()
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if parallel is None:
         device = training_device(cfg)
-        engine = SingleProcessTraining(model, cfg, device)
+        engine = SingleProcessTraining(model, cfg, device, trainable_only=job.trainable_only)
         device_type = device.type
     else:
         layout, device = parallel
@@ -399,13 +476,8 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg: GLMConfig, progress: bool, lo
             log = distributed._NullLog()
     precision = Precision(cfg.precision, device_type=device_type, growth_interval=cfg.loss_scale_growth_interval)
     guard = SpikeGuard(cfg.spike_factor, cfg.spike_window, max_consecutive=cfg.max_consecutive_spikes)
-    share = cfg.instruction_share if cfg.instructions else 0.0
     # One global sample stream on every rank; a parallel engine keeps its dp rank's rows of each batch.
-    builder = GLMSampleBuilder(
-        ObjectiveConfig(seq_len=cfg.seq_len, gmask_prob=cfg.gmask_prob, instruction_share=share,
-                        two_d=model_cfg.rotary == "2d"),
-        tokenizer, seed=cfg.seed,
-    )
+    data = job.data
     out = Path(cfg.out)
     step, tokens_seen = 0, 0
 
@@ -413,7 +485,7 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg: GLMConfig, progress: bool, lo
         state_step, extra, rng = engine.load_latest(out, log=log)
         precision.load_state_dict(extra.get("scaler", {}))
         if data_too:  # a rollback keeps the data position, so the bad batches are skipped
-            builder.load_state_dict(extra["objective"])
+            data.load_state_dict(extra["objective"])
             guard.load_state_dict(extra.get("guard", {}))
             set_rng_state(rng)
         return state_step, extra
@@ -430,16 +502,14 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg: GLMConfig, progress: bool, lo
     elif list_checkpoints(out):
         raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue it, or choose another --out")
     if parallel is None:
-        check_disk_space(out, n_parameters)
+        check_disk_space(out, n_trainable if job.trainable_only else n_parameters)
     engine.barrier()
 
     def checkpoint() -> None:
         extra = {"objective": objective_state, "guard": guard.state_dict(), "scaler": precision.state_dict(),
                  "tokens": tokens_seen, "config": dataclasses.asdict(cfg)}
-        # the model folder first: it is what the run is for, and a quarter of a checkpoint's size.
-        # The folder's context is the training windows' length (positions past it were never trained)
-        engine.save_model(out, tokenizer, extra={"trained_steps": step, "train_config": dataclasses.asdict(cfg)},
-                          context=cfg.seq_len)
+        # the model folder (or adapter) first: it is what the run is for, and smaller than a checkpoint
+        job.save_folder(engine, out, step)
         try:
             engine.save_checkpoint(out, step, extra, keep=cfg.keep_checkpoints)
         except SaveError as e:
@@ -447,11 +517,11 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg: GLMConfig, progress: bool, lo
                             "is missing") from e
         metrics.event(step, "checkpoint")
 
-    instructions = instruction_pairs(cfg.instructions, tokenizer, cfg.seed) if cfg.instructions else None
-    samples = builder.samples(token_documents(tokenizer, cfg.sources, cfg.seed), instructions)
-    objective_state = builder.state_dict()  # before the prefetch thread starts moving the builder on
+    samples = data.samples()
+    objective_state = data.state_dict()  # before the prefetch thread starts moving the stream on
     on_accelerator = device_type != "cpu"
-    stream = BatchStream(samples, builder, cfg.batch_size, ahead=2 if on_accelerator else 0, pin=on_accelerator)
+    stream = BatchStream(samples, data, cfg.batch_size, ahead=2 if on_accelerator else 0, pin=on_accelerator,
+                         trim=job.trim)
     out.mkdir(parents=True, exist_ok=True)
     if engine.is_main:
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -522,4 +592,4 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg: GLMConfig, progress: bool, lo
     run_tokens = len(losses) * cfg.batch_size * cfg.grad_accum * cfg.seq_len
     return {"out": str(out), "steps": step, "first_loss": first_loss, "final_loss": sum(tail) / len(tail),
             "tokens": tokens_seen, "seconds": elapsed, "tokens_per_s": run_tokens / elapsed,
-            "parameters": n_parameters}
+            "parameters": n_parameters, **({"trainable_parameters": n_trainable} if job.trainable_only else {})}
