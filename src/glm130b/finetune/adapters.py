@@ -19,6 +19,7 @@ stays beside the quantized one (merging would re-quantize).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -61,7 +62,9 @@ def add_lora(model: nn.Module, config) -> nn.Module:
     config._register_custom_module({QuantizedLinear: LoraLinear})
     for p in model.parameters():
         p.requires_grad_(False)
-    return inject_adapter_in_model(config, model)
+    with warnings.catch_warnings():  # peft warns about any layer type it does not know; this one is tested
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
+        return inject_adapter_in_model(config, model)
 
 
 def lora_layers(model: nn.Module):

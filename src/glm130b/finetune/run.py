@@ -37,7 +37,7 @@ class FinetuneConfig(TrainConfig):
     data: str = ""  # JSONL records (finetune/data.py)
     method: str = "lora"
     out: str = "runs/finetune"
-    seq_len: int = 256
+    seq_len: int | None = None  # None: 256, or the base's context when shorter
     lr: float | None = None  # None: DEFAULT_LR of the method
     warmup_steps: int = 10
     weight_decay: float = 0.0
@@ -56,9 +56,15 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.method]
-        super().validate()
         if not self.base or not self.data:
             raise ConfigError("fine-tuning needs a base model folder and a data file (--model, --data)")
+        if not Path(self.data).is_file():
+            raise ConfigError(f"{self.data}: file not found")
+        if self.seq_len is None:
+            from glm130b.checkpoint import load_config
+
+            self.seq_len = min(256, load_config(self.base).max_seq_len)
+        super().validate()
         if self.bits not in (None, 4, 8):
             raise ConfigError(f"bits must be 4 or 8, got {self.bits!r}")
         if self.method == "full" and self.bits is not None:

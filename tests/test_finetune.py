@@ -1,0 +1,322 @@
+"""Fine-tuning: data formats, LoRA / P-Tuning v2 adapters (save, load, merge, peft's own reader),
+frozen INT4 bases, and exact resume after a kill."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from glm130b.checkpoint import load_model, save_model
+from glm130b.data.objective import GLMSampleBuilder, ObjectiveConfig, collate
+from glm130b.finetune import adapters
+from glm130b.finetune.data import FinetuneDataError, encode_records, read_records
+from glm130b.finetune.run import FinetuneConfig, prepare
+from glm130b.model.glm import glm_loss
+from glm130b.model.masks import Block, position_ids
+from glm130b.quant.weights import QuantizedLinear, dequantize_model
+from glm130b.tokenizer import default_tokenizer
+from helpers import varied_model
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = [
+    {"prompt": "Capital of France?", "response": "Paris"},
+    {"instruction": "Translate into Chinese", "input": "light", "output": "光"},
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]},
+    {"prompt": "And then?", "response": "More", "history": [["one", "two"]]},
+    {"prompt": "Define the word \"lamp\".", "response": "a device that gives light"},
+    {"prompt": "Capital of Italy?", "response": "Rome"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return default_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, tokenizer) -> Path:
+    out = tmp_path_factory.mktemp("base") / "tiny"
+    save_model(out, varied_model(), tokenizer)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in RECORDS), encoding="utf-8")
+    return path
+
+
+def _inputs(tokenizer, context_text="The lamp gives", answer=(11, 12, 13)):
+    ids = tokenizer.encode(context_text) + [tokenizer.gmask_id]
+    tokens = ids + [tokenizer.sop_id, *answer]
+    block = Block(mask_position=len(ids) - 1, length=1 + len(answer), continues=True)
+    pos = position_ids(len(ids), [block]).unsqueeze(0)
+    return torch.tensor([tokens]), pos, torch.tensor([len(ids)])
+
+
+def assert_same_outputs(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal within 1e-5 of the logits' scale: (W + s BA) x against Wx + s B(Ax) differ by FP32
+    rounding only (up to ~2e-5 on this test model's logits of up to ~20)."""
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+# -- data -------------------------------------------------------------------------------------
+def test_every_record_form_becomes_a_prompt_and_a_response(data_file):
+    got = [r for _, r in read_records(data_file)]
+    assert got[0] == {"prompt": "Capital of France?", "response": "Paris"}
+    assert got[1] == {"prompt": "Translate into Chinese\nlight", "response": "光"}
+    assert got[2] == {"messages": [{"role": "user", "content": "Hi"}], "response": "Hello there"}
+    assert got[3]["messages"] == [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+                                  {"role": "user", "content": "And then?"}]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "x"}', "field 'response' must be a string, got missing"),
+    ('{"prompt": "x", "response": 3}', "field 'response' must be a string, got a int"),
+    ('{"text": "x"}', "expected {'prompt', 'response'}"),
+    ('not json', "not valid JSON"),
+    ('{"messages": [{"role": "user", "content": "q"}]}', "last message must be the assistant's"),
+    ('{"prompt": "x", "response": "  "}', "the response is empty"),
+])
+def test_a_bad_record_is_one_error_naming_its_line(tmp_path, line, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n\n' + line + "\n")
+    with pytest.raises(FinetuneDataError) as e:
+        list(read_records(path))
+    assert f"{path}:3:" in str(e.value) and message in str(e.value)
+
+
+def test_a_response_longer_than_seq_len_names_its_line(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "response": "word " * 40}) + "\n")
+    with pytest.raises(FinetuneDataError, match=r"d.jsonl:1: the response has \d+ tokens"):
+        encode_records(path, tokenizer, seq_len=32)
+
+
+def test_samples_are_prompt_gmask_then_sop_response_with_loss_on_the_response_only(data_file, tokenizer):
+    pairs, cut = encode_records(data_file, tokenizer, seq_len=64, chat_template="{{ messages[-1].content }}")
+    assert cut == 0
+    prompt, response = pairs[0]
+    builder = GLMSampleBuilder(ObjectiveConfig(seq_len=64), tokenizer)
+    s = builder.instruction_sample(prompt, response)
+    n = len(prompt)
+    assert s.input_ids[: n + 2].tolist() == prompt + [tokenizer.gmask_id, tokenizer.sop_id]
+    assert s.input_ids[n + 2 : n + 2 + len(response)].tolist() == response
+    on = s.loss_mask.nonzero().flatten().tolist()
+    assert on == list(range(n + 1, n + 2 + len(response)))  # the response and <eop>, nothing of the prompt
+    assert s.targets[on].tolist() == response + [tokenizer.eop_id]
+
+
+# -- LoRA -------------------------------------------------------------------------------------
+def _lora_model(seed=0):
+    model = varied_model()
+    adapters.add_lora(model, adapters.lora_config(4, 8, 0.0, list(adapters.LORA_TARGETS)))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    return model.eval()
+
+
+def test_lora_saves_loads_and_merges_to_the_same_outputs_and_peft_reads_it(tmp_path, tokenizer):
+    ids, pos, ctx = _inputs(tokenizer)
+    model = _lora_model()
+    with torch.no_grad():
+        adapted = model(ids, pos, context_lengths=ctx)
+        base = varied_model()(ids, pos, context_lengths=ctx)
+    assert (adapted - base).abs().max() > 1e-2  # the adapter changes the outputs
+    adapters.save_adapter(tmp_path / "a", model, {"model": "tiny", "bits": None})
+    assert {p.name for p in (tmp_path / "a").iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
+                                                             "glm130b_adapter.json"}
+    merged = adapters.load_adapter(varied_model(), tmp_path / "a")  # merged into the weights on load
+    assert not adapters.lora_layers(merged) and type(merged.layers[0].attention.query_key_value) is torch.nn.Linear
+    with torch.no_grad():
+        assert_same_outputs(merged(ids, pos, context_lengths=ctx), adapted)
+    from peft import PeftModel  # the peer: peft's own loader on our folder
+
+    peer = PeftModel.from_pretrained(varied_model(), str(tmp_path / "a")).eval()
+    with torch.no_grad():
+        assert (peer(ids, pos, context_lengths=ctx) - adapted).abs().max() < 1e-6
+
+
+def test_merge_command_writes_a_model_equal_to_base_plus_adapter(tmp_path, base_dir, tokenizer):
+    from glm130b.finetune.run import merge
+
+    model, _ = load_model(base_dir)
+    adapters.add_lora(model, adapters.lora_config(4, 8, 0.0, ["qkv", "ffn_out"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    adapters.save_adapter(tmp_path / "a", model, {"model": str(base_dir), "bits": None})
+    merge(base_dir, tmp_path / "a", tmp_path / "m", log=lambda *_: None)
+    merge(base_dir, tmp_path / "a", tmp_path / "m4", bits=4, log=lambda *_: None)
+    ids, pos, ctx = _inputs(tokenizer)
+    merged, _ = load_model(tmp_path / "m")
+    merged4, _ = load_model(tmp_path / "m4")
+    with torch.no_grad():
+        want = model.eval()(ids, pos, context_lengths=ctx)
+        assert_same_outputs(merged(ids, pos, context_lengths=ctx), want)
+    assert isinstance(merged4.layers[0].attention.query_key_value, QuantizedLinear)
+    with pytest.raises(Exception, match="not empty"):
+        merge(base_dir, tmp_path / "a", tmp_path / "m", log=lambda *_: None)
+
+
+def test_lora_on_int4_trains_through_frozen_unchanged_weights(base_dir, data_file):
+    cfg = FinetuneConfig(base=str(base_dir), data=str(data_file), method="lora", bits=4, group_size=32,
+                         lora_dropout=0.0, seq_len=64, out="unused")
+    cfg.lr = 1e-3
+    model, _, data = prepare(cfg, log=lambda *_: None)
+    quantized = {n: b.clone() for n, b in model.named_buffers() if n.endswith(("qweight", "scales"))}
+    assert len(quantized) == 2 * 4 * model.config.num_layers
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    batch = collate([s for s, _ in zip(data.samples(), range(4), strict=False)])
+    reference = dequantize_model(copy.deepcopy(model))  # the same model with the INT4 products in FP32
+    grads = []
+    for m in (model, reference):
+        m.train()
+        logits = m(batch["input_ids"], batch["position_ids"], context_lengths=batch["context_lengths"])
+        glm_loss(logits, batch["targets"], batch["loss_mask"]).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    first = "layers.0.attention.query_key_value.lora_B.default.weight"  # reached only through layer 1's INT4 products
+    assert grads[0][first].abs().max() > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-3, atol=1e-6)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt.step()
+    for name, before in quantized.items():
+        assert torch.equal(dict(model.named_buffers())[name], before)
+
+
+# -- P-Tuning v2 ------------------------------------------------------------------------------
+def test_prefix_reaches_every_layer_and_respects_the_glm_mask(tokenizer):
+    model = varied_model()
+    adapters.add_prefix(model, pre_seq_len=3)
+    ids, pos, ctx = _inputs(tokenizer)
+    logits = model(ids, pos, context_lengths=ctx)
+    logits[0, -1].logsumexp(0).backward()
+    grad = model.prefix_encoder.embedding.weight.grad.view(3, model.config.num_layers, 2, -1)
+    for layer in range(model.config.num_layers):
+        for kv in (0, 1):
+            assert grad[:, layer, kv].abs().max() > 0, (layer, kv)
+    model.eval()
+    with torch.no_grad():
+        a = model(ids, pos, context_lengths=ctx)
+        changed = ids.clone()
+        changed[0, -1] = 99  # a Part-B token: the context cannot see it, with or without a prefix
+        b = model(changed, pos, context_lengths=ctx)
+        n = int(ctx[0])
+        assert torch.equal(a[:, :n], b[:, :n])
+        model.prefix_encoder.embedding.weight.add_(0.5)  # every position, the first included, sees the prefix
+        c = model(ids, pos, context_lengths=ctx)
+        assert ((c - a).abs().amax(-1) > 1e-4).all()
+
+
+def test_prefix_decoding_with_the_cache_equals_full_recomputation(tokenizer):
+    from glm130b.infer.generate import generate
+
+    model = varied_model()
+    adapters.add_prefix(model, pre_seq_len=4, projection_hidden=16)
+    with torch.no_grad():
+        model.prefix_encoder.embedding.weight.normal_(std=1.0)
+    model.eval()
+    prompt = "The lamp gives"
+    ids = tokenizer.encode(prompt) + [tokenizer.gmask_id]
+    text = generate(model, tokenizer, prompt, max_new_tokens=6)
+    tokens = [tokenizer.sop_id]
+    with torch.no_grad():
+        for _ in range(6):
+            block = Block(len(ids) - 1, len(tokens), continues=True)
+            logits = model(torch.tensor([ids + tokens]), position_ids(len(ids), [block]).unsqueeze(0),
+                           context_lengths=torch.tensor([len(ids)]))
+            nxt = int(logits[0, -1, : tokenizer.vocab_size].argmax())
+            if nxt in (tokenizer.eop_id, tokenizer.eos_id):
+                break
+            tokens.append(nxt)
+    assert text == tokenizer.decode(tokens[1:])
+
+
+def test_prefix_adapter_round_trips_in_peft_layout(tmp_path, tokenizer):
+    model = varied_model()
+    adapters.add_prefix(model, pre_seq_len=2, projection_hidden=8)
+    adapters.save_adapter(tmp_path / "p", model, {"model": "tiny", "bits": None})
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 2
+    loaded = adapters.load_adapter(varied_model(), tmp_path / "p")
+    ids, pos, ctx = _inputs(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, pos, context_lengths=ctx), model.eval()(ids, pos, context_lengths=ctx))
+    from peft import PrefixTuningConfig
+
+    assert PrefixTuningConfig.from_pretrained(str(tmp_path / "p")).num_layers == model.config.num_layers
+
+
+def test_bad_adapters_give_one_clear_error(tmp_path):
+    with pytest.raises(adapters.AdapterError, match="not a folder"):
+        adapters.load_adapter(varied_model(), tmp_path / "missing")
+    model = _lora_model()
+    adapters.save_adapter(tmp_path / "a", model, {})
+    (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(adapters.AdapterError, match="cannot read it"):
+        adapters.load_adapter(varied_model(), tmp_path / "a")
+    adapters.save_adapter(tmp_path / "b", model, {})
+    from glm130b.config import GLMConfig
+    from glm130b.model.glm import build_model
+
+    other = build_model(GLMConfig.from_preset("tiny", hidden_size=64, num_heads=2))
+    with pytest.raises(adapters.AdapterError, match="does not fit"):
+        adapters.load_adapter(other, tmp_path / "b")
+
+
+# -- the command, killed and resumed ----------------------------------------------------------
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "glm130b.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})}, timeout=300)
+
+
+def test_finetune_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, base_dir, data_file):
+    common = ["finetune", "--model", base_dir, "--data", data_file, "--steps", 6, "--batch-size", 2,
+              "--checkpoint-every", 2, "--lora-dropout", 0.1, "--seq-len", 64, "--lr", 5e-3]
+    whole = _cli(*common, "--out", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    killed = _cli(*common, "--out", tmp_path / "cut", env={"GLM130B_FAULT_KILL_AFTER_STEP": "4"})
+    assert killed.returncode == -9
+    resumed = _cli(*common, "--out", tmp_path / "cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+
+    def losses(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "cut" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)  # it trained
+    # the adapter on `generate` equals the merged model
+    merged = _cli("finetune", "merge", "--model", base_dir, "--adapter", tmp_path / "whole", "--out", tmp_path / "m")
+    assert merged.returncode == 0, merged.stderr
+    outs = [_cli("generate", "Capital of France?", "--max-new-tokens", 6, *extra)
+            for extra in (["--model", base_dir, "--adapter", tmp_path / "whole"], ["--model", tmp_path / "m"])]
+    assert outs[0].returncode == 0, outs[0].stderr
+    assert outs[0].stdout == outs[1].stdout
+
+
+def test_bad_finetune_settings_are_one_line(tmp_path, base_dir, data_file):
+    r = _cli("finetune", "--model", base_dir, "--data", data_file, "--method", "full", "--bits", "4",
+             "--out", tmp_path / "x")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "quantized (frozen) weights" in r.stderr
+    r = _cli("finetune", "--model", base_dir, "--data", tmp_path / "none.jsonl", "--out", tmp_path / "y")
+    assert r.returncode == 2 and "file not found" in r.stderr and "Traceback" not in r.stderr
