@@ -275,7 +275,7 @@ def cmd_finetune(args) -> int:
     unknown = sorted(set(values) - known)
     if unknown:
         raise GLMError(f"unknown fine-tuning option(s): {', '.join(unknown)}")
-    summary = finetune(FinetuneConfig(**values))
+    summary = finetune(FinetuneConfig(**values), log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -531,7 +531,7 @@ def run_job(cfg: TrainConfig, job: Job, progress: bool = True, log=print, parall
     fault_step = int(os.environ.get(FAULT_ENV, "0"))
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not (progress and engine.is_main), unit="step",
                dynamic_ncols=True)
-    start, losses, first_loss = time.perf_counter(), [], None
+    start, losses, first_loss, tokens_at_start = time.perf_counter(), [], None, tokens_seen
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -589,7 +589,7 @@ def run_job(cfg: TrainConfig, job: Job, progress: bool = True, log=print, parall
     metrics.close()
     elapsed = time.perf_counter() - start
     tail = losses[-10:] or [float("nan")]
-    run_tokens = len(losses) * cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    run_tokens = tokens_seen - tokens_at_start  # (trimmed batches: the tokens actually fed)
     return {"out": str(out), "steps": step, "first_loss": first_loss, "final_loss": sum(tail) / len(tail),
             "tokens": tokens_seen, "seconds": elapsed, "tokens_per_s": run_tokens / elapsed,
             "parameters": n_parameters, **({"trainable_parameters": n_trainable} if job.trainable_only else {})}
