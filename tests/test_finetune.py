@@ -323,3 +323,48 @@ def test_bad_finetune_settings_are_one_line(tmp_path, base_dir, data_file):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "quantized (frozen) weights" in r.stderr
     r = _cli("finetune", "--model", base_dir, "--data", tmp_path / "none.jsonl", "--out", tmp_path / "y")
     assert r.returncode == 2 and "file not found" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- the worked example and the verbs' --adapter ----------------------------------------------
+def test_the_worked_example_rebuilds_identically_and_holds_its_dev_verses_out(tmp_path, monkeypatch):
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_example", ROOT / "tools" / "make_finetune_example.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "OUT", tmp_path)
+    module.main()
+    shipped = ROOT / "data" / "finetune"
+    for name in ("verse_book_dev.jsonl.gz", "verse_book_train.jsonl.gz"):
+        assert (tmp_path / name).read_bytes() == (shipped / name).read_bytes(), name
+
+    def rows(name):
+        return [json.loads(line) for line in gzip.open(shipped / name, "rt", encoding="utf-8")]
+
+    dev, train = rows("verse_book_dev.jsonl.gz"), rows("verse_book_train.jsonl.gz")
+    verse = {r["question"].split("? ", 1)[-1].split("？", 1)[-1] for r in dev}
+    from glm130b.data.corpus import iter_parallel_verses
+
+    translations = {}
+    for row in iter_parallel_verses():
+        translations[row["en"]], translations[row["zh"]] = row["zh"], row["en"]
+    held = verse | {translations[v] for v in verse}  # a dev verse in either language
+    assert not any(r["prompt"].split("? ", 1)[-1].split("？", 1)[-1] in held for r in train)
+    assert {r["lang"] for r in dev} == {"en", "zh"} and len(dev) == 400
+
+
+def test_every_model_verb_takes_adapter(tmp_path, base_dir, tokenizer):
+    from glm130b.cli import _load, build_parser
+
+    model = _lora_model()
+    adapters.save_adapter(tmp_path / "a", model, {"model": str(base_dir), "bits": None})
+    want = adapters.load_adapter(load_model(base_dir)[0], tmp_path / "a")
+    ids, pos, ctx = _inputs(tokenizer)
+    for verb in (["generate", "x"], ["infill", "x [MASK]"], ["chat"], ["serve"]):
+        args = build_parser().parse_args([*verb, "--model", str(base_dir), "--adapter", str(tmp_path / "a")])
+        got, _ = _load(args)
+        with torch.no_grad():
+            assert torch.equal(got(ids, pos, context_lengths=ctx), want(ids, pos, context_lengths=ctx)), verb
+    args = build_parser().parse_args(["eval", "verse_book", "--adapter", str(tmp_path / "a")])
+    assert args.adapter == str(tmp_path / "a")

@@ -32,14 +32,20 @@ def main() -> None:
     for row in iter_parallel_verses():
         if row["book"] in BOOKS and 20 <= len(row["en"]) <= 200:
             by_book[row["book"]].append(row)
-    dev, train = [], []
+    dev, train, held_texts, chosen = [], [], set(), {}
     for book, rows in by_book.items():
         rng.shuffle(rows)
         n_dev = 2 * DEV_PER_BOOK_AND_LANGUAGE
-        held, rest = rows[:n_dev], rows[n_dev:]
-        for i, row in enumerate(held):  # half of the dev verses in English, half in Chinese
+        chosen[book] = rows[:n_dev]
+        held_texts |= {row[lang] for row in rows[:n_dev] for lang in ("en", "zh")}
+    for book, rows in by_book.items():
+        for i, row in enumerate(chosen[book]):  # half of the dev verses in English, half in Chinese
             lang = "en" if i % 2 == 0 else "zh"
             dev.append(_item(row, lang, book))
+        # refrains repeat word for word ("for his mercy endureth for ever"): no training verse may
+        # equal a dev verse in either language
+        rest = [row for row in rows[2 * DEV_PER_BOOK_AND_LANGUAGE:] if row["en"] not in held_texts
+                and row["zh"] not in held_texts]
         for lang in ("en", "zh"):
             for row in rest[:TRAIN_PER_BOOK_AND_LANGUAGE] if lang == "en" else rest[-TRAIN_PER_BOOK_AND_LANGUAGE:]:
                 item = _item(row, lang, book)
