@@ -275,8 +275,15 @@ def cmd_finetune(args) -> int:
     unknown = sorted(set(values) - known)
     if unknown:
         raise GLMError(f"unknown fine-tuning option(s): {', '.join(unknown)}")
-    summary = finetune(FinetuneConfig(**values), log=lambda m: print(m, file=sys.stderr))
-    print(json.dumps(summary, indent=2))
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun (--dp), only rank 0 prints
+    try:
+        summary = finetune(FinetuneConfig(**values), log=lambda m: print(m, file=sys.stderr))
+    except GLMError:
+        if not rank0:
+            return 2
+        raise
+    if rank0:
+        print(json.dumps(summary, indent=2))
     return 0
 
 

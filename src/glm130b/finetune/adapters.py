@@ -108,28 +108,43 @@ def _prefix_config(model, base: str | None) -> dict:
 
 
 # -- save and load ----------------------------------------------------------------------------
-def save_adapter(directory: str | Path, model: nn.Module, base: dict) -> Path:
-    """Write the model's adapter (LoRA or prefix) atomically into `directory` (other files there,
-    such as a run's checkpoints, are left alone). `base`: {"model", "bits", "group_size"}."""
-    directory = Path(directory)
+def adapter_state(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(peft config, full CPU tensors) of the model's adapter. Under FSDP2 every rank must call it
+    (the shards are gathered)."""
     if model.prefix_encoder is not None:
         with torch.no_grad():
-            weights = {"prompt_embeddings": model.prefix_encoder.table().detach().float().cpu().contiguous()}
-        config = _prefix_config(model, base.get("model"))
-        method = "ptuning"
-    else:
-        from peft import get_peft_model_state_dict
+            table = _full(model.prefix_encoder.table().detach())
+        return _prefix_config(model, None), {"prompt_embeddings": table.float().cpu().contiguous()}
+    from peft import get_peft_model_state_dict
 
-        layers = lora_layers(model)
-        if not layers:
-            raise AdapterError("the model has no adapter to save")
-        config = _json_ready(model.peft_config["default"])
-        weights = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
-        method = "lora"
+    if not lora_layers(model):
+        raise AdapterError("the model has no adapter to save")
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)  # (no Hub lookup)
+    return _json_ready(model.peft_config["default"]), {PEFT_PREFIX + k: _full(v.detach()).cpu().contiguous()
+                                                       for k, v in state.items()}
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def write_adapter(directory: str | Path, config: dict, weights: dict[str, torch.Tensor], base: dict) -> Path:
+    """Write an adapter atomically into `directory` (other files there, such as a run's
+    checkpoints, are left alone). `base`: {"model", "bits", "group_size", ...}."""
+    directory = Path(directory)
+    config = {**config, "base_model_name_or_path": base.get("model")}
+    method = "ptuning" if config["peft_type"] == "PREFIX_TUNING" else "lora"
     atomic_write(directory / WEIGHTS, lambda tmp: save_safetensors(weights, tmp, metadata={"format": "pt"}))
     atomic_write_text(directory / CONFIG, json.dumps(config, indent=2) + "\n")
     atomic_write_text(directory / SIDECAR, json.dumps({"method": method, "base": base}, indent=2) + "\n")
     return directory
+
+
+def save_adapter(directory: str | Path, model: nn.Module, base: dict) -> Path:
+    """The model's adapter (LoRA or P-Tuning prefix), written in peft's format."""
+    return write_adapter(directory, *adapter_state(model), base)
 
 
 def _json_ready(config) -> dict:

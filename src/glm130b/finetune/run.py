@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from glm130b.checkpoint import load_config
 from glm130b.config import ConfigError
 from glm130b.errors import GLMError
 from glm130b.finetune import adapters
@@ -71,14 +72,9 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError("--method full trains every weight; quantized (frozen) weights need lora or ptuning")
         if self.method == "ptuning" and not (isinstance(self.pre_seq_len, int) and self.pre_seq_len >= 1):
             raise ConfigError("pre_seq_len must be a positive integer")
-        if self.tp * self.pp * self.dp > 1 or _under_torchrun():
-            raise ConfigError("fine-tuning runs in one process for now (no --tp/--pp/--dp, not under torchrun)")
-
-
-def _under_torchrun() -> bool:
-    from glm130b.train import distributed
-
-    return distributed.wants_distributed()
+        if self.tp > 1 or self.pp > 1:
+            raise ConfigError("fine-tuning shards over data-parallel ranks (--dp, FSDP2) only; --tp and --pp "
+                              "are not supported for adapters yet")
 
 
 def prepare(cfg: FinetuneConfig, log=print):
@@ -111,10 +107,16 @@ def prepare(cfg: FinetuneConfig, log=print):
 def finetune(cfg: FinetuneConfig, progress: bool = True, log=print) -> dict:
     """Run (or resume) a fine-tuning run into cfg.out; returns the summary (loss, tokens/s,
     parameters trained, peak memory)."""
+    from glm130b.train import distributed
     from glm130b.train.trainer import Job, run_job
 
     cfg.validate()
-    model, tokenizer, data = prepare(cfg, log)
+    parallel, created = None, False
+    if distributed.wants_distributed():  # under torchrun: FSDP2 over --dp ranks
+        device, created = distributed.join_process_group()
+        parallel = (distributed.layout_from(cfg, load_config(cfg.base)), device)
+    model, tokenizer, data = prepare(cfg, log if parallel is None or torch.distributed.get_rank() == 0
+                                     else (lambda *_: None))
     base = {"model": str(cfg.base), "bits": cfg.bits, "group_size": cfg.group_size}
 
     def save_folder(engine, out: Path, step: int) -> None:
@@ -122,10 +124,16 @@ def finetune(cfg: FinetuneConfig, progress: bool = True, log=print) -> dict:
         if cfg.method == "full":
             engine.save_model(out, tokenizer, extra=extra)
         else:
-            adapters.save_adapter(out, engine.module, {**base, "trained_steps": step})
+            state = adapters.adapter_state(engine.module)  # (a collective under FSDP2)
+            engine.on_main(lambda: adapters.write_adapter(out, *state, {**base, "trained_steps": step}),
+                           f"the adapter in {out}")
 
     job = Job(model, data, save_folder, trainable_only=cfg.method != "full", trim=True)
-    summary = run_job(cfg, job, progress, log)
+    try:
+        summary = run_job(cfg, job, progress, log, parallel)
+    finally:
+        if created:
+            distributed.leave_process_group()
     summary.update(method=cfg.method, bits=cfg.bits, peak_rss_mib=peak_rss_mib())
     if torch.cuda.is_available():
         summary["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

@@ -364,7 +364,7 @@ class ParallelTraining:
         dist.barrier()
 
     # -- checkpoints -------------------------------------------------------------------------
-    def _on_main(self, fn: Callable[[], None], what: str) -> None:
+    def on_main(self, fn: Callable[[], None], what: str) -> None:
         """Run fn on rank 0 and raise its error (as SaveError) on every rank."""
         error, failure = None, None
         if self.is_main:
@@ -391,7 +391,7 @@ class ParallelTraining:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / RNG_DIR).mkdir(parents=True)
 
-        self._on_main(prepare, f"checkpoint {final}")
+        self.on_main(prepare, f"checkpoint {final}")
         P.save_checkpoint(self.module, tmp / DCP_DIR, optimizer=self.optimizer)
         mine = tmp / RNG_DIR / f"rank_{self.rank:05d}.pt"
         torch.save(rng_state(), mine)
@@ -419,7 +419,7 @@ class ParallelTraining:
             for old in list_checkpoints(out)[:-keep] if keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
 
-        self._on_main(finish, f"checkpoint {final}")
+        self.on_main(finish, f"checkpoint {final}")
         return final
 
     def _verify(self, path: Path) -> str | None:
@@ -482,7 +482,7 @@ class ParallelTraining:
             blob["rng"] = saved["rng"]
             dcp.save(P.checkpoint_state_dict(plain, optimizer), checkpoint_id=str(scratch), no_dist=True)
 
-        self._on_main(convert, f"a converted copy of {path}")
+        self.on_main(convert, f"a converted copy of {path}")
         try:
             P.load_checkpoint(self.module, scratch, optimizer=self.optimizer)
         finally:
@@ -531,4 +531,4 @@ class ParallelTraining:
             model.load_state_dict(state, strict=True, assign=True)
             save_model(out, model, tokenizer, extra=extra, context=context)
 
-        self._on_main(write, f"the model to {out}")
+        self.on_main(write, f"the model to {out}")

@@ -336,6 +336,10 @@ class SingleProcessTraining:
     def barrier(self) -> None:
         pass
 
+    def on_main(self, fn, what: str) -> None:
+        """Run fn (a save) where the run's files are written: here, this one process."""
+        fn()
+
     def save_checkpoint(self, out: Path, step: int, extra: dict, keep: int) -> None:
         weights = self.module.state_dict()
         if self.saved_names is not None:
