@@ -56,29 +56,42 @@ def cmd_train(args) -> int:
     from glm130b.tokenizer import GLMTokenizer, default_tokenizer
     from glm130b.train.trainer import TrainConfig, train
 
+    values = _options(args, TrainConfig, "training", (
+        "preset", "out", "steps", "batch_size", "seq_len", "lr", "warmup_steps", "precision", "seed", "instructions",
+        "gmask_prob", "instruction_share", "checkpoint_every", "grad_accum", "resume", "keep_checkpoints", "tp", "pp",
+        "dp", "pipeline_schedule", "microbatches", "device", "compile"))
+    if isinstance(values.get("sources"), list):
+        values["sources"] = tuple(values["sources"])
+
+    def run() -> dict:
+        tokenizer = GLMTokenizer.load(args.tokenizer) if args.tokenizer else default_tokenizer()
+        return train(TrainConfig(**values), tokenizer)
+
+    return _summary_on_rank0(run)
+
+
+def _options(args, config_cls, what: str, flags: tuple[str, ...], extra: dict | None = None) -> dict:
+    """A run's options: the --config YAML, then the flags that were given, then `extra`; names
+    that `config_cls` does not have are one error."""
     values: dict = {}
     if args.config:
         from glm130b.io import read_yaml
 
         values.update(read_yaml(args.config))
-    for key in ("preset", "out", "steps", "batch_size", "seq_len", "lr", "warmup_steps", "precision", "seed",
-                "instructions", "gmask_prob", "instruction_share", "checkpoint_every", "grad_accum", "resume",
-                "keep_checkpoints", "tp", "pp", "dp", "pipeline_schedule", "microbatches", "device", "compile"):
-        value = getattr(args, key)
-        if value is not None:
-            values[key] = value
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+    values.update({key: getattr(args, key) for key in flags if getattr(args, key) is not None})
+    values.update(extra or {})
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(config_cls)})
     if unknown:
-        raise GLMError(f"unknown training option(s): {', '.join(unknown)}")
-    if isinstance(values.get("sources"), list):
-        values["sources"] = tuple(values["sources"])
-    # Under torchrun every rank runs this; only rank 0 prints (errors and the summary).
+        raise GLMError(f"unknown {what} option(s): {', '.join(unknown)}")
+    return values
+
+
+def _summary_on_rank0(run) -> int:
+    """Run a training job; under torchrun every rank runs it and only rank 0 prints (errors and
+    the JSON summary)."""
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
-        cfg = TrainConfig(**values)
-        tokenizer = GLMTokenizer.load(args.tokenizer) if args.tokenizer else default_tokenizer()
-        summary = train(cfg, tokenizer)
+        summary = run()
     except GLMError:
         if not rank0:
             return 2
@@ -254,37 +267,16 @@ def cmd_finetune(args) -> int:
                      log=lambda m: print(m, file=sys.stderr))
         print(json.dumps(info, indent=2))
         return 0
-    values: dict = {}
-    if args.config:
-        from glm130b.io import read_yaml
-
-        values.update(read_yaml(args.config))
-    flags = ("data", "method", "out", "steps", "batch_size", "seq_len", "lr", "warmup_steps", "precision", "seed",
-             "checkpoint_every", "grad_accum", "resume", "keep_checkpoints", "device", "lora_rank", "lora_alpha",
-             "lora_dropout", "pre_seq_len", "prefix_hidden", "bits", "group_size", "chat_template", "weight_decay")
-    for key in flags:
-        value = getattr(args, key)
-        if value is not None:
-            values[key] = value
+    values = _options(args, FinetuneConfig, "fine-tuning", (
+        "data", "method", "out", "steps", "batch_size", "seq_len", "lr", "warmup_steps", "precision", "seed",
+        "checkpoint_every", "grad_accum", "resume", "keep_checkpoints", "device", "lora_rank", "lora_alpha",
+        "lora_dropout", "pre_seq_len", "prefix_hidden", "bits", "group_size", "chat_template", "weight_decay", "dp"))
     if args.lora_targets:
-        values["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        values["lora_targets"] = args.lora_targets.split(",")
     if isinstance(values.get("lora_targets"), list):
-        values["lora_targets"] = tuple(values["lora_targets"])
+        values["lora_targets"] = tuple(t.strip() for t in values["lora_targets"] if t.strip())
     values["base"] = str(resolve_model_dir(args.model or values.get("base")))
-    known = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise GLMError(f"unknown fine-tuning option(s): {', '.join(unknown)}")
-    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun (--dp), only rank 0 prints
-    try:
-        summary = finetune(FinetuneConfig(**values), log=lambda m: print(m, file=sys.stderr))
-    except GLMError:
-        if not rank0:
-            return 2
-        raise
-    if rank0:
-        print(json.dumps(summary, indent=2))
-    return 0
+    return _summary_on_rank0(lambda: finetune(FinetuneConfig(**values), log=lambda m: print(m, file=sys.stderr)))
 
 
 def _add_sampling_flags(p) -> None:
@@ -696,6 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out from its last good checkpoint")
     p.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=int, help="keep the last K checkpoints (default 3)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="where to train (default cpu)")
+    p.add_argument("--dp", type=int, help="under torchrun: data-parallel (FSDP2) ranks; --batch-size is the global batch")
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora-rank", dest="lora_rank", type=int, help="rank r (default 8)")
     g.add_argument("--lora-alpha", dest="lora_alpha", type=float, help="scale alpha; updates are alpha/r * BA (default 16)")
