@@ -169,3 +169,30 @@ def test_a_causal_run_is_recorded_and_evaluated_as_causal(tmp_path):
     tasks = evaluate(model, tokenizer, ["zh_classics_cloze", "heldout_ppl"], limit=3)["tasks"]
     assert 0.0 <= tasks["zh_classics_cloze"]["metrics"]["acc"] <= 1.0
     assert 1.0 < tasks["heldout_ppl"]["metrics"]["token_ppl"] < float("inf")
+
+
+def test_comparison_table_is_written_between_the_markers(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "compare_objectives.py"
+    spec = importlib.util.spec_from_file_location("compare_objectives", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    runs = []
+    for label, objective, ppl in (("GLM", "glm", 80.0), ("GPT", "causal", 90.0)):
+        run = tmp_path / label
+        run.mkdir()
+        (run / "train_config.json").write_text(json.dumps({"preset": "base", "objective": objective}))
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0, "tokens": 40_000_000, "time_s": 600}) + "\n")
+        ppl_metrics = {"token_ppl": ppl, "bits_per_byte": 2.0, "bytes": 1000}
+        tasks = {"heldout_ppl": {"metrics": ppl_metrics}, "heldout_ppl_base": {"metrics": {**ppl_metrics, "bits_per_byte": 1.0}},
+                 "bilingual_verse_match": {"metrics": {"acc": 0.3, "acc_mutual_info": 0.4}}}
+        runs.append((label, run, {"tasks": tasks}))
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"before\n{tool.BEGIN}\nold\n{tool.END}\nafter\n")
+    tool.write_between_markers(doc, tool.table(runs))
+    text = doc.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    assert "| GLM | glm | base | 40.0M | 10.0 | 80.0 | 80.0 | 1.500 | 30.0% | 40.0% | - | - |" in text
+    assert "| GPT | causal | base |" in text

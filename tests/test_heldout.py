@@ -79,6 +79,14 @@ def test_perplexity_slice_is_disjoint_from_training(bible_docs):
     assert set(shipped) == {d.id for d in heldout_ppl_documents()}
 
 
+def test_base_perplexity_slice_file_is_the_added_sources_slice():
+    from glm130b.data.corpus import BASE_SOURCES
+
+    shipped = [json.loads(line)["id"] for line in gzip.open(DATA / "eval" / "heldout_ppl_base.jsonl.gz", "rt")]
+    assert shipped == [d.id for d in heldout_ppl_documents(BASE_SOURCES)]
+    assert {i.split("/")[0] for i in shipped} == {"song_poems", "later", "shakespeare", "dict"}
+
+
 def test_added_chinese_sources_are_held_out_like_the_classics(tmp_path):
     """Every Chinese source, not only zh_classics, loses the documents holding a cloze item, and
     each added source gives up every 100th document to the perplexity slice."""
