@@ -13,7 +13,7 @@ for every token, a [gMASK] block continues after the context (P, P+1, ... for ea
 models add block positions 1..n inside each block.
 
 A model trained with the causal objective (config `extra["objective"] == "causal"`, the GPT
-baseline) is scored as a causal LM instead (`causal_row`): each block becomes a row of its own,
+baseline) is scored as a causal LM instead (`causal_rows`): each block becomes a row of its own,
 `<eos>` + the context's text before its blank + the block's tokens after `<sop>`, causal
 everywhere, with the same targets; the context's text after a [MASK] blank is not seen.
 
