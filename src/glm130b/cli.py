@@ -64,7 +64,7 @@ def cmd_train(args) -> int:
     for key in ("preset", "out", "steps", "batch_size", "seq_len", "lr", "warmup_steps", "precision", "seed",
                 "instructions", "gmask_prob", "instruction_share", "checkpoint_every", "grad_accum", "resume",
                 "keep_checkpoints", "tp", "pp", "dp", "pipeline_schedule", "microbatches", "device", "compile",
-                "objective", "sources"):
+                "objective"):
         value = getattr(args, key)
         if value is not None:
             values[key] = value
@@ -72,8 +72,8 @@ def cmd_train(args) -> int:
     unknown = sorted(set(values) - known)
     if unknown:
         raise GLMError(f"unknown training option(s): {', '.join(unknown)}")
-    if isinstance(values.get("sources"), str):  # a corpus name ("base") or comma-separated sources
-        values["sources"] = tuple(values["sources"].split(","))
+    if getattr(args, "sources", None) is not None:  # --sources: a corpus name ("base") or comma-separated sources
+        values["sources"] = tuple(args.sources.split(","))
     if isinstance(values.get("sources"), list):
         values["sources"] = tuple(values["sources"])
     # Under torchrun every rank runs this; only rank 0 prints (errors and the summary).
