@@ -5,6 +5,8 @@ import json
 import pytest
 
 from glm130b.data.corpus import (
+    BASE_SOURCES,
+    CORPORA,
     SOURCES,
     CorpusError,
     Document,
@@ -12,6 +14,7 @@ from glm130b.data.corpus import (
     iter_documents,
     iter_parallel_verses,
     read_jsonl,
+    resolve_sources,
 )
 
 RECORDS = [{"id": "a/1", "lang": "en", "text": "In the beginning"}, {"id": "b/1", "lang": "zh", "text": "起初"}]
@@ -96,3 +99,32 @@ def test_shipped_parallel_verses(monkeypatch):
     first = next(iter_parallel_verses())
     assert (first["book"], first["chapter"], first["verse"]) == ("Genesis", 1, 1)
     assert first["en"].startswith("In the beginning") and first["zh"].startswith("起初")
+
+
+def test_named_corpora():
+    assert resolve_sources("shipped") == resolve_sources(["shipped"]) == SOURCES
+    assert resolve_sources(("base",)) == SOURCES + BASE_SOURCES == CORPORA["base"]
+    assert resolve_sources("zh_cuv") == ("zh_cuv",)
+    assert resolve_sources(["en_kjv", "zh_cuv"]) == ("en_kjv", "zh_cuv")
+
+
+def test_base_sources_match_their_manifest(monkeypatch):
+    """data/corpus_base.json (written by tools/build_corpus_base.py) records every added file's
+    size and sha256, every package's version, licence and archive sha256."""
+    import hashlib
+
+    monkeypatch.delenv("GLM130B_DATA", raising=False)
+    root = corpus_dir().parent
+    manifest = json.loads((root / "corpus_base.json").read_text(encoding="utf-8"))
+    files = {f["file"]: f for f in manifest["files"]}
+    assert set(files) == {f"corpus/{s}.jsonl.gz" for s in BASE_SOURCES}
+    for name, info in files.items():
+        data = (root / name).read_bytes()
+        assert len(data) == info["bytes_gz"] and hashlib.sha256(data).hexdigest() == info["sha256"], name
+    for pkg in manifest["packages"]:
+        assert pkg["version"] and pkg["licence"] and pkg["registry"]
+        assert pkg["archive"] is None or len(pkg["sha256"]) == 64
+        assert pkg["licence_file"] is None or (root / "LICENSES" / pkg["licence_file"]).is_file()
+    for source in BASE_SOURCES:
+        docs = list(itertools.islice(iter_documents((source,)), 3))
+        assert len(docs) == 3 and all(d.lang == source[:2] and d.text for d in docs)

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from glm130b.data.corpus import iter_documents
-from glm130b.data.heldout import DEV_BOOKS, dev_verses, heldout_ppl_documents, training_documents
+from glm130b.data.heldout import (
+    DEV_BOOKS,
+    cloze_signatures,
+    dev_verses,
+    heldout_ppl_documents,
+    training_documents,
+)
 from glm130b.data.instructions import _GLOSS_SPLIT, EN_TO_ZH, verse_pairs
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -71,6 +77,34 @@ def test_perplexity_slice_is_disjoint_from_training(bible_docs):
     assert held and not held & set(training)
     shipped = [json.loads(line)["id"] for line in gzip.open(DATA / "eval" / "heldout_ppl.jsonl.gz", "rt")]
     assert set(shipped) == {d.id for d in heldout_ppl_documents()}
+
+
+def test_base_perplexity_slice_file_is_the_added_sources_slice():
+    from glm130b.data.corpus import BASE_SOURCES
+
+    shipped = [json.loads(line)["id"] for line in gzip.open(DATA / "eval" / "heldout_ppl_base.jsonl.gz", "rt")]
+    assert shipped == [d.id for d in heldout_ppl_documents(BASE_SOURCES)]
+    assert {i.split("/")[0] for i in shipped} == {"song_poems", "later", "shakespeare", "dict"}
+
+
+def test_added_chinese_sources_are_held_out_like_the_classics(tmp_path):
+    """Every Chinese source, not only zh_classics, loses the documents holding a cloze item, and
+    each added source gives up every 100th document to the perplexity slice."""
+    sig = cloze_signatures()[0]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("parallel_kjv_cuv", "zh_cuv"):
+        (corpus / f"{name}.jsonl.gz").write_bytes((DATA / "corpus" / f"{name}.jsonl.gz").read_bytes())
+    (tmp_path / "eval").mkdir()
+    for name in ("bilingual_verse_match_dev", "zh_classics_cloze_dev"):
+        (tmp_path / "eval" / f"{name}.jsonl.gz").write_bytes((DATA / "eval" / f"{name}.jsonl.gz").read_bytes())
+    docs = [{"id": f"song/{i}", "lang": "zh", "text": f"题\n春风{i}。" + (sig[:3] + "\n" + sig[3:] if i == 7 else "")}
+            for i in range(120)]
+    with gzip.open(corpus / "zh_song_poems.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in docs)
+    kept = {d.id for d in training_documents(("zh_song_poems",), root=tmp_path)}
+    held = {d.id for d in heldout_ppl_documents(("zh_song_poems",), root=tmp_path)}
+    assert held == {"song/50"} and "song/7" not in kept and len(kept) == 118 and not kept & held
 
 
 def test_instruction_pairs_exclude_dev_verses():

@@ -159,6 +159,14 @@ def test_glm_130b_parameter_count_on_meta():
     assert model.num_parameters() == v * h + n * per_layer + 2 * h == 128_697_794_560
 
 
+def test_base_preset_is_glm_130b_architecture_at_about_110m():
+    cfg = GLMConfig.from_preset("base")
+    assert 100e6 <= build_model(cfg, "meta").num_parameters() <= 150e6
+    assert (cfg.norm, cfg.ffn_type, cfg.gelu_approximate, cfg.rotary) == ("deepnorm", "geglu", "none", "1d")
+    assert cfg.ffn_hidden_size == 8 * cfg.hidden_size // 3 and cfg.head_dim == 64
+    assert cfg.emb_grad_shrink == 0.1 and cfg.tie_word_embeddings
+
+
 def test_chatglm_6b_shapes_on_meta():
     model = build_model(GLMConfig.from_preset("chatglm-6b"), "meta")
     assert model.layers[0].mlp.dense_h_to_4h.weight.shape == (16384, 4096)

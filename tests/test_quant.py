@@ -370,6 +370,21 @@ def test_cli_quantize_then_generate(fp32_dir, tmp_path, capsys):
     assert main(["info", "--model", str(out)]) == 0
 
 
+def test_cli_quantize_with_half_precision_embeddings(fp32_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    full, half = tmp_path / "q8", tmp_path / "q8h"
+    assert main(["quantize", "--model", str(fp32_dir), "--bits", "8", "--out", str(full)]) == 0
+    assert main(["quantize", "--model", str(fp32_dir), "--bits", "8", "--dtype", "fp16", "--out", str(half)]) == 0
+    infos = [json.loads(x) for x in capsys.readouterr().out.replace("}\n{", "}\n\n{").split("\n\n") if x.strip()]
+    assert infos[1]["file_bytes"] < 0.75 * infos[0]["file_bytes"]
+    tensors = load_file(half / "model.safetensors")
+    assert tensors["word_embeddings.weight"].dtype == torch.float16
+    assert all(t.dtype == torch.float32 for n, t in tensors.items() if n.endswith(".scales"))
+    assert all(t.dtype == torch.int8 for n, t in tensors.items() if n.endswith(".qweight"))
+    assert main(["generate", "--model", str(half), "--max-new-tokens", "3", "In the beginning"]) == 0
+
+
 def test_cli_bad_quantization_settings(fp32_dir, tmp_path, capsys):
     code = main(["quantize", "--model", str(fp32_dir), "--bits", "4", "--group-size", "33", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err

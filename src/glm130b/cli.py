@@ -59,7 +59,9 @@ def cmd_train(args) -> int:
     values = _options(args, TrainConfig, "training", (
         "preset", "out", "steps", "batch_size", "seq_len", "lr", "warmup_steps", "precision", "seed", "instructions",
         "gmask_prob", "instruction_share", "checkpoint_every", "grad_accum", "resume", "keep_checkpoints", "tp", "pp",
-        "dp", "pipeline_schedule", "microbatches", "device", "compile"))
+        "dp", "pipeline_schedule", "microbatches", "device", "compile", "objective"))
+    if getattr(args, "sources", None) is not None:  # --sources: a corpus name ("base") or comma-separated sources
+        values["sources"] = tuple(args.sources.split(","))
     if isinstance(values.get("sources"), list):
         values["sources"] = tuple(values["sources"])
 
@@ -146,7 +148,10 @@ def cmd_quantize(args) -> int:
 
     model, tokenizer = load_model(directory, device=resolve_device(args.device), bits=args.bits,
                                   group_size=args.group_size, head_bits=args.head_bits)
-    out = save_model(args.out, model, tokenizer)
+    import torch
+
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
+    out = save_model(args.out, model, tokenizer, dtype=half)
     info = {**quantization_info(model), "out": str(out), "weight_bytes": weight_bytes(model),
             "file_bytes": (Path(out) / "model.safetensors").stat().st_size,
             "seconds": round(time.perf_counter() - t0, 2)}
@@ -485,13 +490,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="print a model's shape and exact parameter count as JSON")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--preset", help="glm-130b, chatglm-6b, small or tiny")
+    g.add_argument("--preset", help="glm-130b, chatglm-6b, base, small or tiny")
     g.add_argument("--model", help="a model folder")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("train", help="train a model with the GLM objective on the shipped corpus")
     p.add_argument("--config", help="YAML file of training options (command-line flags override it)")
-    p.add_argument("--preset", help="model shape: tiny, small, chatglm-6b or glm-130b (default tiny)")
+    p.add_argument("--preset", help="model shape: tiny, small, base, chatglm-6b or glm-130b (default tiny)")
     p.add_argument("--out", help="run folder: model, metrics.jsonl (default runs/tiny)")
     p.add_argument("--steps", type=int, help="optimizer steps; the cosine schedule ends at the last (default 200)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="sequences per step (default 8)")
@@ -503,6 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of the weights, the data order and the masks (default 1234)")
     p.add_argument("--gmask-prob", dest="gmask_prob", type=float,
                    help="share of samples with a [gMASK] suffix; the rest get [MASK] spans (default 0.7)")
+    p.add_argument("--objective", choices=["glm", "causal"],
+                   help="glm: blank infilling (default); causal: plain next-token prediction (the GPT baseline)")
+    p.add_argument("--sources", help='training corpus: "shipped" (default), "base" (built by '
+                   'tools/build_corpus_base.sh), or comma-separated source names')
     p.add_argument("--instructions", help='JSONL of {"prompt", "answer"} pairs mixed into training, or "builtin"')
     p.add_argument("--instruction-share", dest="instruction_share", type=float,
                    help="with --instructions: share of samples that are instruction pairs (default 0.05)")
@@ -560,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "embedding table stays for the lookups")
     p.add_argument("--out", required=True, help="new (or empty) folder for the quantized model")
     p.add_argument("--device", default="cpu", help="where to quantize: cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="store the tensors that stay unquantized (embeddings, LayerNorms, biases) in this type "
+                        "(default fp32; fp16 halves a small model's file, whose embedding is most of it)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("plot", help="write PNG curves (loss, gradient norm, lr, loss scale) of a training run")

@@ -130,6 +130,14 @@ PRESETS: dict[str, GLMConfig] = {
         name="small", vocab_size=16384, hidden_size=512, num_layers=6, num_heads=8,
         ffn_hidden_size=1368, max_seq_len=512,  # 1368 = 8 x 171: tensor-parallel up to 8
     ),
+    # The next model up (issue #21): about 112M parameters, GLM-130B's architecture (DeepNorm,
+    # GeGLU with F = 8/3 H, 1D rotary, 64-wide heads) on the shipped 16k vocabulary; for a
+    # ~10-minute GPU run on the `base` corpus (tools/train_base.sh). 12 heads, F = 2048 = 8 x 256:
+    # tensor-parallel up to 4 (heads) and 8 (FFN).
+    "base": GLMConfig(
+        name="base", vocab_size=16384, hidden_size=768, num_layers=14, num_heads=12,
+        ffn_hidden_size=2048, max_seq_len=1024,
+    ),
     # For tests and the first-cut demo: trains in seconds on a laptop CPU.
     "tiny": GLMConfig(
         name="tiny", vocab_size=16384, hidden_size=128, num_layers=2, num_heads=4,

@@ -3,6 +3,10 @@
 The corpus lives in `data/corpus/` of the repository (or `$GLM130B_DATA/corpus/`):
   en_kjv, en_wordnet, zh_cuv, zh_classics   one document per line: {"id", "lang", "text"}
   parallel_kjv_cuv                          one verse per line: {"book", "chapter", "verse", "en", "zh"}
+  zh_song_poems, zh_later_classics,         the `base` corpus's added sources, same format
+  en_shakespeare, en_dictionaries           (tools/build_corpus_base.sh builds them)
+Named corpora (`CORPORA`): "shipped" (the four sources every default uses) and "base" (those
+plus the added four); a training config's `sources` may name one.
 Everything here streams line by line, so no file is ever held in memory whole.
 """
 
@@ -17,6 +21,8 @@ from glm130b.errors import GLMError
 from glm130b.io import read_jsonl as read_jsonl_lines
 
 SOURCES = ("en_kjv", "en_wordnet", "zh_cuv", "zh_classics")
+BASE_SOURCES = ("zh_song_poems", "zh_later_classics", "en_shakespeare", "en_dictionaries")
+CORPORA = {"shipped": SOURCES, "base": SOURCES + BASE_SOURCES}
 PARALLEL = "parallel_kjv_cuv"
 
 
@@ -48,6 +54,17 @@ def corpus_dir() -> Path:
     return corpus
 
 
+def resolve_sources(sources) -> tuple[str, ...]:
+    """Source names from a corpus name ("shipped", "base"), one source name, or a sequence of
+    names (a one-element sequence may hold a corpus name, as a YAML list would)."""
+    if isinstance(sources, str):
+        sources = (sources,)
+    sources = tuple(sources)
+    if len(sources) == 1 and sources[0] in CORPORA:
+        return CORPORA[sources[0]]
+    return sources
+
+
 def _source_file(root: Path, source: str) -> Path:
     for suffix in (".jsonl", ".jsonl.gz"):
         p = root / f"{source}{suffix}"
@@ -65,9 +82,7 @@ def _field(obj: dict, key: str, path: Path, n: int):
 def iter_documents(sources=SOURCES, root: str | Path | None = None) -> Iterator[Document]:
     """Yield the documents of each source in turn, in file order (deterministic)."""
     root = Path(root) if root is not None else corpus_dir()
-    if isinstance(sources, str):
-        sources = (sources,)
-    for source in sources:
+    for source in resolve_sources(sources):
         path = _source_file(root, source)
         for n, obj in enumerate(read_jsonl(path), start=1):
             yield Document(

@@ -5,8 +5,9 @@
   their KJV and CUV chapters and from the parallel pairs; a verse whose Chinese equals a
   distractor's goes too. Identical wording outside those books (refrains) stays, as the data
   README warns it will.
-* `zh_classics_cloze_dev`: every classics document that contains an item's context tail plus
-  its answer line is dropped.
+* `zh_classics_cloze_dev`: every Chinese document (the shipped classics and every added
+  Chinese source; the Bible chapters are rebuilt verse by verse instead) that contains an
+  item's context tail plus its answer line is dropped.
 * Perplexity slice: every 100th document of each source (index 50, 150, ...), by file order.
 """
 
@@ -23,6 +24,7 @@ from glm130b.data.corpus import (
     iter_documents,
     iter_parallel_verses,
     read_jsonl,
+    resolve_sources,
 )
 
 HELDOUT_EVERY = 100
@@ -117,11 +119,11 @@ def training_documents(sources: Iterable[str] = SOURCES, root: Path | None = Non
     for rows in verses.values():
         rows.sort()
     sigs = cloze_signatures(root)
-    for source in sources:
+    for source in resolve_sources(sources):
         for i, doc in enumerate(iter_documents((source,), root / "corpus" if root else None)):
             if is_ppl_heldout(i):
                 continue
-            if source == "zh_classics":
+            if doc.lang == "zh" and source != "zh_cuv":
                 flat = doc.text.replace("\n", "")
                 if any(sig in flat for sig in sigs):
                     continue
@@ -130,7 +132,7 @@ def training_documents(sources: Iterable[str] = SOURCES, root: Path | None = Non
 
 def heldout_ppl_documents(sources: Iterable[str] = SOURCES, root: Path | None = None) -> Iterator[Document]:
     """The perplexity slice: every 100th document of each source."""
-    for source in sources:
+    for source in resolve_sources(sources):
         for i, doc in enumerate(iter_documents((source,), root / "corpus" if root else None)):
             if is_ppl_heldout(i):
                 yield doc

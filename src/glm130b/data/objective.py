@@ -13,6 +13,12 @@ Each training sample is Part A (text with blanks) followed by Part B (one block 
 A share `instruction_share` of samples come from instruction pairs (GLM-130B's multi-task
 instruction pretraining): Part A = prompt + [gMASK], Part B = `<sop>` + answer.
 
+`objective="causal"` is the plain GPT baseline for the GLM-vs-GPT comparison at equal tokens: no
+blanks and no Part A (context length 0, so the attention is causal everywhere); a sample is
+`seq_len` stream tokens, each trained to predict the next stream token (positions 0..L-1,
+loss on every real token). Its instruction samples are prompt + answer + `<eos>`, with the loss
+on the answer and `<eos>` only. The stream, resume and skip rules are the GLM ones.
+
 Position ids and the attention rule come from `glm130b.model.masks` (the one place for them).
 Every sample is padded with `pad_id` to `seq_len`. Padding takes position id 0 (both rows in 2D),
 target `pad_id` and loss mask 0; it sits after Part B, so under the causal Part-B rule no real
@@ -56,7 +62,8 @@ from glm130b.errors import GLMError
 from glm130b.io import read_jsonl
 from glm130b.model.masks import Block, position_ids
 
-MODES = ("mask", "smask", "gmask", "instruction")
+MODES = ("mask", "smask", "gmask", "instruction", "causal")
+OBJECTIVES = ("glm", "causal")
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,7 @@ class ObjectiveConfig:
     instruction_share: float = 0.05  # share of all samples drawn from instruction pairs
     two_d: bool = False  # 2D positions (GLM-10B / ChatGLM-6B) instead of GLM-130B's 1D
     gmask_min_ratio: float = 0.2  # shortest [gMASK] suffix, as a share of the window
+    objective: str = "glm"  # "glm" (blank infilling) or "causal" (next-token prediction, GPT)
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -113,6 +121,8 @@ class ObjectiveConfig:
         for key in ("gmask_prob", "smask_prob", "instruction_share", "gmask_min_ratio"):
             value = getattr(self, key)
             need(0.0 <= value <= 1.0, f"{key} must be in [0, 1], got {value!r}")
+        need(self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        need(not (self.objective == "causal" and self.two_d), "the causal objective has no 2D (block) positions")
 
 
 @dataclass
@@ -202,6 +212,8 @@ class GLMSampleBuilder:
         if not _is_int(skip) or skip < 0:
             raise ValueError(f"skip must be a non-negative int, got {skip!r}")
         L = self.config.seq_len
+        causal = self.config.objective == "causal"
+        need = L + 1 if causal else L  # a causal window also needs the token after it
         pieces = self._stream(documents, start=self._tokens)
         pairs = None if instructions is None else iter(instructions)
         for _ in range(self._instructions if pairs is not None else 0):
@@ -211,7 +223,7 @@ class GLMSampleBuilder:
         buf: list[int] = []
         exhausted = False
         while True:
-            while len(buf) < L and not exhausted:
+            while len(buf) < need and not exhausted:
                 piece = next(pieces, None)
                 if piece is None:
                     exhausted = True
@@ -225,10 +237,13 @@ class GLMSampleBuilder:
                 if pair is None:
                     pairs = None
                 else:
-                    sample = self.instruction_sample(*_unpack_pair(pair))
+                    make = self.causal_instruction_sample if causal else self.instruction_sample
+                    sample = make(*_unpack_pair(pair))
                     self._instructions += 1
             if sample is None:
-                if self.rng.random() < self.config.gmask_prob:
+                if causal:
+                    sample = self.causal_sample(buf[: L + 1])
+                elif self.rng.random() < self.config.gmask_prob:
                     sample = self.gmask_sample(buf[:L])
                 elif self.config.smask_prob > 0 and self.rng.random() < self.config.smask_prob:
                     sample = self.smask_sample(buf[:L])
@@ -334,6 +349,43 @@ class GLMSampleBuilder:
         prompt = prompt[len(prompt) - room :] if len(prompt) > room else prompt
         block = Block(mask_position=len(prompt), length=len(answer) + 1, continues=True)
         return self._assemble(prompt + [self.ids.gmask], [block], [answer], "instruction", 0)
+
+    def causal_sample(self, tokens: Sequence[int]) -> Sample:
+        """The first min(len, seq_len) tokens as inputs, each predicting the token after it; the
+        last input's target is token seq_len when given (the next sample starts there), else it
+        has no target (the end of the stream). Uses (consumes) the inputs only."""
+        window = _token_list(tokens, "tokens", allow_empty=False)
+        L, ids = self.config.seq_len, self.ids
+        n = min(len(window), L)
+        targets = window[1 : n + 1]
+        loss_mask = torch.zeros(L, dtype=torch.float)
+        loss_mask[: len(targets)] = 1.0
+        return Sample(
+            input_ids=torch.tensor(window[:n] + [ids.pad] * (L - n), dtype=torch.long),
+            position_ids=torch.cat((torch.arange(n), torch.zeros(L - n, dtype=torch.long))),
+            context_length=0,
+            targets=torch.tensor(targets + [ids.pad] * (L - len(targets)), dtype=torch.long),
+            loss_mask=loss_mask,
+            mode="causal",
+            blocks=(),
+            num_source_tokens=n,
+        )
+
+    def causal_instruction_sample(self, prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> Sample:
+        """prompt + answer + `<eos>`, causal; the loss on the answer and `<eos>`. A long prompt
+        loses its start, as in `instruction_sample`."""
+        prompt = _token_list(prompt_ids, "prompt_ids")
+        answer = _token_list(answer_ids, "answer_ids", allow_empty=False) + [self.ids.eos]
+        L = self.config.seq_len
+        if len(answer) > L:
+            raise ValueError(f"instruction answer of {len(answer) - 1} tokens cannot fit seq_len {L} (at most {L - 1})")
+        prompt = prompt[max(0, len(prompt) - (L + 1 - len(answer))) :]
+        if not prompt:  # the first answer token needs an input to be predicted from
+            prompt = [self.ids.eos]
+        sample = self.causal_sample(prompt + answer)
+        sample.loss_mask[: len(prompt) - 1] = 0.0
+        sample.mode, sample.num_source_tokens = "instruction", 0
+        return sample
 
     # -- helpers -----------------------------------------------------------------------------
     def _mask_target(self, W: int) -> int:

@@ -12,6 +12,11 @@ Positions (1D): the context takes 0..P-1; a [MASK]/[sMASK] block repeats the bla
 for every token, a [gMASK] block continues after the context (P, P+1, ... for each block). 2D
 models add block positions 1..n inside each block.
 
+A model trained with the causal objective (config `extra["objective"] == "causal"`, the GPT
+baseline) is scored as a causal LM instead (`causal_rows`): each block becomes a row of its own,
+`<eos>` + the context's text before its blank + the block's tokens after `<sop>`, causal
+everywhere, with the same targets; the context's text after a [MASK] blank is not seen.
+
 The forward pass skips the output head for every position that is not scored: the head is a
 third of a small model's compute and most of a row is context (GLMModel's pieces: embed,
 run_blocks, final_layernorm, head; tested equal to the model's own forward).
@@ -19,6 +24,7 @@ run_blocks, final_layernorm, head; tested equal to the model's own forward).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -182,9 +188,41 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int, max_rows: int) -> li
     return batches
 
 
+def is_causal(model) -> bool:
+    """A model trained with the causal objective (the trainer records it in config.json)."""
+    config = getattr(model, "config", None)
+    return (getattr(config, "extra", None) or {}).get("objective") == "causal"
+
+
+def causal_rows(row: Row, bos_id: int) -> list[Row]:
+    """The rows that score `row`'s pairs with a causal LM: one per block, `bos_id` + the context
+    before the blank + the block's tokens after `<sop>`; the logits that predicted a block
+    token from `<sop>` (offset 0) now come from the last context token (or `bos_id`)."""
+    prefix = [bos_id] + row.ids[: row.mask_position]
+    starts, start = [], row.context_length
+    for n in row.block_lengths:
+        starts.append(start)
+        start += n
+    by_block: dict[int, list[tuple[int, int, int]]] = {}
+    for (index, token), owner in zip(row.pairs, row.owners, strict=True):
+        k = max(i for i, s in enumerate(starts) if s <= index)
+        by_block.setdefault(k, []).append((index - starts[k], token, owner))
+    out = []
+    for k, pairs in sorted(by_block.items()):
+        block = row.ids[starts[k] + 1 : starts[k] + row.block_lengths[k]]
+        ids = prefix + block
+        out.append(Row(ids, 0, 0, [len(ids)], True, [(len(prefix) - 1 + r, t) for r, t, _ in pairs],
+                       [o for _, _, o in pairs], row.tag))
+    return out
+
+
 def score_rows(model, rows: Sequence[Row], pad_id: int, batch_tokens: int = 8192, max_rows: int = 64,
-               keep_token_logprobs: bool = False, on_batch: Callable[[Sequence[Row]], None] | None = None) -> list[RowScore]:
-    """Score every row, batched by length; results in the order of `rows`."""
+               keep_token_logprobs: bool = False, on_batch: Callable[[Sequence[Row]], None] | None = None,
+               causal_bos: int | None = None) -> list[RowScore]:
+    """Score every row, batched by length; results in the order of `rows`. With `causal_bos`
+    (a causal model's `<eos>`) every row is scored through `causal_rows`."""
+    if causal_bos is not None:
+        return _score_causal(model, rows, pad_id, batch_tokens, max_rows, keep_token_logprobs, on_batch, causal_bos)
     results: list[RowScore | None] = [None] * len(rows)
     for batch in plan_batches([len(r) for r in rows], batch_tokens, max_rows):
         batch_rows = [rows[i] for i in batch]
@@ -193,3 +231,35 @@ def score_rows(model, rows: Sequence[Row], pad_id: int, batch_tokens: int = 8192
         if on_batch is not None:
             on_batch(batch_rows)
     return results  # type: ignore[return-value]
+
+
+def _score_causal(model, rows, pad_id, batch_tokens, max_rows, keep_token_logprobs, on_batch, bos_id) -> list[RowScore]:
+    """score_rows for a causal model: each row's causal rows scored, then summed per owner."""
+    parts = [dataclasses.replace(part, tag=i) for i, row in enumerate(rows) for part in causal_rows(row, bos_id)]
+    left = [0] * len(rows)
+    for part in parts:
+        left[part.tag] += 1
+
+    def report(batch_rows):  # a row counts as scored once all its causal rows are
+        finished = []
+        for part in batch_rows:
+            left[part.tag] -= 1
+            if left[part.tag] == 0:
+                finished.append(rows[part.tag])
+        if finished and on_batch is not None:
+            on_batch(finished)
+
+    scored = score_rows(model, parts, pad_id, batch_tokens, max_rows, keep_token_logprobs, report)
+    out = []
+    for row in rows:
+        n = max(row.owners) + 1 if row.owners else 0
+        out.append(RowScore([0.0] * n, [0] * n, [True] * n, [[] for _ in range(n)] if keep_token_logprobs else []))
+    for part, score in zip(parts, scored, strict=True):
+        target = out[part.tag]
+        for owner in dict.fromkeys(part.owners):
+            target.logprob[owner] += score.logprob[owner]
+            target.num_tokens[owner] += score.num_tokens[owner]
+            target.greedy[owner] = target.greedy[owner] and score.greedy[owner]
+            if keep_token_logprobs:
+                target.token_logprobs[owner] += score.token_logprobs[owner]
+    return out

@@ -36,7 +36,7 @@ from pathlib import Path
 from glm130b.errors import GLMError
 from glm130b.eval import metrics as M
 from glm130b.eval.formats import BLANK, CATEGORY_MAPS, READERS, DataError, Item, read_items
-from glm130b.eval.scoring import Row, RowScore, choice_row, score_rows, single_token_row
+from glm130b.eval.scoring import Row, RowScore, choice_row, is_causal, score_rows, single_token_row
 from glm130b.io import read_yaml
 
 TASK_TYPES = ("mul", "ll", "gen", "lm")
@@ -398,7 +398,8 @@ def _score(model, tokenizer, cfg: TaskConfig, rows: list[Row], progress: Progres
             progress.update(len(batch_rows))
 
     return score_rows(model, rows, tokenizer.pad_id, cfg.batch_tokens, cfg.batch_size or 64,
-                      keep_token_logprobs=keep_token_logprobs, on_batch=on_batch)
+                      keep_token_logprobs=keep_token_logprobs, on_batch=on_batch,
+                      causal_bos=tokenizer.eos_id if is_causal(model) else None)
 
 
 def run_ll(model, tokenizer, cfg: TaskConfig, items: list[Item], progress: Progress | None = None) -> TaskResult:
@@ -465,6 +466,9 @@ def postprocess(text: str, how: str | None, stop: list[str]) -> str:
 
 
 def run_gen(model, tokenizer, cfg: TaskConfig, items: list[Item], progress: Progress | None = None) -> TaskResult:
+    if is_causal(model):
+        raise DataError(f"task {cfg.name!r}: generation tasks decode GLM blanks; this model was trained with the "
+                        "causal objective (score it with mul, ll and lm tasks)")
     max_len = _max_length(model, cfg)
     mask_id = mask_token_id(tokenizer, cfg.mask)
     max_new = min(cfg.max_new_tokens, max_len - 2)

@@ -31,7 +31,7 @@ from glm130b.checkpoint import save_model
 from glm130b.config import ConfigError, GLMConfig
 from glm130b.data.heldout import training_documents
 from glm130b.data.instructions import builtin_instructions, cycle
-from glm130b.data.objective import GLMSampleBuilder, ObjectiveConfig, collate, read_instructions
+from glm130b.data.objective import OBJECTIVES, GLMSampleBuilder, ObjectiveConfig, collate, read_instructions
 from glm130b.io import SaveError, check_new_folder, free_bytes
 from glm130b.model.glm import GLMModel, glm_loss
 from glm130b.train import distributed
@@ -70,6 +70,7 @@ class TrainConfig:
     loss_scale_growth_interval: int = 1000
     seed: int = 1234
     gmask_prob: float = 0.7
+    objective: str = "glm"  # "glm" (blank infilling) or "causal" (the GPT baseline: next-token prediction)
     instruction_share: float = 0.05
     instructions: str | None = None  # JSONL of {"prompt", "answer"}, or "builtin"; None: share 0
     sources: tuple[str, ...] = DEFAULT_SOURCES
@@ -102,6 +103,8 @@ class TrainConfig:
             raise ConfigError("lr must be positive")
         if not 0 <= self.instruction_share <= 1 or not 0 <= self.gmask_prob <= 1:
             raise ConfigError("instruction_share and gmask_prob must be in [0, 1]")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         for name in ("tp", "pp", "dp"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -392,6 +395,8 @@ def train(cfg: TrainConfig, tokenizer, progress: bool = True, log=print) -> dict
     cfg.validate()
     torch.manual_seed(cfg.seed)
     model_cfg = GLMConfig.from_preset(cfg.preset, **cfg.model_overrides)
+    if cfg.objective == "causal":  # recorded in config.json: evaluation then scores it as a causal LM
+        model_cfg.extra = {**model_cfg.extra, "objective": "causal"}
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens; preset {cfg.preset} only {model_cfg.vocab_size}")
     if cfg.seq_len > model_cfg.max_seq_len:
@@ -431,7 +436,7 @@ class PretrainingData:
         self.builder = GLMSampleBuilder(
             ObjectiveConfig(seq_len=cfg.seq_len, gmask_prob=cfg.gmask_prob,
                             instruction_share=cfg.instruction_share if cfg.instructions else 0.0,
-                            two_d=model_cfg.rotary == "2d"),
+                            two_d=model_cfg.rotary == "2d", objective=cfg.objective),
             tokenizer, seed=cfg.seed,
         )
         self.cfg, self.tokenizer = cfg, tokenizer

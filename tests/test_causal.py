@@ -1,0 +1,198 @@
+"""The causal (GPT) baseline: its samples, its training, and its scoring as a causal LM.
+
+Samples use synthetic ids 100..999 (specials 0..6) as tests/test_objective.py does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from glm130b.config import GLMConfig
+from glm130b.data.objective import GLMSampleBuilder, ObjectiveConfig, SpecialIds, collate
+from glm130b.eval.scoring import causal_rows, choice_row, is_causal, score_rows, single_token_row
+from glm130b.model.glm import GLMModel
+from glm130b.model.masks import attention_allowed
+
+IDS = SpecialIds(mask=1, gmask=2, smask=3, sop=4, eop=5, eos=6, pad=0)
+
+
+def docs(seed: int, n: int, max_len: int = 200) -> list[list[int]]:
+    r = random.Random(seed)
+    return [[r.randint(100, 999) for _ in range(r.randint(1, max_len))] for _ in range(n)]
+
+
+def stream_of(documents) -> list[int]:
+    return [t for d in documents for t in d + [IDS.eos]]
+
+
+def causal_builder(seq_len: int = 32, seed: int = 0, **kw) -> GLMSampleBuilder:
+    return GLMSampleBuilder(ObjectiveConfig(seq_len, objective="causal", **kw), IDS, seed)
+
+
+def test_causal_samples_predict_the_next_token_everywhere():
+    documents = docs(1, 60)
+    stream = stream_of(documents)
+    samples = list(causal_builder(32).samples(documents))
+    assert {s.mode for s in samples} == {"causal"}
+    seen = []
+    for k, s in enumerate(samples):
+        n = s.num_source_tokens
+        start = len(seen)
+        seen += s.input_ids[:n].tolist()
+        assert s.context_length == 0 and s.blocks == ()
+        assert s.position_ids.tolist() == list(range(n)) + [0] * (32 - n)
+        # every input token predicts the stream token after it; only the stream's last has none
+        targets = stream[start + 1 : start + n + 1]
+        assert s.targets[: len(targets)].tolist() == targets
+        assert s.loss_mask.tolist() == [1.0] * len(targets) + [0.0] * (32 - len(targets))
+        assert s.input_ids[n:].eq(IDS.pad).all() and s.targets[len(targets):].eq(IDS.pad).all()
+        if k < len(samples) - 1:
+            assert n == 32 and len(targets) == 32
+    assert seen == stream  # every stream token is an input exactly once
+
+
+def test_causal_batch_attention_is_causal():
+    batch = collate(list(causal_builder(16).samples(docs(2, 10)))[:3])
+    assert batch["context_lengths"].tolist() == [0, 0, 0]
+    allowed = attention_allowed(16, batch["context_lengths"])
+    assert torch.equal(allowed[0, 0], torch.ones(16, 16, dtype=torch.bool).tril())
+
+
+def test_causal_instruction_sample():
+    b = causal_builder(16)
+    s = b.causal_instruction_sample(list(range(100, 120)), [500, 501, 502])
+    assert s.mode == "instruction" and s.num_source_tokens == 0 and s.context_length == 0
+    # prompt + answer + <eos> = 17 tokens (the prompt lost its first 7): inputs 16, targets the 16 after
+    assert s.input_ids.tolist() == list(range(107, 120)) + [500, 501, 502]
+    assert s.targets.tolist() == list(range(108, 120)) + [500, 501, 502, IDS.eos]
+    assert s.loss_mask.tolist() == [0.0] * 12 + [1.0] * 4  # the answer and <eos> only
+    empty = b.causal_instruction_sample([], [500])
+    assert empty.input_ids[:2].tolist() == [IDS.eos, 500] and empty.targets[:2].tolist() == [500, IDS.eos]
+    with pytest.raises(ValueError, match="cannot fit seq_len 16"):
+        b.causal_instruction_sample([100], list(range(100, 117)))
+    mixed = list(causal_builder(32, instruction_share=0.3).samples(docs(3, 40), iter([([100], [200, 201])] * 1000)))
+    assert {s.mode for s in mixed} == {"causal", "instruction"}
+
+
+def test_causal_resume_is_exact():
+    documents = docs(4, 80)
+    pairs = [([100 + i], [200 + i]) for i in range(300)]
+    full = list(causal_builder(24, seed=3, instruction_share=0.2).samples(documents, iter(pairs)))
+    first = causal_builder(24, seed=3, instruction_share=0.2)
+    it = first.samples(documents, iter(pairs))
+    head = [next(it) for _ in range(41)]
+    resumed = causal_builder(24, seed=3, instruction_share=0.2)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    tail = list(resumed.samples(documents, iter(pairs)))
+    assert len(head) + len(tail) == len(full)
+    for a, b in zip(head + tail, full, strict=True):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.targets, b.targets)
+        assert torch.equal(a.loss_mask, b.loss_mask)
+
+
+def test_bad_objective():
+    with pytest.raises(ValueError, match="objective"):
+        ObjectiveConfig(32, objective="gpt")
+    with pytest.raises(ValueError, match="2D"):
+        ObjectiveConfig(32, objective="causal", two_d=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring a causal model
+# ---------------------------------------------------------------------------------------------
+def causal_model() -> GLMModel:
+    torch.manual_seed(0)
+    cfg = GLMConfig(name="t", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=48,
+                    max_seq_len=64, extra={"objective": "causal"})
+    return GLMModel(cfg).eval()
+
+
+def reference_logprob(model, ids: list[int], targets: list[int]) -> float:
+    """log p(targets | ids) by a plain causal forward over ids + targets[:-1]."""
+    seq = ids + targets[:-1]
+    n = len(seq)
+    with torch.no_grad():
+        logits = model(torch.tensor([seq]), torch.arange(n).unsqueeze(0), allowed=attention_allowed(n, 0))
+    logp = torch.log_softmax(logits[0].float(), dim=-1)
+    return sum(logp[len(ids) - 1 + i, t].item() for i, t in enumerate(targets))
+
+
+def test_causal_scoring_is_a_plain_causal_lm():
+    model = causal_model()
+    assert is_causal(model) and not is_causal(GLMModel(GLMConfig.from_preset("tiny", vocab_size=64)))
+    bos, sop, gmask = 6, 4, 2
+    context, choices = [10, 11, 12, 13], [[20, 21, 22], [30], [40, 41]]
+    packed = choice_row(context + [gmask], len(context), True, choices, sop)  # GLM layout: one row
+    (scores,) = score_rows(model, [packed], pad_id=0, causal_bos=bos)
+    for k, cont in enumerate(choices):
+        assert math.isclose(scores.logprob[k], reference_logprob(model, [bos] + context, cont), abs_tol=1e-4)
+        assert scores.num_tokens[k] == len(cont)
+    # one-token choices through the single-token row, and the mutual-information prior (blank only)
+    (single,) = score_rows(model, [single_token_row(context + [gmask], 4, True, [20, 30], sop)], 0, causal_bos=bos)
+    assert math.isclose(single.logprob[1], reference_logprob(model, [bos] + context, [30]), abs_tol=1e-4)
+    (prior,) = score_rows(model, [choice_row([gmask], 0, True, [[20, 21]], sop)], 0, causal_bos=bos)
+    assert math.isclose(prior.logprob[0], reference_logprob(model, [bos], [20, 21]), abs_tol=1e-4)
+
+
+def test_causal_rows_drop_the_blank_and_keep_targets():
+    row = choice_row([10, 11, 1, 12, 13], 2, False, [[20, 21], [30]], sop_id=4, tag="x")
+    parts = causal_rows(row, bos_id=6)
+    assert [p.ids for p in parts] == [[6, 10, 11, 20], [6, 10, 11]]  # the text after a [MASK] is not seen
+    assert [p.pairs for p in parts] == [[(2, 20), (3, 21)], [(2, 30)]]
+    assert [p.owners for p in parts] == [[0, 0], [1]] and all(p.context_length == 0 for p in parts)
+    assert all(p.tag == "x" for p in parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluating a causal run
+# ---------------------------------------------------------------------------------------------
+def test_a_causal_run_is_recorded_and_evaluated_as_causal(tmp_path):
+    from glm130b.checkpoint import load_model
+    from glm130b.eval.runner import evaluate
+    from glm130b.tokenizer import default_tokenizer
+    from glm130b.train.trainer import TrainConfig, train
+
+    out = tmp_path / "gpt"
+    train(TrainConfig(preset="tiny", out=str(out), steps=3, batch_size=2, seq_len=32, warmup_steps=2,
+                      objective="causal", sources=("en_kjv", "zh_cuv"),
+                      model_overrides={"num_layers": 1, "hidden_size": 64, "num_heads": 2, "ffn_hidden_size": 96}),
+          default_tokenizer(), progress=False)
+    assert json.loads((out / "config.json").read_text())["extra"]["objective"] == "causal"
+    assert json.loads((out / "train_config.json").read_text())["objective"] == "causal"
+    model, tokenizer = load_model(out)
+    assert is_causal(model)
+    tasks = evaluate(model, tokenizer, ["zh_classics_cloze", "heldout_ppl"], limit=3)["tasks"]
+    assert 0.0 <= tasks["zh_classics_cloze"]["metrics"]["acc"] <= 1.0
+    assert 1.0 < tasks["heldout_ppl"]["metrics"]["token_ppl"] < float("inf")
+
+
+def test_comparison_table_is_written_between_the_markers(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "compare_objectives.py"
+    spec = importlib.util.spec_from_file_location("compare_objectives", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    runs = []
+    for label, objective, ppl in (("GLM", "glm", 80.0), ("GPT", "causal", 90.0)):
+        run = tmp_path / label
+        run.mkdir()
+        (run / "train_config.json").write_text(json.dumps({"preset": "base", "objective": objective}))
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0, "tokens": 40_000_000, "time_s": 600}) + "\n")
+        ppl_metrics = {"token_ppl": ppl, "bits_per_byte": 2.0, "bytes": 1000}
+        tasks = {"heldout_ppl": {"metrics": ppl_metrics}, "heldout_ppl_base": {"metrics": {**ppl_metrics, "bits_per_byte": 1.0}},
+                 "bilingual_verse_match": {"metrics": {"acc": 0.3, "acc_mutual_info": 0.4}}}
+        runs.append((label, run, {"tasks": tasks}))
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"before\n{tool.BEGIN}\nold\n{tool.END}\nafter\n")
+    tool.write_between_markers(doc, tool.table(runs))
+    text = doc.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    assert "| GLM | glm | base | 40.0M | 10.0 | 80.0 | 80.0 | 1.500 | 30.0% | 40.0% | - | - |" in text
+    assert "| GPT | causal | base |" in text
