@@ -155,10 +155,7 @@ def _load_for_generation(args):
         from glm130b.device import resolve_dtype
         from glm130b.infer.tensor_parallel import load_tensor_parallel
 
-        if is_quantized_folder(resolve_model_dir(args.model)):
-            raise GLMError("--tp shards full-precision weights and quantizes each shard: give the unquantized "
-                           "model and --bits")
-        if args.group_size is not None and args.bits is None:
+        if args.group_size is not None and args.bits is None and not is_quantized_folder(resolve_model_dir(args.model)):
             raise GLMError("--group-size needs --bits 8 or --bits 4")
         if getattr(args, "head_bits", None) is not None:
             raise GLMError("--head-bits is not supported with --tp (the head stays vocabulary-parallel)")

@@ -25,8 +25,9 @@ def load_tensor_parallel(directory, tp: int, bits: int | None = None, group_size
                          dtype: torch.dtype = torch.float32):
     """(model, tokenizer) of this rank of `tp` torchrun processes: each rank reads only its own
     slices of the folder (checkpoint.load_model with a mesh; peak memory about 1/tp of the
-    model) and, with `bits`, quantizes its own shard."""
-    from glm130b.checkpoint import load_config, load_model
+    model) and, with `bits`, quantizes its own shard. A quantized folder (`glm130b quantize`)
+    loads as saved: each rank reads its slices of the packed weights and of the scales."""
+    from glm130b.checkpoint import _quantization_of, load_config, load_model
     from glm130b.train.distributed import join_process_group
     from glm130b.train.parallel_plan import build_mesh, tp_split_problems
 
@@ -34,13 +35,18 @@ def load_tensor_parallel(directory, tp: int, bits: int | None = None, group_size
     if world != tp:
         raise GLMError(f"--tp {tp} runs under torchrun with {tp} processes: "
                        f"torchrun --standalone --nproc-per-node {tp} -m glm130b ... --tp {tp} (WORLD_SIZE is {world})")
-    problems = tp_split_problems(load_config(directory), tp)
+    config = load_config(directory)
+    problems = tp_split_problems(config, tp)
+    saved = bool(config.extra.get("quantization"))
+    if saved:  # a quantized folder: each rank reads its slices of the packed weights and scales
+        _quantization_of(directory, config, bits, group_size, None)  # asking for another scheme is an error
+        problems += quantized_split_problems(config, tp)
     if problems:  # before any collective: every rank says the same and leaves
         raise GLMError("; ".join(problems))
     device, _ = join_process_group()
     mesh = build_mesh(tp=tp, device_type=device.type)
     model, tokenizer = load_model(directory, device=device, dtype=dtype, tp_mesh=mesh["tp"])
-    if bits is not None:
+    if bits is not None and not saved:
         quantize_shards(model, bits, group_size)
     return model, tokenizer
 
@@ -75,19 +81,65 @@ def quantize_shards(model, bits: int, group_size: int | None = None) -> None:
     from glm130b.quant.weights import QuantizedLinear, check_settings
 
     check_settings(bits, group_size)
-    for block in model.layers:
+    for _matrix, parent, attr, dist_linear, style in _tp_linears(model):
+        weight, bias = dist_linear.weight.to_local(), dist_linear.bias
+        colwise_bias = bias is not None and style == "colwise"
+        plain = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=colwise_bias, device="meta")
+        plain.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if colwise_bias:
+            plain.bias = torch.nn.Parameter(bias.to_local(), requires_grad=False)
+        row_bias = bias.full_tensor() if bias is not None and style == "rowwise" else None
+        setattr(parent, attr, ShardQuantizedLinear(QuantizedLinear.from_linear(plain, bits, group_size), style,
+                                                   dist_linear.weight.device_mesh, row_bias))
+
+
+def quantized_shells(model, bits: int, group_size: int | None, dtype: torch.dtype) -> dict:
+    """Swap each layer's four (meta) DTensor linears for empty ShardQuantizedLinear shells of the
+    local shard's shape, to be filled from a quantized folder's slices (checkpoint._load_shard).
+    Returns {module name: shell}."""
+    from glm130b.quant.weights import QuantizedLinear
+
+    shells = {}
+    for i, block in enumerate(model.layers):
+        for matrix, parent, attr, dist_linear, style in _tp_linears(block):
+            out_features, in_features = dist_linear.weight.to_local().shape
+            has_bias = dist_linear.bias is not None
+            local = QuantizedLinear(in_features, out_features, bits, group_size, bias=has_bias and style == "colwise",
+                                    device="meta", dtype=dtype)
+            row_bias = torch.empty(out_features, dtype=dtype, device="meta") \
+                if has_bias and style == "rowwise" else None
+            shell = ShardQuantizedLinear(local, style, dist_linear.weight.device_mesh, row_bias)
+            setattr(parent, attr, shell)
+            shells[f"layers.{i}.{matrix.module}"] = shell
+    return shells
+
+
+def quantized_split_problems(config, tp: int) -> list[str]:
+    """What keeps a quantized folder's row-parallel matrices (attention.dense: H inputs,
+    dense_4h_to_h: F inputs) from splitting over `tp` ranks on whole packed bytes (INT4) and whole
+    groups of scales; [] when it splits. A column split keeps whole rows and always fits."""
+    scheme = config.extra.get("quantization") or {}
+    bits, group = scheme.get("bits"), scheme.get("group_size")
+    problems = []
+    if scheme.get("head_bits") is not None:
+        problems.append("the folder has a quantized output head (--head-bits), which --tp does not split; "
+                        "quantize the full-precision model without --head-bits")
+    for module, inputs in (("attention.dense", config.hidden_size), ("mlp.dense_4h_to_h", config.ffn_hidden_size)):
+        local = inputs // tp
+        if bits == 4 and local % 2:
+            problems.append(f"{module}: {local} inputs per rank at --tp {tp} is odd, which splits INT4's packed bytes")
+        elif group is not None and group < inputs and local % group:
+            problems.append(f"{module}: {local} inputs per rank at --tp {tp} do not fall on its groups of {group} "
+                            "scales")
+    return problems
+
+
+def _tp_linears(module):
+    """(Matrix, parent, attribute, DTensor linear, "colwise" | "rowwise") of the four matrices of each
+    layer under `module` (a GLMModel or one block)."""
+    blocks = module.layers if hasattr(module, "layers") else [module]
+    for block in blocks:
         for matrix in LAYER_MATRICES:
-            style = "rowwise" if matrix.split == "row" else "colwise"
             parent_name, _, attr = matrix.module.rpartition(".")
             parent = block.get_submodule(parent_name)
-            dist_linear = getattr(parent, attr)
-            weight, bias = dist_linear.weight.to_local(), dist_linear.bias
-            colwise_bias = bias is not None and style == "colwise"
-            plain = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=colwise_bias, device="meta")
-            plain.weight = torch.nn.Parameter(weight, requires_grad=False)
-            if colwise_bias:
-                plain.bias = torch.nn.Parameter(bias.to_local(), requires_grad=False)
-            row_bias = bias.full_tensor() if bias is not None and style == "rowwise" else None
-            setattr(parent, attr, ShardQuantizedLinear(QuantizedLinear.from_linear(plain, bits, group_size), style,
-                                                       dist_linear.weight.device_mesh, row_bias))
-
+            yield matrix, parent, attr, getattr(parent, attr), "rowwise" if matrix.split == "row" else "colwise"
