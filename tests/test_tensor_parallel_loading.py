@@ -116,3 +116,64 @@ def test_quantized_folder_generates_the_single_process_tokens(tmp_path):
     assert out.returncode != 0
     errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert errors and "groups of 64" in errors[0]  # (torchrun's agent adds its own traceback of the failed ranks)
+
+
+def test_sat_pieces_and_config(tmp_path):
+    """Which parts of which source shards a rank copies; a SAT folder's config (its config.json,
+    else the preset of its merged shapes, else one error line)."""
+    from glm130b.checkpoint import CheckpointError
+    from glm130b.cli import main
+    from glm130b.interop.sat import (
+        _overlap,
+        is_sat_folder,
+        load_sat_shard,
+        sat_folder_config,
+        sat_shard_files,
+    )
+
+    assert _overlap(0, 8, 4) == [(0, 0, 4), (1, 0, 4)]  # degree 4 -> tp 2: two whole shards
+    assert _overlap(4, 2, 4) == [(1, 0, 2)]  # degree 2 -> tp 4: half of one
+    assert _overlap(3, 4, 5) == [(0, 3, 5), (1, 0, 2)]
+    save_model(tmp_path / "m", build_model(GLMConfig.from_preset("tiny")), default_tokenizer())
+    assert main(["convert", "--from", "ours", "--to", "sat", "--tp", "2", str(tmp_path / "m"), str(tmp_path / "s")]) == 0
+    assert is_sat_folder(tmp_path / "s") and not is_sat_folder(tmp_path / "m")
+    files = sat_shard_files(tmp_path / "s")
+    assert sat_folder_config(tmp_path / "s", load_sat_shard(files[0]), 2).name == "tiny"  # by its merged shapes
+    shard0 = {k: v for k, v in load_sat_shard(files[0]).items() if "layers.1." not in k}  # no preset has 1 layer
+    with pytest.raises(CheckpointError, match="config.json"):
+        sat_folder_config(tmp_path / "s", shard0, 2)
+
+
+@pytest.mark.slow  # three torchrun launches (2, 4 and 2 ranks)
+def test_sat_shards_load_resplit_at_any_tp(tmp_path):
+    """SAT shards of degree 4 at --tp 2 and of degree 2 at --tp 4 (full precision), and official
+    INT4 shards of degree 4 at --tp 2 (each rank's row-parallel columns span two source shards,
+    their scales kept as groups): the tokens of one process."""
+    import dataclasses
+    import shutil
+
+    from glm130b.checkpoint import load_config, load_model
+    from glm130b.cli import main
+    from glm130b.infer.generate import generate
+    from glm130b.interop.convert import model_from_state
+    from glm130b.interop.sat import official_to_ours, read_sat, sat_quantization
+    from glm130b.quant import quantize_model
+
+    tok, prompt = default_tokenizer(), "In the beginning God created"
+    save_model(tmp_path / "fp", varied_model("1d", 5), tok)
+    save_model(tmp_path / "q4", quantize_model(varied_model("1d", 5), 4), tok)
+    for src, degree in (("fp", 4), ("fp", 2), ("q4", 4)):
+        dst = tmp_path / f"sat-{src}-{degree}"
+        assert main(["convert", "--from", "ours", "--to", "sat", "--tp", str(degree), str(tmp_path / src), str(dst)]) == 0
+        for name in ("config.json", "tokenizer.json"):  # the untied test model matches no preset
+            shutil.copy(tmp_path / "fp" / name, dst / name)
+    single = generate(load_model(tmp_path / "fp")[0], tok, prompt, max_new_tokens=12)
+    official = read_sat(tmp_path / "sat-q4-4")  # the single-process load of the official INT4 shards
+    cfg = load_config(tmp_path / "fp")
+    cfg = dataclasses.replace(cfg, extra={"quantization": {**sat_quantization(official), "scheme": "", "modules": []}})
+    single_q4 = generate(model_from_state(cfg, official_to_ours(official), "sat"), tok, prompt, max_new_tokens=12)
+    for folder, tp, want in (("sat-fp-4", 2, single), ("sat-fp-2", 4, single), ("sat-q4-4", 2, single_q4)):
+        out = _torchrun(tp, "generate", "--model", str(tmp_path / folder), "--tp", str(tp), "--max-new-tokens", "12",
+                        prompt)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout == want + "\n", (folder, tp)

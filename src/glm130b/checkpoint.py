@@ -329,6 +329,32 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     return model, load_folder_tokenizer(directory, config)
 
 
+def tensor_parallel_shell(config: GLMConfig, device, dtype: torch.dtype, tp_mesh, bits: int | None = None,
+                          group_size: int | None = None):
+    """(model, targets, shells): this rank's tensor-parallel model, built on the meta device with
+    the plan (train/parallel_plan.py) and its local shards allocated (uninitialised) on `device`;
+    `targets` {state-dict name of the full model: this rank's tensor (a DTensor for a split
+    parameter)} to fill; with `bits`, the four matrices of every layer are empty
+    ShardQuantizedLinear shells ({module name: shell}) whose `qweight`, `scales` and `bias` are
+    targets under the full model's names."""
+    from glm130b.infer.tensor_parallel import quantized_shells
+    from glm130b.train.parallel_plan import apply_tensor_parallel
+
+    with torch.device("meta"):
+        model = GLMModel(config).to(dtype)
+    apply_tensor_parallel(model, tp_mesh)
+    shells = quantized_shells(model, bits, group_size, dtype) if bits else {}
+    model = model.to_empty(device=device)
+    inside = {f"{m}.local" for m in shells}
+    targets = {name: p for name, p in model.named_parameters() if name.rpartition(".")[0] not in inside}
+    for module_name, shell in shells.items():
+        targets[f"{module_name}.qweight"], targets[f"{module_name}.scales"] = shell.local.qweight, shell.local.scales
+        bias = shell.bias if shell.style == "rowwise" else shell.local.bias
+        if bias is not None:
+            targets[f"{module_name}.bias"] = bias
+    return model, targets, shells
+
+
 def _load_shard(directory: Path, config: GLMConfig, device, dtype: torch.dtype, tp_mesh) -> GLMModel:
     """This rank's part of a tensor-parallel model: the plan (train/parallel_plan.py) applied on
     the meta device, local shards allocated on `device`, and each filled from the slice of the
@@ -340,24 +366,12 @@ def _load_shard(directory: Path, config: GLMConfig, device, dtype: torch.dtype, 
     `scales` (per-row scales whole: every part of a row shares them)."""
     from torch.distributed.tensor import DTensor, Shard
 
-    from glm130b.infer.tensor_parallel import quantized_shells
     from glm130b.model.layout import split_rule
-    from glm130b.train.parallel_plan import apply_tensor_parallel
 
-    scheme = config.extra.get("quantization")
-    with torch.device("meta"):
-        model = GLMModel(config).to(dtype)
-    apply_tensor_parallel(model, tp_mesh)
-    shells = quantized_shells(model, scheme["bits"], scheme.get("group_size"), dtype) if scheme else {}
-    model = model.to_empty(device=device)
+    scheme = config.extra.get("quantization") or {}
+    model, targets, shells = tensor_parallel_shell(config, device, dtype, tp_mesh, scheme.get("bits"),
+                                                   scheme.get("group_size"))
     tp, rank = tp_mesh.size(), tp_mesh.get_local_rank()
-    targets = {name: p for name, p in model.named_parameters() if name.rpartition(".")[0] not in
-               {f"{m}.local" for m in shells}}
-    for module_name, shell in shells.items():
-        targets[f"{module_name}.qweight"], targets[f"{module_name}.scales"] = shell.local.qweight, shell.local.scales
-        bias = shell.bias if shell.style == "rowwise" else shell.local.bias
-        if bias is not None:
-            targets[f"{module_name}.bias"] = bias
 
     def rows(rule, n):  # this rank's rows of a column ("glu": of each GeGLU half) split
         if rule == "glu" and config.ffn_type == "geglu":  # [a_r; b_r], as the plan permutes

@@ -26,8 +26,18 @@ def load_tensor_parallel(directory, tp: int, bits: int | None = None, group_size
     """(model, tokenizer) of this rank of `tp` torchrun processes: each rank reads only its own
     slices of the folder (checkpoint.load_model with a mesh; peak memory about 1/tp of the
     model) and, with `bits`, quantizes its own shard. A quantized folder (`glm130b quantize`)
-    loads as saved: each rank reads its slices of the packed weights and of the scales."""
+    loads as saved: each rank reads its slices of the packed weights and of the scales. A SAT
+    folder (mp_rank_XX_model_states.pt shards, full precision or official INT8/INT4) of any
+    degree loads re-split to `tp` (interop/sat.load_sat_tensor_parallel)."""
     from glm130b.checkpoint import _quantization_of, load_config, load_model
+    from glm130b.interop.sat import (
+        is_sat_folder,
+        load_sat_shard,
+        load_sat_tensor_parallel,
+        sat_folder_config,
+        sat_shard_files,
+    )
+    from glm130b.interop.sat_quantized import quantized_bits
     from glm130b.train.distributed import join_process_group
     from glm130b.train.parallel_plan import build_mesh, tp_split_problems
 
@@ -35,17 +45,29 @@ def load_tensor_parallel(directory, tp: int, bits: int | None = None, group_size
     if world != tp:
         raise GLMError(f"--tp {tp} runs under torchrun with {tp} processes: "
                        f"torchrun --standalone --nproc-per-node {tp} -m glm130b ... --tp {tp} (WORLD_SIZE is {world})")
-    config = load_config(directory)
+    sat = is_sat_folder(directory)
+    if sat:  # SAT shards of any degree: each rank copies the parts of the shards its slices cover
+        shard0 = load_sat_shard(sat_shard_files(directory)[0])
+        config = sat_folder_config(directory, shard0, len(sat_shard_files(directory)))
+        saved = quantized_bits(shard0) is not None
+        if saved and bits is not None:
+            raise GLMError(f"{directory} holds quantized shards; load them without --bits")
+        del shard0
+    else:
+        config = load_config(directory)
+        saved = bool(config.extra.get("quantization"))
     problems = tp_split_problems(config, tp)
-    saved = bool(config.extra.get("quantization"))
-    if saved:  # a quantized folder: each rank reads its slices of the packed weights and scales
+    if saved and not sat:  # a quantized folder: each rank reads its slices of the packed weights and scales
         _quantization_of(directory, config, bits, group_size, None)  # asking for another scheme is an error
         problems += quantized_split_problems(config, tp)
     if problems:  # before any collective: every rank says the same and leaves
         raise GLMError("; ".join(problems))
     device, _ = join_process_group()
     mesh = build_mesh(tp=tp, device_type=device.type)
-    model, tokenizer = load_model(directory, device=device, dtype=dtype, tp_mesh=mesh["tp"])
+    if sat:
+        model, tokenizer = load_sat_tensor_parallel(directory, device, dtype, mesh["tp"])
+    else:
+        model, tokenizer = load_model(directory, device=device, dtype=dtype, tp_mesh=mesh["tp"])
     if bits is not None and not saved:
         quantize_shards(model, bits, group_size)
     return model, tokenizer

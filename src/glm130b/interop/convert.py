@@ -27,7 +27,7 @@ from glm130b.checkpoint import (
     read_state,
     save_model,
 )
-from glm130b.config import PRESETS, GLMConfig
+from glm130b.config import PRESETS, ConfigError, GLMConfig
 from glm130b.errors import GLMError
 from glm130b.interop.hf import hf_tokenizer, read_hf, write_hf
 from glm130b.interop.sat import (
@@ -67,7 +67,10 @@ def sat_config(state: dict[str, torch.Tensor], preset: str | None, num_heads: in
     state = ours_to_official(state)  # (a dict of the same tensors)
     for cfg in PRESETS.values():
         if cfg.rotary == "1d" and num_heads in (None, cfg.num_heads):
-            guess = config_from_official_shapes(state, cfg.num_heads)
+            try:
+                guess = config_from_official_shapes(state, cfg.num_heads)
+            except ConfigError:  # these shapes cannot have this preset's heads
+                continue
             if (guess.vocab_size, guess.hidden_size, guess.num_layers, guess.ffn_hidden_size) == (
                     cfg.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.ffn_hidden_size):
                 return cfg
