@@ -337,7 +337,7 @@ def tensor_parallel_shell(config: GLMConfig, device, dtype: torch.dtype, tp_mesh
     parameter)} to fill; with `bits`, the four matrices of every layer are empty
     ShardQuantizedLinear shells ({module name: shell}) whose `qweight`, `scales` and `bias` are
     targets under the full model's names."""
-    from glm130b.infer.tensor_parallel import quantized_shells
+    from glm130b.quant.tensor_parallel import quantized_shells
     from glm130b.train.parallel_plan import apply_tensor_parallel
 
     with torch.device("meta"):
@@ -361,7 +361,7 @@ def _load_shard(directory: Path, config: GLMConfig, device, dtype: torch.dtype, 
     file the layout table (model/layout.py) assigns to this rank; nothing else is read.
 
     A quantized folder: the four matrices of every layer become empty ShardQuantizedLinear shells
-    (infer/tensor_parallel.py) and take this rank's slices of `qweight` and `scales`: a column
+    (quant/tensor_parallel.py) and take this rank's slices of `qweight` and `scales`: a column
     split their rows; a row split its packed-byte columns of `qweight` and its whole groups of
     `scales` (per-row scales whole: every part of a row shares them)."""
     from torch.distributed.tensor import DTensor, Shard

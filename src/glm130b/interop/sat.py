@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from glm130b.checkpoint import CheckpointError, check_state_dict
-from glm130b.config import GLMConfig
+from glm130b.config import PRESETS, ConfigError, GLMConfig
 from glm130b.errors import first_line
 from glm130b.model.layout import split_rule
 
@@ -50,6 +50,26 @@ def config_from_official_shapes(state: dict[str, torch.Tensor], num_heads: int, 
         name="official", vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=num_heads,
         ffn_hidden_size=inner, **overrides,
     )
+
+
+def sat_config(state: dict[str, torch.Tensor], preset: str | None, num_heads: int | None) -> GLMConfig:
+    """The config of official-named weights: a named preset, else the preset whose shapes they
+    have, else shapes + --num-heads (heads cannot be read from shapes)."""
+    if preset:
+        return GLMConfig.from_preset(preset)
+    state = ours_to_official(state)  # (a dict of the same tensors)
+    for cfg in PRESETS.values():
+        if cfg.rotary == "1d" and num_heads in (None, cfg.num_heads):
+            try:
+                guess = config_from_official_shapes(state, cfg.num_heads)
+            except ConfigError:  # these shapes cannot have this preset's heads
+                continue
+            if (guess.vocab_size, guess.hidden_size, guess.num_layers, guess.ffn_hidden_size) == (
+                    cfg.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.ffn_hidden_size):
+                return cfg
+    if num_heads is None:
+        raise CheckpointError("the shards match no preset: pass --num-heads (and --max-seq-len if not 2048)")
+    return config_from_official_shapes(state, num_heads, max_seq_len=2048, rotary_precision="fp16")
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,7 +262,6 @@ def sat_folder_config(directory, shard0: dict[str, torch.Tensor], degree: int) -
     from pathlib import Path
 
     from glm130b.checkpoint import CONFIG, load_config
-    from glm130b.interop.convert import sat_config
 
     if (Path(directory) / CONFIG).is_file():
         return load_config(directory)
