@@ -190,3 +190,9 @@ def test_serve_tensor_parallel_under_torchrun(model_dir):
                                 and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
     finally:
         served.kill()
+    # rank 0 failing before it serves still lets rank 1 go: one error line, every rank ends
+    out = subprocess.run([*launcher, "--model", str(model_dir), "--port", "0", "--chat-template", "/no/such/template"],
+                         env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=180)
+    assert out.returncode != 0 and any(line.startswith("error: ") and "template" in line
+                                       for line in out.stderr.splitlines()), out.stderr[-2000:]

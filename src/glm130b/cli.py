@@ -259,8 +259,6 @@ def _add_sampling_flags(p) -> None:
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
-
     from glm130b.serve.app import create_app
 
     if args.max_batch < 1 or args.max_queue < 0 or not args.drain_timeout >= 0:
@@ -285,14 +283,29 @@ def cmd_serve(args) -> int:
         model, tokenizer = _load(args)
         model = _fast(model)
     name = args.served_model_name or directory.resolve().name
-    from glm130b.infer.chat import template_of
+    app = None
+    try:
+        from glm130b.infer.chat import template_of
 
-    template = template_of(directory, tokenizer, args.chat_template)
-    app = create_app(model, tokenizer, model_name=name, api_key=args.api_key or os.environ.get("GLM130B_API_KEY"),
-                     max_batch=args.max_batch, max_queue=args.max_queue, batcher_thread=False, chat_template=template,
-                     broadcast=broadcast_from_rank0 if tp > 1 else None)
-    # HTTP on a thread, decoding on this (main) thread: the one that owns torch's thread pools.
-    # uvicorn waits for open requests a little longer than the drain, so they end with our error event
+        template = template_of(directory, tokenizer, args.chat_template)
+        app = create_app(model, tokenizer, model_name=name, api_key=args.api_key or os.environ.get("GLM130B_API_KEY"),
+                         max_batch=args.max_batch, max_queue=args.max_queue, batcher_thread=False,
+                         chat_template=template, broadcast=broadcast_from_rank0 if tp > 1 else None)
+        return _serve(app, args, name, directory)
+    finally:
+        if tp > 1:  # the other ranks leave follow, also when rank 0 failed before its batcher ran
+            from glm130b.serve.batcher import ModelOps
+
+            (app.state.server.batcher.ops if app is not None else ModelOps(None, None, broadcast_from_rank0)) \
+                .stop_followers()
+            _leave_tp(args)
+
+
+def _serve(app, args, name, directory) -> int:
+    """HTTP on a thread, decoding on this (main) thread: the one that owns torch's thread pools.
+    uvicorn waits for open requests a little longer than the drain, so they end with our error event."""
+    import uvicorn
+
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                           timeout_graceful_shutdown=int(args.drain_timeout) + 5))
     http = threading.Thread(target=server.run, name="glm130b-http", daemon=True)
@@ -310,7 +323,6 @@ def cmd_serve(args) -> int:
     finally:
         server.should_exit = True
         http.join(timeout=args.drain_timeout + 30)
-    _leave_tp(args)
     return 0
 
 

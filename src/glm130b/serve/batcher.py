@@ -107,6 +107,7 @@ class ModelOps:
     def __init__(self, engine: Engine, cache, broadcast: Callable[[tuple], None] | None = None):
         self.engine, self.cache, self.broadcast = engine, cache, broadcast
         self.last_sent = time.monotonic()
+        self.stopped = False  # "stop" was sent
 
     def __call__(self, op: str, *args):
         if self.broadcast is not None:
@@ -142,6 +143,17 @@ class ModelOps:
 
     def stop(self) -> None:
         """Rank 0 has stopped serving: the other ranks leave `follow`."""
+
+    def stop_followers(self) -> None:
+        """Send the other ranks "stop", once (at the loop's end, or when rank 0 fails before it;
+        a rank already gone is not waited for)."""
+        if self.broadcast is None or self.stopped:
+            return
+        self.stopped = True
+        try:
+            self("stop")
+        except GLMError:
+            pass
 
 
 def follow(model, max_batch: int) -> None:
@@ -267,8 +279,7 @@ class Batcher:
         for live in self.live:
             self._emit(live.job, Event("done", reason="cancelled"))
         self.live.clear()
-        if self.ops.broadcast is not None:
-            self.ops("stop")
+        self.ops.stop_followers()
 
     def _run_once(self, joining: list[Job]) -> None:
         """Admit the joining jobs, drop cancelled ones, decode one step."""
