@@ -33,9 +33,9 @@ def model_dir(tmp_path_factory) -> Path:
 class Served:
     """A `glm130b serve` subprocess on a free loopback port."""
 
-    def __init__(self, model_dir: Path, *flags: str, env: dict | None = None):
+    def __init__(self, model_dir: Path, *flags: str, env: dict | None = None, launcher: list[str] | None = None):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "glm130b", "serve", "--model", str(model_dir), "--port", "0",
+            [*(launcher or [sys.executable, "-m", "glm130b", "serve"]), "--model", str(model_dir), "--port", "0",
              "--log-level", "warning", *flags],
             env={**os.environ, "PYTHONPATH": SRC, **(env or {})}, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
@@ -135,3 +135,64 @@ def test_bad_drain_timeout_is_one_line(capsys):
 
     assert main(["serve", "--drain-timeout", "-1"]) == 2
     assert "--drain-timeout" in capsys.readouterr().err
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+@pytest.mark.slow  # a torchrun launch of two serving ranks
+def test_serve_tensor_parallel_under_torchrun(model_dir):
+    """`torchrun --nproc-per-node 2 -m glm130b serve --tp 2`: rank 0 serves HTTP and broadcasts
+    each batcher step, rank 1 follows. Two concurrent greedy completions of different lengths
+    (rows join, one leaves while the other decodes) give the library's text; embeddings are
+    refused; SIGTERM to torchrun stops every rank (no hang)."""
+    from glm130b.checkpoint import load_model
+    from glm130b.infer.engine import GenerationConfig
+    from glm130b.infer.generate import generate
+
+    model, tokenizer = load_model(model_dir)
+    prompts, lengths = ["In the beginning God created", "And the earth was without form"], [6, 14]
+    want = [generate(model, tokenizer, p, config=GenerationConfig(max_new_tokens=n)) for p, n in zip(prompts, lengths,
+                                                                                                     strict=True)]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "glm130b", "serve", "--tp", "2"]
+    served = Served(model_dir, env={"OMP_NUM_THREADS": "1"}, launcher=launcher)
+    try:
+        workers = _children(served.proc.pid)
+        got = [None, None]
+
+        def ask(i):
+            r = httpx.post(f"{served.base}/v1/completions", timeout=120,
+                           json={"prompt": prompts[i], "max_tokens": lengths[i], "temperature": 0})
+            got[i] = r.json()["choices"][0]["text"] if r.status_code == 200 else r.text
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(150)
+        assert got == want
+        r = httpx.post(f"{served.base}/v1/embeddings", json={"input": "hi"}, timeout=30)
+        assert r.status_code == 400 and "--tp" in r.json()["error"]["message"]
+        served.stop(signal.SIGTERM, timeout=90)  # torchrun sends SIGTERM to both ranks; rank 0 drains, rank 1 follows
+        assert workers and not [pid for pid in workers if Path(f"/proc/{pid}").exists()
+                                and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
+    finally:
+        served.kill()
+    # rank 0 failing before it serves still lets rank 1 go: one error line, every rank ends
+    out = subprocess.run([*launcher, "--model", str(model_dir), "--port", "0", "--chat-template", "/no/such/template"],
+                         env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=180)
+    assert out.returncode != 0 and any(line.startswith("error: ") and "template" in line
+                                       for line in out.stderr.splitlines()), out.stderr[-2000:]

@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers import varied_model
 
 from glm130b.checkpoint import save_model
 from glm130b.config import GLMConfig
@@ -36,7 +37,7 @@ RANK_SCRIPT = textwrap.dedent("""
     base = status("VmRSS:")
     model, _ = load_model(folder, dtype=torch.float16, tp_mesh=mesh["tp"])
     local = sum(p.to_local().numel() * p.element_size() if hasattr(p, "to_local") else p.numel() * p.element_size()
-                for p in model.parameters())
+                for p in [*model.parameters(), *model.buffers()])
     with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
         json.dump({"base_kb": base, "peak_kb": status("VmHWM:"), "local_bytes": local}, f)
     torch.distributed.barrier()
@@ -44,16 +45,23 @@ RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow  # four torchrun ranks loading a 236 MB folder
-def test_each_rank_holds_a_quarter_of_the_model(tmp_path):
-    """4 gloo ranks load a 118M-parameter FP16 folder (236 MB): each rank's peak memory while
-    loading stays within 1/4 of the model plus 25% (and a 16 MB allowance for buffers), after a
-    warm-up load of a tiny folder has paid the fixed costs (imports, tokenizer, process group)."""
+@pytest.mark.slow  # four torchrun ranks loading a 236 MB folder (an 81 MB one for INT4)
+@pytest.mark.parametrize("bits", [None, 4])
+def test_each_rank_holds_a_quarter_of_the_model(tmp_path, bits):
+    """4 gloo ranks load a 118M-parameter FP16 folder (236 MB), or its INT4 folder (81 MB: packed
+    weights, scales, the FP16 embedding): each rank's peak memory while loading stays within 1/4
+    of the model plus 25% (and a 16 MB allowance for buffers), after a warm-up load of a tiny
+    folder has paid the fixed costs (imports, tokenizer, process group)."""
+    from glm130b.quant import quantize_model
+
+    def stored(model):
+        return model if bits is None else quantize_model(model, bits)
+
     cfg = GLMConfig(name="tp-load", vocab_size=16384, hidden_size=1024, num_layers=8, num_heads=16,
                     ffn_hidden_size=2752, max_seq_len=256)
-    save_model(tmp_path / "m", build_model(cfg), default_tokenizer(), dtype=torch.float16)
+    save_model(tmp_path / "m", stored(build_model(cfg)), default_tokenizer(), dtype=torch.float16)
     tiny = GLMConfig.from_preset("tiny", num_layers=1)
-    save_model(tmp_path / "warm", build_model(tiny), default_tokenizer(), dtype=torch.float16)
+    save_model(tmp_path / "warm", stored(build_model(tiny)), default_tokenizer(), dtype=torch.float16)
     size = (tmp_path / "m" / "model.safetensors").stat().st_size
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     (tmp_path / "rank.py").write_text(RANK_SCRIPT)
@@ -68,3 +76,111 @@ def test_each_rank_holds_a_quarter_of_the_model(tmp_path):
         print(f"rank {rank}: peak +{grown / 2**20:.1f} MB while loading; a quarter of the file is "
               f"{size / 4 / 2**20:.1f} MB")
         assert grown <= 1.25 * size / 4 + 16 * 2**20, (rank, grown / 2**20, size / 2**20)
+
+
+def _torchrun(nproc, *args, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(nproc), "-m", "glm130b", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_quantized_split_problems():
+    """A quantized folder splits over --tp when each rank's inputs of the row-parallel matrices
+    fall on whole packed bytes (INT4) and whole groups of scales; a quantized head does not."""
+    from glm130b.infer.tensor_parallel import quantized_split_problems
+
+    def cfg(**scheme):
+        return GLMConfig.from_preset("tiny", extra={"quantization": scheme})  # H 128, F 344
+
+    assert quantized_split_problems(cfg(bits=8), 2) == []
+    assert quantized_split_problems(cfg(bits=4, group_size=4), 2) == []
+    assert quantized_split_problems(cfg(bits=4, group_size=512), 4) == []  # one group per row: per-row
+    [problem] = quantized_split_problems(cfg(bits=4, group_size=64), 2)  # 172 inputs per rank
+    assert "mlp.dense_4h_to_h" in problem and "groups of 64" in problem
+    [problem] = quantized_split_problems(cfg(bits=4), 8)  # 43 inputs per rank: half a byte
+    assert "dense_4h_to_h" in problem and "odd" in problem
+    assert "head" in quantized_split_problems(cfg(bits=8, head_bits=8), 2)[0]
+
+
+@pytest.mark.slow  # three torchrun launches of two ranks
+def test_quantized_folder_generates_the_single_process_tokens(tmp_path):
+    """`generate --tp 2` on folders written by `glm130b quantize` (INT8 per row, INT4 with groups):
+    each rank reads its slices of the packed weights and scales, and the tokens are the
+    single-process quantized model's. A split off the groups is one error line."""
+    from glm130b.checkpoint import load_model
+    from glm130b.infer.generate import generate
+    from glm130b.quant import quantize_model
+
+    prompt = "In the beginning God created"
+    for name, bits, group in (("q8", 8, None), ("q4g4", 4, 4)):
+        save_model(tmp_path / name, quantize_model(varied_model("1d", 5), bits, group), default_tokenizer())
+        single = generate(load_model(tmp_path / name)[0], default_tokenizer(), prompt, max_new_tokens=12)
+        out = _torchrun(2, "generate", "--model", str(tmp_path / name), "--tp", "2", "--max-new-tokens", "12", prompt)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout == single + "\n", name
+    save_model(tmp_path / "q4g64", quantize_model(varied_model("1d", 5), 4, 64), default_tokenizer())
+    out = _torchrun(2, "generate", "--model", str(tmp_path / "q4g64"), "--tp", "2", "x")
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and "groups of 64" in errors[0]  # (torchrun's agent adds its own traceback of the failed ranks)
+
+
+def test_sat_pieces_and_config(tmp_path):
+    """Which parts of which source shards a rank copies; a SAT folder's config (its config.json,
+    else the preset of its merged shapes, else one error line)."""
+    from glm130b.checkpoint import CheckpointError
+    from glm130b.cli import main
+    from glm130b.interop.sat import (
+        _overlap,
+        is_sat_folder,
+        load_sat_shard,
+        sat_folder_config,
+        sat_shard_files,
+    )
+
+    assert _overlap(0, 8, 4) == [(0, 0, 4), (1, 0, 4)]  # degree 4 -> tp 2: two whole shards
+    assert _overlap(4, 2, 4) == [(1, 0, 2)]  # degree 2 -> tp 4: half of one
+    assert _overlap(3, 4, 5) == [(0, 3, 5), (1, 0, 2)]
+    save_model(tmp_path / "m", build_model(GLMConfig.from_preset("tiny")), default_tokenizer())
+    assert main(["convert", "--from", "ours", "--to", "sat", "--tp", "2", str(tmp_path / "m"), str(tmp_path / "s")]) == 0
+    assert is_sat_folder(tmp_path / "s") and not is_sat_folder(tmp_path / "m")
+    files = sat_shard_files(tmp_path / "s")
+    assert sat_folder_config(tmp_path / "s", load_sat_shard(files[0]), 2).name == "tiny"  # by its merged shapes
+    shard0 = {k: v for k, v in load_sat_shard(files[0]).items() if "layers.1." not in k}  # no preset has 1 layer
+    with pytest.raises(CheckpointError, match="config.json"):
+        sat_folder_config(tmp_path / "s", shard0, 2)
+
+
+@pytest.mark.slow  # three torchrun launches (2, 4 and 2 ranks)
+def test_sat_shards_load_resplit_at_any_tp(tmp_path):
+    """SAT shards of degree 4 at --tp 2 and of degree 2 at --tp 4 (full precision), and official
+    INT4 shards of degree 4 at --tp 2 (each rank's row-parallel columns span two source shards,
+    their scales kept as groups): the tokens of one process."""
+    import dataclasses
+    import shutil
+
+    from glm130b.checkpoint import load_config, load_model
+    from glm130b.cli import main
+    from glm130b.infer.generate import generate
+    from glm130b.interop.convert import model_from_state
+    from glm130b.interop.sat import official_to_ours, read_sat, sat_quantization
+    from glm130b.quant import quantize_model
+
+    tok, prompt = default_tokenizer(), "In the beginning God created"
+    save_model(tmp_path / "fp", varied_model("1d", 5), tok)
+    save_model(tmp_path / "q4", quantize_model(varied_model("1d", 5), 4), tok)
+    for src, degree in (("fp", 4), ("fp", 2), ("q4", 4)):
+        dst = tmp_path / f"sat-{src}-{degree}"
+        assert main(["convert", "--from", "ours", "--to", "sat", "--tp", str(degree), str(tmp_path / src), str(dst)]) == 0
+        for name in ("config.json", "tokenizer.json"):  # the untied test model matches no preset
+            shutil.copy(tmp_path / "fp" / name, dst / name)
+    single = generate(load_model(tmp_path / "fp")[0], tok, prompt, max_new_tokens=12)
+    official = read_sat(tmp_path / "sat-q4-4")  # the single-process load of the official INT4 shards
+    cfg = load_config(tmp_path / "fp")
+    cfg = dataclasses.replace(cfg, extra={"quantization": {**sat_quantization(official), "scheme": "", "modules": []}})
+    single_q4 = generate(model_from_state(cfg, official_to_ours(official), "sat"), tok, prompt, max_new_tokens=12)
+    for folder, tp, want in (("sat-fp-4", 2, single), ("sat-fp-2", 4, single), ("sat-q4-4", 2, single_q4)):
+        out = _torchrun(tp, "generate", "--model", str(tmp_path / folder), "--tp", str(tp), "--max-new-tokens", "12",
+                        prompt)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout == want + "\n", (folder, tp)

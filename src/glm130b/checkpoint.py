@@ -329,42 +329,81 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     return model, load_folder_tokenizer(directory, config)
 
 
-def _load_shard(directory: Path, config: GLMConfig, device, dtype: torch.dtype, tp_mesh) -> GLMModel:
-    """This rank's part of a tensor-parallel model: the plan (train/parallel_plan.py) applied on
-    the meta device, local shards allocated on `device`, and each filled from the slice of the
-    file the layout table (model/layout.py) assigns to this rank; nothing else is read."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    from glm130b.model.layout import split_rule
+def tensor_parallel_shell(config: GLMConfig, device, dtype: torch.dtype, tp_mesh, bits: int | None = None,
+                          group_size: int | None = None):
+    """(model, targets, shells): this rank's tensor-parallel model, built on the meta device with
+    the plan (train/parallel_plan.py) and its local shards allocated (uninitialised) on `device`;
+    `targets` {state-dict name of the full model: this rank's tensor (a DTensor for a split
+    parameter)} to fill; with `bits`, the four matrices of every layer are empty
+    ShardQuantizedLinear shells ({module name: shell}) whose `qweight`, `scales` and `bias` are
+    targets under the full model's names."""
+    from glm130b.quant.tensor_parallel import quantized_shells
     from glm130b.train.parallel_plan import apply_tensor_parallel
 
-    if config.extra.get("quantization"):
-        raise CheckpointError(f"{directory} is quantized; tensor parallelism splits the full-precision folder "
-                              "(give it and --bits: each rank quantizes its own shard)")
     with torch.device("meta"):
         model = GLMModel(config).to(dtype)
     apply_tensor_parallel(model, tp_mesh)
+    shells = quantized_shells(model, bits, group_size, dtype) if bits else {}
     model = model.to_empty(device=device)
+    inside = {f"{m}.local" for m in shells}
+    targets = {name: p for name, p in model.named_parameters() if name.rpartition(".")[0] not in inside}
+    for module_name, shell in shells.items():
+        targets[f"{module_name}.qweight"], targets[f"{module_name}.scales"] = shell.local.qweight, shell.local.scales
+        bias = shell.bias if shell.style == "rowwise" else shell.local.bias
+        if bias is not None:
+            targets[f"{module_name}.bias"] = bias
+    return model, targets, shells
+
+
+def _load_shard(directory: Path, config: GLMConfig, device, dtype: torch.dtype, tp_mesh) -> GLMModel:
+    """This rank's part of a tensor-parallel model: the plan (train/parallel_plan.py) applied on
+    the meta device, local shards allocated on `device`, and each filled from the slice of the
+    file the layout table (model/layout.py) assigns to this rank; nothing else is read.
+
+    A quantized folder: the four matrices of every layer become empty ShardQuantizedLinear shells
+    (quant/tensor_parallel.py) and take this rank's slices of `qweight` and `scales`: a column
+    split their rows; a row split its packed-byte columns of `qweight` and its whole groups of
+    `scales` (per-row scales whole: every part of a row shares them)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    from glm130b.model.layout import split_rule
+
+    scheme = config.extra.get("quantization") or {}
+    model, targets, shells = tensor_parallel_shell(config, device, dtype, tp_mesh, scheme.get("bits"),
+                                                   scheme.get("group_size"))
     tp, rank = tp_mesh.size(), tp_mesh.get_local_rank()
-    params = dict(model.named_parameters())
+
+    def rows(rule, n):  # this rank's rows of a column ("glu": of each GeGLU half) split
+        if rule == "glu" and config.ffn_type == "geglu":  # [a_r; b_r], as the plan permutes
+            c = n // 2 // tp
+            return 0, [(rank * c, (rank + 1) * c), (n // 2 + rank * c, n // 2 + (rank + 1) * c)]
+        return 0, [(rank * (n // tp), (rank + 1) * (n // tp))]
 
     def pick(name, shape):
-        param = params.get(name)
-        if param is None:
+        if name not in targets:
             raise CheckpointError(f"{directory / WEIGHTS}: unexpected tensor {name!r}")
+        module_name, _, attr = name.rpartition(".")
+        shell = shells.get(module_name)
+        if shell is not None:
+            rule = split_rule(module_name + ".weight")
+            if attr == "bias" and rule == "row" or attr == "scales" and rule == "row" and shape[1] == 1:
+                return "all"  # the row-parallel bias; per-row scales cover every part of a row
+            if rule != "row":
+                return rows(rule, shape[0])
+            width = tuple(targets[name].shape)[1]  # packed bytes or groups per rank (checked to divide)
+            return 1, [(rank * width, (rank + 1) * width)]
+        param = targets[name]
         placement = param.placements[0] if isinstance(param, DTensor) else None
         if not isinstance(placement, Shard):
             return "all"
-        n = shape[placement.dim] // tp
-        if split_rule(name) == "glu" and config.ffn_type == "geglu":  # [a_r; b_r], as the plan permutes
-            half = shape[0] // 2
-            c = half // tp
-            return 0, [(rank * c, (rank + 1) * c), (half + rank * c, half + (rank + 1) * c)]
-        return placement.dim, [(rank * n, (rank + 1) * n)]
+        if placement.dim == 0:
+            return rows(split_rule(name), shape[0])
+        n = shape[1] // tp
+        return 1, [(rank * n, (rank + 1) * n)]
 
     def local_of(name):
-        param = params[name]
-        return param.to_local() if isinstance(param, DTensor) else param
+        target = targets[name]
+        return target.to_local() if isinstance(target, DTensor) else target
 
     def buffer_for(name, shape, dtype_):  # straight into the model's own shard when the dtypes agree
         local = local_of(name)
@@ -377,10 +416,13 @@ def _load_shard(directory: Path, config: GLMConfig, device, dtype: torch.dtype, 
             if tuple(local.shape) != tuple(tensor.shape):
                 raise CheckpointError(f"{directory / WEIGHTS}: {name} has shape {tuple(tensor.shape)} on this rank, "
                                       f"the model expects {tuple(local.shape)}")
+            if local.dtype != tensor.dtype and not (local.is_floating_point() and tensor.is_floating_point()):
+                raise CheckpointError(f"{directory / WEIGHTS}: {name} is {tensor.dtype}, the model expects "
+                                      f"{local.dtype}")
             if tensor.data_ptr() != local.data_ptr():
                 local.copy_(tensor)
             seen.add(name)
-    missing = sorted(set(params) - seen)
+    missing = sorted(set(targets) - seen)
     if missing:
         raise CheckpointError(f"{directory / WEIGHTS}: missing {len(missing)} tensors, e.g. {missing[0]!r}")
     return model.eval()

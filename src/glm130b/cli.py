@@ -170,29 +170,34 @@ def _generation_config(args):
 
 
 def _load_for_generation(args):
-    import torch
 
     config = _generation_config(args)  # bad settings fail before the model is loaded
     tp = getattr(args, "tp", None) or 1
     if tp > 1:
-        from glm130b.checkpoint import is_quantized_folder
-        from glm130b.device import resolve_dtype
-        from glm130b.infer.tensor_parallel import load_tensor_parallel
-
-        if is_quantized_folder(resolve_model_dir(args.model)):
-            raise GLMError("--tp shards full-precision weights and quantizes each shard: give the unquantized "
-                           "model and --bits")
-        if args.group_size is not None and args.bits is None:
-            raise GLMError("--group-size needs --bits 8 or --bits 4")
-        if getattr(args, "head_bits", None) is not None:
-            raise GLMError("--head-bits is not supported with --tp (the head stays vocabulary-parallel)")
-        if getattr(args, "adapter", None):
-            raise GLMError("--adapter is not supported with --tp yet: merge it first (glm130b finetune merge)")
-        dtype = resolve_dtype(getattr(args, "dtype", "auto"), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        model, tokenizer = load_tensor_parallel(resolve_model_dir(args.model), tp, args.bits, args.group_size, dtype)
-        return model, tokenizer, config
+        return (*_load_tensor_parallel(args), config)
     model, tokenizer = _load(args)
     return _fast(model), tokenizer, config
+
+
+def _load_tensor_parallel(args):
+    """This rank's (model, tokenizer) under torchrun --tp N (infer/tensor_parallel.py)."""
+    import torch
+
+    from glm130b.checkpoint import is_quantized_folder
+    from glm130b.device import resolve_dtype
+    from glm130b.infer.tensor_parallel import load_tensor_parallel
+    from glm130b.interop.sat import is_sat_folder
+
+    directory = resolve_model_dir(args.model)
+    if args.group_size is not None and args.bits is None and \
+            (is_sat_folder(directory) or not is_quantized_folder(directory)):
+        raise GLMError("--group-size needs --bits 8 or --bits 4")
+    if getattr(args, "head_bits", None) is not None:
+        raise GLMError("--head-bits is not supported with --tp (the head stays vocabulary-parallel)")
+    if getattr(args, "adapter", None):
+        raise GLMError("--adapter is not supported with --tp yet: merge it first (glm130b finetune merge)")
+    dtype = resolve_dtype(getattr(args, "dtype", "auto"), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return load_tensor_parallel(directory, args.tp, args.bits, args.group_size, dtype)
 
 
 def _leave_tp(args) -> None:
@@ -305,23 +310,53 @@ def _add_sampling_flags(p) -> None:
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
-
     from glm130b.serve.app import create_app
 
     if args.max_batch < 1 or args.max_queue < 0 or not args.drain_timeout >= 0:
         raise GLMError("--max-batch must be >= 1, --max-queue >= 0 and --drain-timeout >= 0")
     directory = resolve_model_dir(args.model)
-    model, tokenizer = _load(args)
-    model = _fast(model)
-    name = args.served_model_name or directory.resolve().name
-    from glm130b.infer.chat import template_of
+    tp = args.tp or 1
+    if tp > 1:  # rank 0 serves and broadcasts each model step; the others follow (serve/batcher.py)
+        import signal
 
-    template = template_of(directory, tokenizer, args.chat_template)
-    app = create_app(model, tokenizer, model_name=name, api_key=args.api_key or os.environ.get("GLM130B_API_KEY"),
-                     max_batch=args.max_batch, max_queue=args.max_queue, batcher_thread=False, chat_template=template)
-    # HTTP on a thread, decoding on this (main) thread: the one that owns torch's thread pools.
-    # uvicorn waits for open requests a little longer than the drain, so they end with our error event
+        import torch.distributed as dist
+
+        from glm130b.serve.batcher import broadcast_from_rank0, follow
+
+        model, tokenizer = _load_tensor_parallel(args)
+        if dist.get_rank() != 0:
+            for sig in (signal.SIGTERM, signal.SIGINT):  # rank 0 drains, then tells this rank to stop
+                signal.signal(sig, signal.SIG_IGN)
+            follow(model, args.max_batch)
+            _leave_tp(args)
+            return 0
+    else:
+        model, tokenizer = _load(args)
+        model = _fast(model)
+    name = args.served_model_name or directory.resolve().name
+    app = None
+    try:
+        from glm130b.infer.chat import template_of
+
+        template = template_of(directory, tokenizer, args.chat_template)
+        app = create_app(model, tokenizer, model_name=name, api_key=args.api_key or os.environ.get("GLM130B_API_KEY"),
+                         max_batch=args.max_batch, max_queue=args.max_queue, batcher_thread=False,
+                         chat_template=template, broadcast=broadcast_from_rank0 if tp > 1 else None)
+        return _serve(app, args, name, directory)
+    finally:
+        if tp > 1:  # the other ranks leave follow, also when rank 0 failed before its batcher ran
+            from glm130b.serve.batcher import ModelOps
+
+            (app.state.server.batcher.ops if app is not None else ModelOps(None, None, broadcast_from_rank0)) \
+                .stop_followers()
+            _leave_tp(args)
+
+
+def _serve(app, args, name, directory) -> int:
+    """HTTP on a thread, decoding on this (main) thread: the one that owns torch's thread pools.
+    uvicorn waits for open requests a little longer than the drain, so they end with our error event."""
+    import uvicorn
+
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                           timeout_graceful_shutdown=int(args.drain_timeout) + 5))
     http = threading.Thread(target=server.run, name="glm130b-http", daemon=True)
@@ -605,6 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", help="a Jinja chat template file, or chatglm-6b / chatglm-6b-cpp / plain "
                                            "(default: the model folder's, see docs/serving.md)")
     p.add_argument("--adapter", help="a fine-tuned adapter folder (glm130b finetune) to serve on the model")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel processes (run under torchrun --nproc-per-node TP; rank 0 serves HTTP)")
     _add_quant_flags(p)
     p.set_defaults(func=cmd_serve)
 

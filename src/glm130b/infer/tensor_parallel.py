@@ -18,15 +18,30 @@ import os
 import torch
 
 from glm130b.errors import GLMError
-from glm130b.model.layout import LAYER_MATRICES
+from glm130b.quant.tensor_parallel import (  # noqa: F401 - re-exported
+    ShardQuantizedLinear,
+    quantize_shards,
+    quantized_split_problems,
+)
 
 
 def load_tensor_parallel(directory, tp: int, bits: int | None = None, group_size: int | None = None,
                          dtype: torch.dtype = torch.float32):
     """(model, tokenizer) of this rank of `tp` torchrun processes: each rank reads only its own
     slices of the folder (checkpoint.load_model with a mesh; peak memory about 1/tp of the
-    model) and, with `bits`, quantizes its own shard."""
-    from glm130b.checkpoint import load_config, load_model
+    model) and, with `bits`, quantizes its own shard. A quantized folder (`glm130b quantize`)
+    loads as saved: each rank reads its slices of the packed weights and of the scales. A SAT
+    folder (mp_rank_XX_model_states.pt shards, full precision or official INT8/INT4) of any
+    degree loads re-split to `tp` (interop/sat.load_sat_tensor_parallel)."""
+    from glm130b.checkpoint import _quantization_of, load_config, load_model
+    from glm130b.interop.sat import (
+        is_sat_folder,
+        load_sat_shard,
+        load_sat_tensor_parallel,
+        sat_folder_config,
+        sat_shard_files,
+    )
+    from glm130b.interop.sat_quantized import quantized_bits
     from glm130b.train.distributed import join_process_group
     from glm130b.train.parallel_plan import build_mesh, tp_split_problems
 
@@ -34,60 +49,29 @@ def load_tensor_parallel(directory, tp: int, bits: int | None = None, group_size
     if world != tp:
         raise GLMError(f"--tp {tp} runs under torchrun with {tp} processes: "
                        f"torchrun --standalone --nproc-per-node {tp} -m glm130b ... --tp {tp} (WORLD_SIZE is {world})")
-    problems = tp_split_problems(load_config(directory), tp)
+    sat = is_sat_folder(directory)
+    if sat:  # SAT shards of any degree: each rank copies the parts of the shards its slices cover
+        shard0 = load_sat_shard(sat_shard_files(directory)[0])
+        config = sat_folder_config(directory, shard0, len(sat_shard_files(directory)))
+        saved = quantized_bits(shard0) is not None
+        if saved and bits is not None:
+            raise GLMError(f"{directory} holds quantized shards; load them without --bits")
+        del shard0
+    else:
+        config = load_config(directory)
+        saved = bool(config.extra.get("quantization"))
+    problems = tp_split_problems(config, tp)
+    if saved and not sat:  # a quantized folder: each rank reads its slices of the packed weights and scales
+        _quantization_of(directory, config, bits, group_size, None)  # asking for another scheme is an error
+        problems += quantized_split_problems(config, tp)
     if problems:  # before any collective: every rank says the same and leaves
         raise GLMError("; ".join(problems))
     device, _ = join_process_group()
     mesh = build_mesh(tp=tp, device_type=device.type)
-    model, tokenizer = load_model(directory, device=device, dtype=dtype, tp_mesh=mesh["tp"])
-    if bits is not None:
+    if sat:
+        model, tokenizer = load_sat_tensor_parallel(directory, device, dtype, mesh["tp"])
+    else:
+        model, tokenizer = load_model(directory, device=device, dtype=dtype, tp_mesh=mesh["tp"])
+    if bits is not None and not saved:
         quantize_shards(model, bits, group_size)
     return model, tokenizer
-
-
-class ShardQuantizedLinear(torch.nn.Module):
-    """One rank's quantized shard of a tensor-parallel linear, replacing the DTensor module.
-
-    "colwise": replicated input -> this rank's output columns (its bias rows inside `local`).
-    "rowwise": this rank's input columns -> partial sums, all-reduced through DTensor
-    (Partial -> Replicate), then the replicated bias, added once."""
-
-    def __init__(self, local: torch.nn.Module, style: str, mesh, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.local, self.style, self.mesh = local, style, mesh
-        self.register_buffer("bias", bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.style == "colwise":
-            return self.local(x)
-        from torch.distributed.tensor import DTensor, Partial, Replicate
-
-        y = DTensor.from_local(self.local(x), self.mesh, [Partial()], run_check=False)
-        y = y.redistribute(self.mesh, [Replicate()]).to_local()
-        return y if self.bias is None else y + self.bias
-
-
-
-
-@torch.no_grad()
-def quantize_shards(model, bits: int, group_size: int | None = None) -> None:
-    """Swap each layer's four DTensor linears for ShardQuantizedLinear over the local shard."""
-    from glm130b.quant.weights import QuantizedLinear, check_settings
-
-    check_settings(bits, group_size)
-    for block in model.layers:
-        for matrix in LAYER_MATRICES:
-            style = "rowwise" if matrix.split == "row" else "colwise"
-            parent_name, _, attr = matrix.module.rpartition(".")
-            parent = block.get_submodule(parent_name)
-            dist_linear = getattr(parent, attr)
-            weight, bias = dist_linear.weight.to_local(), dist_linear.bias
-            colwise_bias = bias is not None and style == "colwise"
-            plain = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=colwise_bias, device="meta")
-            plain.weight = torch.nn.Parameter(weight, requires_grad=False)
-            if colwise_bias:
-                plain.bias = torch.nn.Parameter(bias.to_local(), requires_grad=False)
-            row_bias = bias.full_tensor() if bias is not None and style == "rowwise" else None
-            setattr(parent, attr, ShardQuantizedLinear(QuantizedLinear.from_linear(plain, bits, group_size), style,
-                                                       dist_linear.weight.device_mesh, row_bias))
-

@@ -27,14 +27,14 @@ from glm130b.checkpoint import (
     read_state,
     save_model,
 )
-from glm130b.config import PRESETS, GLMConfig
+from glm130b.config import GLMConfig
 from glm130b.errors import GLMError
 from glm130b.interop.hf import hf_tokenizer, read_hf, write_hf
 from glm130b.interop.sat import (
-    config_from_official_shapes,
     official_to_ours,
     ours_to_official,
     read_sat,
+    sat_config,
     sat_quantization,
     write_sat,
 )
@@ -57,23 +57,6 @@ def read_ours(directory) -> tuple[GLMConfig, dict[str, torch.Tensor], object | N
     except CheckpointError:
         tokenizer = None
     return cfg, state, tokenizer
-
-
-def sat_config(state: dict[str, torch.Tensor], preset: str | None, num_heads: int | None) -> GLMConfig:
-    """The config of official-named weights: a named preset, else the preset whose shapes they
-    have, else shapes + --num-heads (heads cannot be read from shapes)."""
-    if preset:
-        return GLMConfig.from_preset(preset)
-    state = ours_to_official(state)  # (a dict of the same tensors)
-    for cfg in PRESETS.values():
-        if cfg.rotary == "1d" and num_heads in (None, cfg.num_heads):
-            guess = config_from_official_shapes(state, cfg.num_heads)
-            if (guess.vocab_size, guess.hidden_size, guess.num_layers, guess.ffn_hidden_size) == (
-                    cfg.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.ffn_hidden_size):
-                return cfg
-    if num_heads is None:
-        raise CheckpointError("the shards match no preset: pass --num-heads (and --max-seq-len if not 2048)")
-    return config_from_official_shapes(state, num_heads, max_seq_len=2048, rotary_precision="fp16")
 
 
 def model_from_state(cfg: GLMConfig, state: dict[str, torch.Tensor], source: str) -> GLMModel:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from glm130b.checkpoint import CheckpointError, check_state_dict
-from glm130b.config import GLMConfig
+from glm130b.config import PRESETS, ConfigError, GLMConfig
 from glm130b.errors import first_line
 from glm130b.model.layout import split_rule
 
@@ -50,6 +50,26 @@ def config_from_official_shapes(state: dict[str, torch.Tensor], num_heads: int, 
         name="official", vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=num_heads,
         ffn_hidden_size=inner, **overrides,
     )
+
+
+def sat_config(state: dict[str, torch.Tensor], preset: str | None, num_heads: int | None) -> GLMConfig:
+    """The config of official-named weights: a named preset, else the preset whose shapes they
+    have, else shapes + --num-heads (heads cannot be read from shapes)."""
+    if preset:
+        return GLMConfig.from_preset(preset)
+    state = ours_to_official(state)  # (a dict of the same tensors)
+    for cfg in PRESETS.values():
+        if cfg.rotary == "1d" and num_heads in (None, cfg.num_heads):
+            try:
+                guess = config_from_official_shapes(state, cfg.num_heads)
+            except ConfigError:  # these shapes cannot have this preset's heads
+                continue
+            if (guess.vocab_size, guess.hidden_size, guess.num_layers, guess.ffn_hidden_size) == (
+                    cfg.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.ffn_hidden_size):
+                return cfg
+    if num_heads is None:
+        raise CheckpointError("the shards match no preset: pass --num-heads (and --max-seq-len if not 2048)")
+    return config_from_official_shapes(state, num_heads, max_seq_len=2048, rotary_precision="fp16")
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,3 +241,176 @@ def _shard(state: dict[str, torch.Tensor], tp: int, rank: int, quantization: dic
         else:
             shard[name] = split_tp(name, tensor, tp)[rank].clone()
     return shard
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor-parallel loading straight from shards of any degree (glm130b generate --tp N)
+# --------------------------------------------------------------------------------------------
+def is_sat_folder(directory) -> bool:
+    """A SAT checkpoint folder (mp_rank_XX shards, or a `latest` file naming their folder)
+    rather than one of our model folders."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    return directory.is_dir() and not (directory / "model.safetensors").is_file() and (
+        any(directory.glob("mp_rank_*_model_states.pt")) or (directory / "latest").is_file())
+
+
+def sat_folder_config(directory, shard0: dict[str, torch.Tensor], degree: int) -> GLMConfig:
+    """The config of a SAT folder: its config.json when it has one, else the preset whose shapes
+    the shards have (the merged shapes, worked out from shard 0 without reading a tensor)."""
+    from pathlib import Path
+
+    from glm130b.checkpoint import CONFIG, load_config
+
+    if (Path(directory) / CONFIG).is_file():
+        return load_config(directory)
+    shapes = {}
+    for name, t in shard0.items():
+        if name.endswith("inv_freq"):
+            continue
+        shape = list(t.shape)
+        rule = tp_rule(name)
+        if rule != "replicated" and shape:
+            shape[1 if rule == "row" else 0] *= degree
+        shapes[name] = torch.empty(shape, device="meta")
+    try:
+        return sat_config(official_to_ours(shapes), None, None)
+    except CheckpointError:
+        raise CheckpointError(f"{directory}: the shards match no preset; put the model's config.json beside them "
+                              "(or convert them: glm130b convert --from sat --num-heads N ...)") from None
+
+
+def load_sat_tensor_parallel(directory, device, dtype: torch.dtype, tp_mesh):
+    """(model, tokenizer) of this rank from a SAT folder of any degree S at tensor parallelism N
+    (a 1-D DeviceMesh): the shards are memory-mapped, and this rank copies into its local
+    tensors only the parts of the source shards its slice covers (N < S: several whole shards;
+    N > S: part of one), so untouched shards and rows are never read. Official INT8/INT4 shards
+    (interop/sat_quantized.py) become ShardQuantizedLinear layers: rows and their scales for a
+    column split; for a row split the value columns (INT4 repacked to our nibble order) and each
+    source shard's row scale repeated over the groups of its columns."""
+    from glm130b.checkpoint import load_folder_tokenizer, tensor_parallel_shell
+    from glm130b.interop import sat_quantized as SQ
+
+    files = sat_shard_files(directory)
+    shards = [load_sat_shard(p) for p in files]
+    degree, tp, rank = len(shards), tp_mesh.size(), tp_mesh.get_local_rank()
+    config = sat_folder_config(directory, shards[0], degree)
+    bits = SQ.quantized_bits(shards[0])
+    if bits == 4 and any((n // tp) % 2 for n in (config.hidden_size, config.ffn_hidden_size)):
+        raise CheckpointError(f"{directory}: at --tp {tp} a rank's inputs of a row-parallel matrix split INT4's "
+                              "packed bytes")
+    group = _sat_group_size(config, degree, tp) if bits else None
+    model, targets, shells = tensor_parallel_shell(config, device, dtype, tp_mesh, bits, group)
+    glu = config.ffn_type == "geglu"
+    wanted = {PREFIX + n for n in targets} | {PREFIX + m + ".weight" for m in shells} | \
+        {PREFIX + m + ".weight" + SQ.SCALE for m in shells}
+    unexpected = sorted(n for n in shards[0] if n not in wanted and not n.endswith("inv_freq")
+                        and not n.endswith((".qweight", ".scales")))
+    if unexpected:
+        raise CheckpointError(f"{files[0]}: unexpected tensor {unexpected[0]!r} for this model")
+
+    def pieces(rule, total):  # (source shard, start, stop) along the split dim, in this rank's order
+        if rule == "glu" and glu:
+            src, dst = total // 2 // degree, total // 2 // tp
+            return [(s, h * src + lo, h * src + hi) for h in (0, 1) for s, lo, hi in _overlap(rank * dst, dst, src)]
+        return _overlap(rank * (total // tp), total // tp, total // degree)
+
+    def source(s, name):
+        tensor = shards[s].get(name)
+        if tensor is None:
+            raise CheckpointError(f"{files[s]}: missing tensor {name!r}")
+        return tensor
+
+    with torch.no_grad():
+        for name, target in targets.items():
+            local = target.to_local() if hasattr(target, "to_local") else target
+            module_name, _, attr = name.rpartition(".")
+            official = PREFIX + name
+            if module_name in shells and attr in ("qweight", "scales"):
+                _fill_quantized(local, shells[module_name], attr, PREFIX + module_name + ".weight", bits, pieces,
+                                source, degree, tp)
+                continue
+            rule = tp_rule(official)
+            if rule == "replicated":
+                part = source(0, official)
+                if tuple(part.shape) != tuple(local.shape):
+                    raise CheckpointError(f"{files[0]}: {official} has shape {tuple(part.shape)}, the model "
+                                          f"expects {tuple(local.shape)}")
+                local.copy_(part)
+                continue
+            dim = 1 if rule == "row" else 0
+            at = 0
+            for s, lo, hi in pieces(rule, source(0, official).shape[dim] * degree):
+                part = source(s, official).narrow(dim, lo, hi - lo)
+                local.narrow(dim, at, hi - lo).copy_(part)
+                at += hi - lo
+            if at != local.shape[dim]:
+                raise CheckpointError(f"{directory}: {official} does not fill this rank's {tuple(local.shape)}")
+    for shard in shards:
+        shard.clear()  # drop the mapped storages
+    return model.eval(), load_folder_tokenizer(directory, config)
+
+
+def _overlap(start: int, width: int, per_source: int) -> list[tuple[int, int, int]]:
+    """(source shard, start, stop) covering [start, start + width) of a dimension cut into source
+    shards of `per_source` each."""
+    out, stop = [], start + width
+    while start < stop:
+        s = start // per_source
+        end = min(stop, (s + 1) * per_source)
+        out.append((s, start - s * per_source, end - s * per_source))
+        start = end
+    return out
+
+
+def _sat_group_size(config: GLMConfig, degree: int, tp: int) -> int | None:
+    """The group size that keeps every source shard's row scales of the row-parallel matrices on
+    this rank: None (per row) when each rank's columns lie inside one source shard, else the
+    gcd of the source and target widths."""
+    import math
+
+    if tp % degree == 0:
+        return None
+    widths = [n // d for n in (config.hidden_size, config.ffn_hidden_size) for d in (degree, tp)]
+    return math.gcd(*widths)
+
+
+def _fill_quantized(local, shell, attr, name, bits, pieces, source, degree, tp) -> None:
+    """This rank's `qweight` or `scales` of one official quantized matrix."""
+    from glm130b.interop import sat_quantized as SQ
+    from glm130b.quant.weights import pack_int4
+
+    rule = tp_rule(name)
+    in_features = shell.local.in_features
+    first = source(0, name)
+    if rule == "row":
+        cuts = pieces(rule, in_features * tp)  # value columns [lo, hi) of each source shard
+        if attr == "qweight":
+            if bits == 4 and any(lo % 2 or hi % 2 for _, lo, hi in cuts):
+                raise CheckpointError(f"{name}: this rank's columns split INT4's packed bytes")
+            per_byte = 2 if bits == 4 else 1
+            parts = [source(s, name)[:, lo // per_byte : hi // per_byte] for s, lo, hi in cuts]
+            values = torch.cat([p if bits == 8 else SQ.unpack_official_int4(p) for p in parts], dim=1)
+        else:
+            width = in_features // local.shape[1]  # inputs per group
+            if any((hi - lo) % width for _, lo, hi in cuts):
+                raise CheckpointError(f"{name}: a source shard's columns do not fill whole groups of {width}")
+            values = torch.cat([source(s, name + SQ.SCALE).float().view(-1, 1).expand(-1, (hi - lo) // width)
+                                for s, lo, hi in cuts], dim=1)
+    else:
+        cuts = pieces(rule, first.shape[0] * degree)
+        if attr == "qweight":
+            values = torch.cat([source(s, name)[lo:hi] for s, lo, hi in cuts])
+            values = values if bits == 8 else SQ.unpack_official_int4(values)
+        else:
+            values = torch.cat([source(s, name + SQ.SCALE)[lo:hi] for s, lo, hi in cuts]).float().view(-1, 1)
+            values = values.expand(-1, local.shape[1])
+    if attr == "qweight":
+        if values.shape[1] != in_features:
+            raise CheckpointError(f"{name}: {values.shape[1]} inputs on this rank, the model expects {in_features}")
+        values = values if bits == 8 else pack_int4(values)
+    if tuple(values.shape) != tuple(local.shape):
+        raise CheckpointError(f"{name}: shape {tuple(values.shape)} on this rank, the model expects "
+                              f"{tuple(local.shape)}")
+    local.copy_(values)

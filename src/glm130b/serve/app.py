@@ -183,12 +183,13 @@ class Server:
     """The model, its batcher and the request handlers of one app."""
 
     def __init__(self, model, tokenizer, model_name: str, max_batch: int, max_queue: int,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, broadcast=None):
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.chat_template = chat_template or template_of(None, tokenizer)
         self.embed_lock = threading.Lock()
         self.max_len = model.config.max_seq_len
-        self.batcher = Batcher(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+        self.tensor_parallel = broadcast is not None  # rank 0 of serve --tp (batcher.ModelOps)
+        self.batcher = Batcher(model, tokenizer, max_batch=max_batch, max_queue=max_queue, broadcast=broadcast)
         self.metrics = Metrics(self.batcher)
         self.created = int(time.time())
         self.deadline: float | None = None  # set by drain(): requests still running then end with an error
@@ -441,6 +442,8 @@ class Server:
         """Mean of the final (LayerNormed) hidden states over the input's tokens, L2-normalised;
         the input is one bidirectional GLM context (infer/embed.py)."""
         self.check_model(req.model)
+        if self.tensor_parallel:  # its forward would run outside the batcher's steps that the other ranks follow
+            raise APIError(400, "embeddings are not served under --tp", code="unsupported")
         if req.dimensions is not None:
             raise APIError(400, "`dimensions` is not supported by this server", param="dimensions", code="unsupported")
         raw = req.input
@@ -607,11 +610,12 @@ def _sse(body: dict) -> str:
 # --------------------------------------------------------------------------------------------
 def create_app(model, tokenizer, model_name: str = "glm-small", api_key: str | None = None,
                max_batch: int = 16, max_queue: int = 128, batcher_thread: bool = True,
-               chat_template: str | None = None) -> FastAPI:
+               chat_template: str | None = None, broadcast=None) -> FastAPI:
     """The FastAPI app serving `model` (plain or quantized). The batcher starts with the app on
     its own thread, unless `batcher_thread=False`: then the caller runs `app.state.server.batcher.run`
-    (glm130b serve does, on the main thread)."""
-    server = Server(model, tokenizer, model_name, max_batch, max_queue, chat_template)
+    (glm130b serve does, on the main thread). `broadcast`: rank 0 of `serve --tp` (the other
+    ranks run batcher.follow)."""
+    server = Server(model, tokenizer, model_name, max_batch, max_queue, chat_template, broadcast)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -18,6 +18,13 @@ infilling). Beam search is not served here (it needs several rows per request).
 
 The batcher runs in one background thread. Requests come in through `submit` from any thread;
 results go out through each job's `emit` callback (called on the batcher thread).
+
+Under tensor parallelism (`glm130b serve --tp N` under torchrun) rank 0 runs the batcher and
+every other rank runs `follow`: each operation that touches the model or the cache (`ModelOps`:
+encode joining contexts, move a row, decode a step) is broadcast by rank 0 with
+torch.distributed's broadcast_object_list before it runs, and the other ranks run the same
+operation on their own shards, so every collective inside the model meets its peers. The
+decisions (which rows, which tokens, sampling, stop rules) are rank 0's alone.
 """
 
 from __future__ import annotations
@@ -90,15 +97,107 @@ class _Live:
     generator: torch.Generator | None = None
 
 
-class Batcher:
-    """Runs jobs in one continuously batched decoding loop on a background thread."""
+class ModelOps:
+    """The batcher's operations on the model and its slotted cache, the only ones that touch
+    either. With `broadcast` (rank 0 under tensor parallelism) each is sent to the other ranks
+    before it runs; `follow` runs them there."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, decode=None):
+    HEARTBEAT_S = 60.0  # an idle rank 0 tells the others it is alive (collectives time out)
+
+    def __init__(self, engine: Engine, cache, broadcast: Callable[[tuple], None] | None = None):
+        self.engine, self.cache, self.broadcast = engine, cache, broadcast
+        self.last_sent = time.monotonic()
+        self.stopped = False  # "stop" was sent
+
+    def __call__(self, op: str, *args):
+        if self.broadcast is not None:
+            try:
+                self.broadcast((op, args))
+            except RuntimeError as e:  # a peer died: there is no model to decode with any more
+                raise GLMError(f"a tensor-parallel rank is gone ({str(e).splitlines()[0] if str(e) else e!r})") from None
+            self.last_sent = time.monotonic()
+        return getattr(self, op)(*args)
+
+    def prefill(self, start: int, contexts: list[list[int]]) -> None:
+        """Encode the contexts into rows start.. (one forward) and set the rows' lengths."""
+        rows = slice(start, start + len(contexts))
+        self.cache.lengths[rows] = 0
+        self.engine.forward(*self.engine.prefill_inputs(contexts), self.cache.select(rows))
+        for i, context in enumerate(contexts):
+            self.cache.lengths[start + i] = len(context)
+
+    def move(self, src: int, dst: int) -> None:
+        self.cache.move(src, dst)
+
+    def decode(self, tokens, blocks, firsts, steps, contexts) -> torch.Tensor:
+        """One step of rows [0, len(tokens)): the logits of their next tokens."""
+        cache = self.cache.select(slice(0, len(tokens)))
+        return self.engine.step(tokens, cache, blocks, firsts, steps, contexts, contexts)
+
+    def idle(self) -> None:
+        if self.broadcast is not None and time.monotonic() - self.last_sent > self.HEARTBEAT_S:
+            self("heartbeat")
+
+    def heartbeat(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        """Rank 0 has stopped serving: the other ranks leave `follow`."""
+
+    def stop_followers(self) -> None:
+        """Send the other ranks "stop", once (at the loop's end, or when rank 0 fails before it;
+        a rank already gone is not waited for)."""
+        if self.broadcast is None or self.stopped:
+            return
+        self.stopped = True
+        try:
+            self("stop")
+        except GLMError:
+            pass
+
+
+def follow(model, max_batch: int) -> None:
+    """The loop of a rank other than 0 under `serve --tp`: run each operation rank 0 broadcasts
+    on this rank's shards, until rank 0 sends "stop". (A failing operation fails on rank 0 too,
+    which fails its jobs and keeps serving; so does this rank.)"""
+    import torch.distributed as dist
+
+    engine = Engine(model)
+    ops = ModelOps(engine, engine.new_cache(max_batch, model.config.max_seq_len))
+    while True:
+        message = [None]
+        dist.broadcast_object_list(message, src=0)
+        op, args = message[0]
+        if op == "stop":
+            return
+        try:
+            with torch.no_grad():
+                getattr(ops, op)(*args)
+        except Exception:  # noqa: S112 - as rank 0's batcher: the jobs fail there, serving goes on
+            continue
+
+
+def broadcast_from_rank0(message: tuple) -> None:
+    """ModelOps' broadcast under torch.distributed: rank 0 sends one (op, args) to every rank."""
+    import torch.distributed as dist
+
+    dist.broadcast_object_list([message], src=0)
+
+
+class Batcher:
+    """Runs jobs in one continuously batched decoding loop on a background thread.
+
+    `broadcast` (rank 0 of `serve --tp`): each model operation is sent to the other ranks
+    (ModelOps); the loop's end sends them "stop"."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, decode=None,
+                 broadcast: Callable[[tuple], None] | None = None):
         self.engine = Engine(model)
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = model.config.max_seq_len
         self.cache = self.engine.new_cache(max_batch, self.max_len)  # row i: self.live[i]
+        self.ops = ModelOps(self.engine, self.cache, broadcast)
         self.stop_ids = {tokenizer.eop_id, tokenizer.eos_id}
         self.decode = decode or tokenizer.decode
         self.pending: collections.deque[Job] = collections.deque()
@@ -168,7 +267,8 @@ class Batcher:
                     if keep_running is not None and not keep_running():
                         self._stop = True
                         break
-                    self._lock.wait(timeout=None if keep_running is None else 0.5)
+                    self.ops.idle()
+                    self._lock.wait(timeout=None if keep_running is None and self.ops.broadcast is None else 0.5)
                 if self._stop:
                     break
                 joining = []
@@ -179,6 +279,7 @@ class Batcher:
         for live in self.live:
             self._emit(live.job, Event("done", reason="cancelled"))
         self.live.clear()
+        self.ops.stop_followers()
 
     def _run_once(self, joining: list[Job]) -> None:
         """Admit the joining jobs, drop cancelled ones, decode one step."""
@@ -210,11 +311,8 @@ class Batcher:
         if not jobs:
             return
         slot = len(self.live)
-        rows = slice(slot, slot + len(jobs))
-        self.cache.lengths[rows] = 0
-        self.engine.forward(*self.engine.prefill_inputs([job.context for job in jobs]), self.cache.select(rows))
+        self.ops("prefill", slot, [job.context for job in jobs])
         for i, job in enumerate(jobs):
-            self.cache.lengths[slot + i] = len(job.context)
             try:
                 generator = make_generator(job.config.seed) if job.config.strategy == "sample" else None
             except (ValueError, RuntimeError, OverflowError) as e:  # this job's settings: fail it alone
@@ -223,7 +321,7 @@ class Batcher:
             live = _Live(job, generator=generator)
             if self._start_block(live, 0, len(job.context)):  # (False: a context with no room; row dropped)
                 if slot + i != len(self.live):  # keep live rows contiguous after a dropped one
-                    self.cache.move(slot + i, len(self.live))
+                    self.ops("move", slot + i, len(self.live))
                 self.live.append(live)
 
     def _start_block(self, live: _Live, index: int, length: int) -> bool:
@@ -249,19 +347,17 @@ class Batcher:
     def _remove(self, i: int) -> None:
         last = len(self.live) - 1
         if i != last:
-            self.cache.move(last, i)
+            self.ops("move", last, i)
             self.live[i] = self.live[last]
         self.live.pop()
 
     @torch.no_grad()
     def _step(self) -> None:
         n = len(self.live)
-        cache = self.cache.select(slice(0, n))
-        lengths = cache.lengths[:n].clone()  # each row's new token goes to slot lengths[row]
+        lengths = self.cache.lengths[:n].clone()  # each row's new token goes to slot lengths[row]
         contexts = [len(live.job.context) for live in self.live]  # Part B follows each row's own context
-        logits = self.engine.step([live.next_token for live in self.live], cache, [live.row.block for live in self.live],
-                                  [live.first for live in self.live], [live.step for live in self.live], contexts,
-                                  contexts)
+        logits = self.ops("decode", [live.next_token for live in self.live], [live.row.block for live in self.live],
+                          [live.first for live in self.live], [live.step for live in self.live], contexts)
         self.steps += 1
         # the rules of each row (vocabulary, min length, n-grams), then one argmax for the batch
         process_logits(logits, [live.row for live in self.live], [live.job.config for live in self.live],

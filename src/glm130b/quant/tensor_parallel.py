@@ -1,0 +1,110 @@
+"""Quantized layers under tensor parallelism: one rank's shard of a column- or row-parallel
+matrix as a QuantizedLinear (quantized on the rank, or an empty shell a quantized checkpoint's
+slices are read into: checkpoint.tensor_parallel_shell, interop/sat.py). Used by
+infer/tensor_parallel.py.
+
+A column-parallel shard keeps whole output rows, so its per-row scales are the full model's; a
+row-parallel shard's rows are parts of rows: quantized on the rank, per-row scales become per
+shard (with a group size that divides the shard, the full model's groups exactly); read from a
+quantized folder, each rank takes its whole groups of scales (per-row scales whole).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from glm130b.model.layout import LAYER_MATRICES
+
+
+class ShardQuantizedLinear(torch.nn.Module):
+    """One rank's quantized shard of a tensor-parallel linear, replacing the DTensor module.
+
+    "colwise": replicated input -> this rank's output columns (its bias rows inside `local`).
+    "rowwise": this rank's input columns -> partial sums, all-reduced through DTensor
+    (Partial -> Replicate), then the replicated bias, added once."""
+
+    def __init__(self, local: torch.nn.Module, style: str, mesh, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.local, self.style, self.mesh = local, style, mesh
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.style == "colwise":
+            return self.local(x)
+        from torch.distributed.tensor import DTensor, Partial, Replicate
+
+        y = DTensor.from_local(self.local(x), self.mesh, [Partial()], run_check=False)
+        y = y.redistribute(self.mesh, [Replicate()]).to_local()
+        return y if self.bias is None else y + self.bias
+
+
+
+
+@torch.no_grad()
+def quantize_shards(model, bits: int, group_size: int | None = None) -> None:
+    """Swap each layer's four DTensor linears for ShardQuantizedLinear over the local shard."""
+    from glm130b.quant.weights import QuantizedLinear, check_settings
+
+    check_settings(bits, group_size)
+    for _matrix, parent, attr, dist_linear, style in _tp_linears(model):
+        weight, bias = dist_linear.weight.to_local(), dist_linear.bias
+        colwise_bias = bias is not None and style == "colwise"
+        plain = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=colwise_bias, device="meta")
+        plain.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if colwise_bias:
+            plain.bias = torch.nn.Parameter(bias.to_local(), requires_grad=False)
+        row_bias = bias.full_tensor() if bias is not None and style == "rowwise" else None
+        setattr(parent, attr, ShardQuantizedLinear(QuantizedLinear.from_linear(plain, bits, group_size), style,
+                                                   dist_linear.weight.device_mesh, row_bias))
+
+
+def quantized_shells(model, bits: int, group_size: int | None, dtype: torch.dtype) -> dict:
+    """Swap each layer's four (meta) DTensor linears for empty ShardQuantizedLinear shells of the
+    local shard's shape, to be filled from a quantized folder's slices (checkpoint._load_shard).
+    Returns {module name: shell}."""
+    from glm130b.quant.weights import QuantizedLinear
+
+    shells = {}
+    for i, block in enumerate(model.layers):
+        for matrix, parent, attr, dist_linear, style in _tp_linears(block):
+            out_features, in_features = dist_linear.weight.to_local().shape
+            has_bias = dist_linear.bias is not None
+            local = QuantizedLinear(in_features, out_features, bits, group_size, bias=has_bias and style == "colwise",
+                                    device="meta", dtype=dtype)
+            row_bias = torch.empty(out_features, dtype=dtype, device="meta") \
+                if has_bias and style == "rowwise" else None
+            shell = ShardQuantizedLinear(local, style, dist_linear.weight.device_mesh, row_bias)
+            setattr(parent, attr, shell)
+            shells[f"layers.{i}.{matrix.module}"] = shell
+    return shells
+
+
+def quantized_split_problems(config, tp: int) -> list[str]:
+    """What keeps a quantized folder's row-parallel matrices (attention.dense: H inputs,
+    dense_4h_to_h: F inputs) from splitting over `tp` ranks on whole packed bytes (INT4) and whole
+    groups of scales; [] when it splits. A column split keeps whole rows and always fits."""
+    scheme = config.extra.get("quantization") or {}
+    bits, group = scheme.get("bits"), scheme.get("group_size")
+    problems = []
+    if scheme.get("head_bits") is not None:
+        problems.append("the folder has a quantized output head (--head-bits), which --tp does not split; "
+                        "quantize the full-precision model without --head-bits")
+    for module, inputs in (("attention.dense", config.hidden_size), ("mlp.dense_4h_to_h", config.ffn_hidden_size)):
+        local = inputs // tp
+        if bits == 4 and local % 2:
+            problems.append(f"{module}: {local} inputs per rank at --tp {tp} is odd, which splits INT4's packed bytes")
+        elif group is not None and group < inputs and local % group:
+            problems.append(f"{module}: {local} inputs per rank at --tp {tp} do not fall on its groups of {group} "
+                            "scales")
+    return problems
+
+
+def _tp_linears(module):
+    """(Matrix, parent, attribute, DTensor linear, "colwise" | "rowwise") of the four matrices of each
+    layer under `module` (a GLMModel or one block)."""
+    blocks = module.layers if hasattr(module, "layers") else [module]
+    for block in blocks:
+        for matrix in LAYER_MATRICES:
+            parent_name, _, attr = matrix.module.rpartition(".")
+            parent = block.get_submodule(parent_name)
+            yield matrix, parent, attr, getattr(parent, attr), "rowwise" if matrix.split == "row" else "colwise"
