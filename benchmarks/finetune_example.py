@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "finetune" / "verse_book_train.jsonl.gz"
 METHODS = {
     "lora": ["--method", "lora", "--lr", "2e-3"],
-    "ptuning": ["--method", "ptuning", "--lr", "1e-2", "--pre-seq-len", "16"],
+    "ptuning": ["--method", "ptuning", "--lr", "1e-1", "--pre-seq-len", "16"],
     "lora-int4": ["--method", "lora", "--lr", "2e-3", "--bits", "4"],
     "full": ["--method", "full", "--lr", "1e-4"],
 }

@@ -726,7 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", dest="batch_size", type=int, help="examples per step (default 8)")
     p.add_argument("--seq-len", dest="seq_len", type=int,
                    help="longest example in tokens; longer prompts keep their end (default 256)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: lora 1e-3, ptuning 1e-2, full 1e-4)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: lora 1e-3, ptuning 1e-1, full 1e-4)")
     p.add_argument("--warmup-steps", dest="warmup_steps", type=int, help="linear warm-up steps (default 10)")
     p.add_argument("--weight-decay", dest="weight_decay", type=float, help="AdamW weight decay (default 0)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="fp32, or bf16/fp16 autocast (default fp32)")

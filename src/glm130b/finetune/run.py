@@ -25,7 +25,7 @@ from glm130b.finetune import adapters
 from glm130b.train.trainer import TrainConfig
 
 METHODS = ("lora", "ptuning", "full")
-DEFAULT_LR = {"lora": 1e-3, "ptuning": 1e-2, "full": 1e-4}
+DEFAULT_LR = {"lora": 1e-3, "ptuning": 1e-1, "full": 1e-4}
 
 
 @dataclass

@@ -37,7 +37,8 @@ class PrefixEncoder(nn.Module):
         else:
             self.embedding = nn.Embedding(pre_seq_len, width)
             self.trans = None
-        nn.init.normal_(self.embedding.weight, std=0.02)
+        # N(0, 1), nn.Embedding's default, as ChatGLM-6B's PrefixEncoder and peft leave it: keys of the
+        # real keys' scale get attention (and gradient) from the first step; 0.02 barely trained
 
     def table(self) -> torch.Tensor:
         """The keys and values as one [pre_seq_len, num_layers * 2 * hidden] table."""
