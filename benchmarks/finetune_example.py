@@ -4,7 +4,7 @@ of the shipped model on `verse_book` (tools/make_finetune_example.py), each scor
 
     python benchmarks/finetune_example.py [--steps 150] [--methods lora,ptuning,lora-int4,full] [--json]
 
-Each method trains in its own process, so its peak resident memory (ru_maxrss) is its own.
+Each method trains in its own process, so its peak resident memory (Linux VmHWM) is its own.
 Prints: dev accuracy (and its standard error) before and after, the gain in standard errors,
 training time and peak memory. Timings depend on the machine and its load; the script names the CPU.
 """

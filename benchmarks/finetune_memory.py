@@ -6,7 +6,7 @@ weights, LoRA on frozen INT8 weights and LoRA on frozen INT4 weights (QLoRA-styl
 A random-weight model with GLM-130B's architecture is written to a temporary folder (about 220M
 parameters by default, where the weights, not the runtime, dominate memory); each method then
 trains a few steps on short examples in its own process, which reports its peak resident memory
-(ru_maxrss). The weights alone are printed beside it: 16 bytes a parameter for full fine-tuning
+(Linux VmHWM). The weights alone are printed beside it: 16 bytes a parameter for full fine-tuning
 with AdamW (weights, gradients, two moments), 4 for frozen FP32, about 0.56 for INT4 with its scales.
 """
 
