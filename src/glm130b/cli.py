@@ -72,16 +72,15 @@ def cmd_train(args) -> int:
     return _summary_on_rank0(run)
 
 
-def _options(args, config_cls, what: str, flags: tuple[str, ...], extra: dict | None = None) -> dict:
-    """A run's options: the --config YAML, then the flags that were given, then `extra`; names
-    that `config_cls` does not have are one error."""
+def _options(args, config_cls, what: str, flags: tuple[str, ...]) -> dict:
+    """A run's options: the --config YAML, then the flags that were given; names that
+    `config_cls` does not have are one error."""
     values: dict = {}
     if args.config:
         from glm130b.io import read_yaml
 
         values.update(read_yaml(args.config))
     values.update({key: getattr(args, key) for key in flags if getattr(args, key) is not None})
-    values.update(extra or {})
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(config_cls)})
     if unknown:
         raise GLMError(f"unknown {what} option(s): {', '.join(unknown)}")

@@ -98,13 +98,13 @@ def add_prefix(model: nn.Module, pre_seq_len: int, projection_hidden: int | None
     return model
 
 
-def _prefix_config(model, base: str | None) -> dict:
+def _prefix_config(model) -> dict:
+    """peft's PrefixTuningConfig fields (write_adapter adds the base's path)."""
     enc, cfg = model.prefix_encoder, model.config
     return {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": enc.pre_seq_len,
             "token_dim": cfg.hidden_size, "num_transformer_submodules": 1, "num_attention_heads": cfg.num_heads,
             "num_layers": cfg.num_layers, "encoder_hidden_size": enc.projection_hidden or cfg.hidden_size,
-            "prefix_projection": bool(enc.projection_hidden), "inference_mode": True,
-            "base_model_name_or_path": base, "revision": None}
+            "prefix_projection": bool(enc.projection_hidden), "inference_mode": True, "revision": None}
 
 
 # -- save and load ----------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def adapter_state(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     if model.prefix_encoder is not None:
         with torch.no_grad():
             table = _full(model.prefix_encoder.table().detach())
-        return _prefix_config(model, None), {"prompt_embeddings": table.float().cpu().contiguous()}
+        return _prefix_config(model), {"prompt_embeddings": table.float().cpu().contiguous()}
     from peft import get_peft_model_state_dict
 
     if not lora_layers(model):

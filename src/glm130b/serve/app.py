@@ -143,6 +143,12 @@ class MetricsMiddleware:
 
 
 # --------------------------------------------------------------------------------------------
+def _usage(prompt_tokens: int, choices) -> Usage:
+    """The usage block of a completions or chat answer: prompt tokens and the tokens generated."""
+    generated = sum(c.tokens() for c in choices)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=generated, total_tokens=prompt_tokens + generated)
+
+
 @dataclass
 class _Choice:
     """What the request side gathers of one job: tokens per blank, finish reasons, text."""
@@ -335,8 +341,7 @@ class Server:
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def usage() -> Usage:
-            gen = sum(c.tokens() for c in choices)
-            return Usage(prompt_tokens=prompt_tokens, completion_tokens=gen, total_tokens=prompt_tokens + gen)
+            return _usage(prompt_tokens, choices)
 
         if not req.stream:
             async for i, ev in self.events(request, jobs, queue, stream=False):
@@ -417,8 +422,7 @@ class Server:
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def usage() -> Usage:
-            gen = sum(c.tokens() for c in choices)
-            return Usage(prompt_tokens=prompt_tokens, completion_tokens=gen, total_tokens=prompt_tokens + gen)
+            return _usage(prompt_tokens, choices)
 
         if not req.stream:
             async for i, ev in self.events(request, jobs, queue, stream=False):

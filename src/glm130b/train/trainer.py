@@ -357,10 +357,10 @@ class SingleProcessTraining:
             return distributed.load_into_plain(path, self.module, self.optimizer)
         state = read_checkpoint(path)
         if self.saved_names is not None:
-            missing = self.saved_names - set(state.model)
-            if missing or set(state.model) - self.saved_names:
+            differ = sorted(self.saved_names ^ set(state.model))
+            if differ:
                 raise ConfigError(f"{path} was not written by this fine-tuning setup (its trained parameters differ: "
-                                  f"{sorted(missing or set(state.model) - self.saved_names)[0]})")
+                                  f"{differ[0]})")
             self.module.load_state_dict(state.model, strict=False)
         else:
             self.module.load_state_dict(state.model)
