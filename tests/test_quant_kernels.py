@@ -342,6 +342,19 @@ def test_cuda_kernels_match_reference(bits, group, shape):
             assert err < 2e-2, (dtype, batch, err)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_row_scaled_form_equals_the_reference(bias):
+    """The GPU's per-row INT8 product, (x @ q^T) * s, is the dequantized product reordered: checked
+    here on the CPU in FP32 (exact up to rounding) and BF16 (within BF16's rounding)."""
+    layer = _layer(96, 200, 8, None, bias=bias)
+    x = torch.randn(3, 200)
+    ref = K.reference_linear(x, layer)
+    torch.testing.assert_close(K._int8_row_scaled_linear(x, layer), ref, rtol=1e-5, atol=1e-4)
+    y = K._int8_row_scaled_linear(x.bfloat16(), layer)
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - ref).abs().max().item() / ref.abs().max().item() < 2e-2
+
+
 @cuda
 def test_cuda_int4_uses_tinygemm_where_it_can():
     layer = _layer(256, 1024, 4, 128).cuda()

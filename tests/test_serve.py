@@ -103,12 +103,16 @@ def _run_jobs(batcher, specs):
     return out
 
 
-@pytest.mark.parametrize("rotary", ["1d", "2d"])
-def test_batcher_equals_single_requests(rotary, tokenizer):
+@pytest.mark.parametrize("rotary,compile_decode", [("1d", False), ("2d", False), ("1d", "eager"), ("2d", "eager")])
+def test_batcher_equals_single_requests(rotary, compile_decode, tokenizer):
     """Rows of different lengths joining a batch of 3 give the tokens each gets alone, for
-    continuations, seeded sampling and multi-blank infilling."""
+    continuations, seeded sampling and multi-blank infilling; also with the static cache of the
+    compiled decode step (its steps uncompiled here: test_compiled_decode compiles)."""
     model = varied_model(rotary, seed=2)
+    model.compile_decode = compile_decode  # the batcher's engine only: the expectations decode plainly
     batcher = Batcher(model, tokenizer, max_batch=3).start()
+    model.compile_decode = False
+    assert batcher.engine.compile_decode == bool(compile_decode)
     try:
         greedy = GenerationConfig(max_new_tokens=10)
         sample = GenerationConfig(max_new_tokens=10, strategy="sample", temperature=0.9, top_p=0.9, seed=7)
@@ -129,7 +133,7 @@ def test_batcher_equals_single_requests(rotary, tokenizer):
         texts = [[tokenizer.decode(g.get(k, [])) for k in range(len(e))] for g, e in zip(got, expect, strict=True)]
         assert texts == expect
         assert len({t[0] for t in texts}) > 3  # the outputs differ: a real comparison
-        if K.cpu_kernels_available():
+        if K.cpu_kernels_available() and not compile_decode:
             assert batcher.engine._fused  # the slotted cache ran the fused decode step
         _wait(lambda: batcher.running == 0 and batcher.queue_depth == 0)
     finally:

@@ -121,6 +121,7 @@ def _load(args):
         from glm130b.finetune.adapters import load_adapter
 
         load_adapter(model, args.adapter, log=lambda m: print(m, file=sys.stderr))
+    model.compile_decode = bool(getattr(args, "compile", False))
     return model, tokenizer
 
 
@@ -195,6 +196,8 @@ def _load_tensor_parallel(args):
         raise GLMError("--head-bits is not supported with --tp (the head stays vocabulary-parallel)")
     if getattr(args, "adapter", None):
         raise GLMError("--adapter is not supported with --tp yet: merge it first (glm130b finetune merge)")
+    if getattr(args, "compile", False):
+        raise GLMError("--compile is not supported with --tp yet (the tensor-parallel step runs eagerly)")
     dtype = resolve_dtype(getattr(args, "dtype", "auto"), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     return load_tensor_parallel(directory, args.tp, args.bits, args.group_size, dtype)
 
@@ -495,6 +498,9 @@ def _add_quant_flags(p) -> None:
     from glm130b.device import add_device_flags
 
     add_device_flags(p)
+    p.add_argument("--compile", action="store_true",
+                   help="decode through one torch.compile'd step over a static KV cache (a CUDA graph on a GPU: "
+                        "worth it there; the first step compiles for a while)")
     p.add_argument("--bits", type=int, choices=[8, 4], help="quantize the weights to INT8/INT4 while loading")
     p.add_argument("--group-size", dest="group_size", type=int, help="with --bits: one scale per this many inputs")
     p.add_argument("--head-bits", dest="head_bits", type=int, choices=[8, 4],

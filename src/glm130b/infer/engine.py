@@ -29,7 +29,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from glm130b.errors import GLMError
-from glm130b.model.kv_cache import KVCache
+from glm130b.model.kv_cache import KVCache, StaticKVCache
 from glm130b.model.masks import Block, prefill_inputs, step_allowed, step_positions
 
 KV_ENV = "GLM130B_KV_CACHE"
@@ -104,8 +104,14 @@ class Engine:
     """Runs a GLMModel (plain, quantized or with fast linears) for generation: GLMModel's own
     forward, or on the CPU the fused C++ step for decode steps and short prefills."""
 
-    def __init__(self, model, fused_decode: bool = True, kv_dtype: torch.dtype | None = None):
+    def __init__(self, model, fused_decode: bool = True, kv_dtype: torch.dtype | None = None,
+                 compile_decode: bool | str | None = None):
         self.model = model
+        # gpt-fast's decode: a static cache and one compiled step (a CUDA graph on a GPU). None:
+        # the model's own setting (GLMModel.compile_decode, set by --compile); a str: the
+        # torch.compile mode ("eager" = the static-cache step uncompiled, for tests).
+        chosen = getattr(model, "compile_decode", False) if compile_decode is None else compile_decode
+        self.compile_decode = chosen is not False and chosen is not None
         # decode steps and short prefills in one C++ call (infer/fused.py). Built at the first step,
         # and rebuilt when a prefill finds the weights replaced since.
         self.fused_decode = fused_decode
@@ -116,15 +122,22 @@ class Engine:
         self.device = model.final_layernorm.weight.device
         self.dtype = model.final_layernorm.weight.dtype  # activations
         self.kv_dtype = kv_dtype or self._default_kv_dtype()
+        self._decoder = None
+        if self.compile_decode:
+            from glm130b.infer.compiled import CompiledDecoder
+
+            self._decoder = CompiledDecoder(model, None if chosen is True else chosen)
 
     def new_cache(self, rows: int, max_len: int) -> KVCache:
-        return self.model.new_kv_cache(rows, max_len, self.kv_dtype)
+        return self.model.new_kv_cache(rows, max_len, self.kv_dtype, static=self._decoder is not None)
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, cache: KVCache,
                 logits_at: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run ids [B, L] into the cache's selected rows; return FP32 logits [B, V] at token
         `logits_at` [B] of each row (None: no logits, e.g. a prefill that only fills the cache)."""
+        if self._decoder is not None and ids.shape[1] == 1 and isinstance(cache, StaticKVCache):
+            return self._decoder.step(ids, positions, allowed, cache, logits_at)
         if ids.shape[1] > 1:
             self._check_fused_weights()
         short = ids.shape[1] == 1 or ids.numel() * ids.shape[1] <= FUSED_PREFILL_WORK
@@ -156,7 +169,7 @@ class Engine:
             raise GenerationError(f"${KV_ENV} must be fp16 or fp32, got {choice!r}")
         from glm130b.infer.fused import why_not
 
-        fused = self.fused_decode and self.device.type == "cpu" and self.dtype == torch.float32 and \
+        fused = self.fused_decode and not self.compile_decode and self.device.type == "cpu" and self.dtype == torch.float32 and \
             why_not(self.model) is None
         return torch.float16 if fused else self.dtype
 
@@ -191,7 +204,8 @@ class Engine:
         `generated_from[b]`); FP32 logits [B, V] for the next token (unless logits=False)."""
         dev = self.device
         slots = cache.lengths[cache.rows]
-        allowed = step_allowed(contexts, generated_from, slots, int(slots.max()) + 1, device=dev)
+        width = cache.max_len if isinstance(cache, StaticKVCache) else int(slots.max()) + 1
+        allowed = step_allowed(contexts, generated_from, slots, width, device=dev)
         positions = step_positions(blocks, firsts, steps, self.two_d, device=dev)
         ids = torch.as_tensor(tokens, dtype=torch.long, device=dev).view(-1, 1)
         at = torch.zeros(ids.shape[0], dtype=torch.long, device=dev) if logits else None

@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from glm130b.config import GLMConfig
-from glm130b.model.kv_cache import KVCache
+from glm130b.model.kv_cache import KVCache, StaticKVCache
 from glm130b.model.layers import GLMBlock, shrink_embedding_gradient
 from glm130b.model.masks import attention_allowed
 
@@ -120,6 +120,9 @@ class GLMModel(nn.Module):
         return (out, hidden) if return_hidden else out
 
     embeds = True  # False on a pipeline stage after the first: its input is hidden states
+    # The inference engine decodes through a compiled step over a static KV cache (`--compile`:
+    # infer/engine.py); a setting of the model so that every decoder built on it follows it.
+    compile_decode = False
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (Embedding Gradient Shrink in training), in the blocks' dtype (BF16
@@ -160,13 +163,16 @@ class GLMModel(nn.Module):
 
         return dense_linear(h, weight, None)
 
-    def new_kv_cache(self, rows: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+    def new_kv_cache(self, rows: int, max_len: int, dtype: torch.dtype | None = None,
+                     static: bool = False) -> KVCache:
         """A cache for `rows` sequences of up to `max_len` tokens (the local heads under tensor
-        parallelism; the activations' dtype unless `dtype` says otherwise)."""
+        parallelism; the activations' dtype unless `dtype` says otherwise). `static`: the
+        fixed-shape cache of the compiled decode step (kv_cache.StaticKVCache)."""
         cfg = self.config
         norm = self.final_layernorm.weight
         heads = self.layers[0].attention.num_heads
-        return KVCache(cfg.num_layers, rows, heads, max_len, cfg.head_dim, dtype or norm.dtype, norm.device)
+        kind = StaticKVCache if static else KVCache
+        return kind(cfg.num_layers, rows, heads, max_len, cfg.head_dim, dtype or norm.dtype, norm.device)
 
     def set_attention_impl(self, impl: str) -> None:
         """"sdpa" (fast, default) or "reference" (the official step-by-step math)."""

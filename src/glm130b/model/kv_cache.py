@@ -116,3 +116,36 @@ class KVCache:
             starts = self.lengths[self.rows].tolist()
             self._starts = starts, len(set(starts)) == 1
         return self._starts
+
+
+class StaticKVCache(KVCache):
+    """gpt-fast's cache layout for a compiled decode step (infer/engine.py, `compile_decode`).
+
+    A decode step writes each row's new key at a slot held in a device tensor (`write_at`, set by
+    the engine around the step) and attends every slot [0, max_len), the mask hiding the unused
+    ones: every step has the same shapes and no host round trip, so one compiled graph (one CUDA
+    graph) serves them all. Prefills (several tokens) take KVCache's path. Beam reordering
+    copies in place, so the buffers keep their addresses (CUDA graphs replay on fixed addresses).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.write_at: torch.Tensor | None = None  # [rows selected] slots on the device, during a step
+        import torch._dynamo  # lazily: a plain decode never needs it
+
+        for t in (*self.k, *self.v):
+            torch._dynamo.mark_static_address(t)
+
+    def update(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.write_at is None:
+            return super().update(layer_id, k, v)
+        ck, cv = self.k[layer_id][self.rows], self.v[layer_id][self.rows]
+        index = torch.arange(k.shape[0], device=ck.device)
+        ck[index, :, self.write_at] = fit_cache(k[:, :, 0], ck.dtype)
+        cv[index, :, self.write_at] = fit_cache(v[:, :, 0], cv.dtype)
+        return ck.to(k.dtype), cv.to(v.dtype)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        for t in (*self.k, *self.v):
+            t.copy_(t.index_select(0, index.to(t.device)))
+        self.lengths = self.lengths.index_select(0, index.cpu())

@@ -103,8 +103,10 @@ def reference_linear(x: torch.Tensor, module) -> torch.Tensor:
 
 
 def quantized_linear(x: torch.Tensor, module) -> torch.Tensor:
-    """y = x @ dequant(W)^T + b for a QuantizedLinear `module`, in x's dtype."""
-    if x.device.type == "cpu":
+    """y = x @ dequant(W)^T + b for a QuantizedLinear `module`, in x's dtype. Inside a compiled
+    graph (infer/compiled.py) the CPU extension is left out: dynamo cannot trace it, and inductor
+    fuses the dequantization into its own product instead."""
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
         ext = _cpu.get() if module.qweight.device.type == "cpu" else None
         if ext is not None:
             fmt = FMT["int8" if module.bits == 8 else "int4"]
@@ -130,8 +132,10 @@ def _int8_activation_gemm(ext, module) -> bool:
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear with the CPU GEMV for FP32 / BF16 weights at small batch; PyTorch otherwise."""
-    if x.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
+    """F.linear with the CPU GEMV for FP32 / BF16 weights at small batch; PyTorch otherwise (and
+    inside a compiled graph, which cannot trace the extension)."""
+    if x.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and \
+            not torch.compiler.is_compiling():
         rows = x.numel() // max(1, x.shape[-1])
         ext = _cpu.get() if rows < DENSE_BLAS_MIN_ROWS else None
         if ext is not None:
@@ -139,7 +143,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if weight.dtype != x.dtype:
         weight = weight.to(x.dtype)
     bias = None if bias is None else bias.to(x.dtype)
-    if x.device.type == "cpu" and x.dtype == torch.float32 and USE_ONEDNN and not (
+    if x.device.type == "cpu" and x.dtype == torch.float32 and USE_ONEDNN and not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         try:  # oneDNN's FP32 GEMM: 1.1-1.2x MKL's (F.linear) at 32-512 rows on the Zen 5, AVX2 or AVX-512
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -196,7 +200,17 @@ def _cuda_linear(x: torch.Tensor, module) -> torch.Tensor:
             return _tinygemm_linear(x, module)
         except (RuntimeError, ValueError, AttributeError):  # shape or build not supported: fall back once
             module._cache["tinygemm"] = False
+    if module.bits == 8 and (module.group_size is None or module.scales.shape[1] == 1):
+        return _int8_row_scaled_linear(x, module)
     return reference_linear(x, module)
+
+
+def _int8_row_scaled_linear(x: torch.Tensor, module) -> torch.Tensor:
+    """Per-row INT8: (x @ q^T) * s, gpt-fast's form. The scale of a row factors out of its dot
+    product, so the integers (exact in BF16/FP16) go into the product and the FP32 matrix is
+    never built; compiled (infer/compiled.py), inductor fuses the cast into the product."""
+    y = F.linear(x, module.qweight.to(x.dtype)) * module.scales.view(-1).to(x.dtype)
+    return y if module.bias is None else y + module.bias.to(x.dtype)
 
 
 def _tinygemm_layout(module):

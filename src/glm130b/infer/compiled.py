@@ -1,0 +1,87 @@
+"""The compiled decode step (gpt-fast's recipe): one token per row through the whole model as
+one `torch.compile`d function over a static KV cache.
+
+Eager decoding launches hundreds of small kernels per token, and on a GPU the launches, not the
+weights' reads, set the speed of a batch-1 step. Compiled with `mode="reduce-overhead"` the step
+becomes one CUDA graph replayed every token; on the CPU inductor fuses the element-wise work.
+What makes one graph possible is the cache (model/kv_cache.StaticKVCache): each step writes at
+slots held in a device tensor and attends every slot with the mask hiding the unused ones, so
+the shapes never change. One graph is compiled per number of rows (the serving batcher's live
+rows vary; the recompile limit is raised to cover them).
+
+The prefill stays eager (SDPA under GLM's mask: its length changes every request). If compiling
+fails (no C++ compiler for inductor, an unsupported op) the step says so once and runs the same
+static-cache step eagerly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+MODE_ENV = "GLM130B_COMPILE_MODE"
+
+
+def default_mode(device: torch.device) -> str:
+    """CUDA graphs on a GPU (the launch overhead is what compiling removes there), inductor's
+    default elsewhere; $GLM130B_COMPILE_MODE overrides ("eager": no compiling)."""
+    return os.environ.get(MODE_ENV) or ("reduce-overhead" if device.type == "cuda" else "default")
+
+
+def decode_one(model, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, cache) -> torch.Tensor:
+    """FP32 logits [B, V] of one token per row (ids [B, 1]), written into the static cache."""
+    h = model.run_blocks(model.embed(ids), positions, allowed, cache)
+    return model.head(model.final_layernorm(h[:, 0])).float()
+
+
+class CompiledDecoder:
+    def __init__(self, model, mode: str | None = None):
+        self.model = model
+        device = model.final_layernorm.weight.device
+        self.mode = mode or default_mode(device)
+        self.cuda = device.type == "cuda"
+        self.fn = decode_one
+        if self.mode != "eager":
+            import torch._dynamo
+
+            # one graph per row count: up to a server's whole batch
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self.fn = torch.compile(decode_one, mode=self.mode, dynamic=False)
+        self.failed: str | None = None
+
+    @torch.no_grad()
+    def step(self, ids, positions, allowed, cache, logits_at) -> torch.Tensor | None:
+        """engine.forward's contract for a decode step: advance the cache by one, return FP32
+        logits [B, V] (a copy: a CUDA graph's output is overwritten by its next replay)."""
+        cache.check_room(1)
+        cache.write_at = cache.lengths[cache.rows].to(ids.device, non_blocking=True)
+        try:
+            logits = self._run(ids, positions, allowed, cache)
+        finally:
+            cache.write_at = None
+        cache.advance(1)
+        return None if logits_at is None else logits.clone()
+
+    def _run(self, ids, positions, allowed, cache) -> torch.Tensor:
+        if self.fn is not decode_one:
+            try:
+                if self.cuda:
+                    torch.compiler.cudagraph_mark_step_begin()
+                return self.fn(self.model, ids, positions, allowed, cache)
+            except Exception as e:  # noqa: BLE001 - a compiler failure must not end the generation
+                if not _is_compile_failure(e):
+                    raise
+                self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                print(f"glm130b: torch.compile of the decode step failed ({self.failed[:200]}); "
+                      "decoding eagerly", file=sys.stderr)
+                self.fn = decode_one
+        return decode_one(self.model, ids, positions, allowed, cache)
+
+
+def _is_compile_failure(e: Exception) -> bool:
+    """Errors raised by dynamo/inductor themselves (not a model error such as a full cache)."""
+    mod = type(e).__module__ or ""
+    return mod.startswith(("torch._dynamo", "torch._inductor")) or "BackendCompilerFailed" in type(e).__name__ \
+        or isinstance(e, (OSError, ImportError))
