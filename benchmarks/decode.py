@@ -24,6 +24,9 @@ Llama of the same shape (random weights, FP32, `generate` with its KV cache) and
 (llama-cpp-python) on a random-weight Llama GGUF of that shape written with the `gguf` package
 and quantized by llama.cpp itself to Q8_0 and Q4_0.
 
+`--device cuda` runs benchmarks/decode_gpu.py instead (a ChatGLM-6B shape in BF16 / INT8 / INT4,
+eager and compiled, the HBM roofline, transformers as the peer; its own flags).
+
 Timings are the best of `--rounds` rounds, run round-robin over the variants so that load from
 other processes hits all of them alike; ratios are measured side by side. `--json` prints one
 JSON object. The default run takes about 1-3 minutes on 2 cores.
@@ -380,7 +383,15 @@ def build_variants(base, names: list[str], group_size: int | None) -> dict:
 
 
 def main() -> None:
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", default="cpu")
+    known, rest = device.parse_known_args()
+    if known.device != "cpu":  # the GPU benchmark: a ChatGLM-6B shape, compiled decoding, its own flags
+        from decode_gpu import main as gpu_main
+
+        return gpu_main(["--device", known.device, *rest])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu (this benchmark) or cuda (benchmarks/decode_gpu.py)")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--heads", type=int, default=16)

@@ -379,3 +379,25 @@ def test_decode_benchmark_quick_run_has_the_keys():
         assert key in result, key
     assert result["int4_weight_bytes_vs_fp16"] <= 0.3
     assert all(v["tok_s"] > 0 for v in result["variants"].values())
+
+
+def test_gpu_decode_benchmark_runs_on_the_cpu():
+    """benchmarks/decode.py's GPU half (decode_gpu.py) runs end to end at a tiny shape on the CPU,
+    so the script a GPU session runs is exercised by every test run (timings are not asserted)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_gpu.py"
+    out = subprocess.run([sys.executable, str(script), "--device", "cpu", "--quick", "--dtype", "fp32", "--json",
+                          "--variants", "fp32,fp32_compiled,int4", "--no-peers"], capture_output=True, text=True,
+                         check=True, timeout=600).stdout
+    result = json.loads(out)
+    assert set(result["variants"]) == {"fp32", "fp32_compiled", "int4"}
+    for r in result["variants"].values():
+        assert "error" not in r, r
+        assert r["tok_s"] > 0 and r["batch8_tok_s"] > 0 and r["prefill_tok_s"] > 0 and 0 < r["roofline_fraction"]
+    assert result["variants"]["int4"]["weight_bytes_per_token"] < result["variants"]["fp32"]["weight_bytes_per_token"]
+    assert result["compile_failures"] == {}
+    assert {"int4_vs_fp32", "fp32_compiled_vs_eager", "bandwidth_gbs"} <= set(result)
