@@ -23,6 +23,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import time
 
 import torch
@@ -166,22 +167,78 @@ def gpu_name(device: torch.device) -> str:
     return cpu_name()
 
 
+def summarize(args, cfg, device, bw, res, peer, compile_failures) -> dict:
+    """The JSON of the figures so far (written after each variant with --out, so a run cut short
+    by a time limit still leaves what it measured)."""
+    out: dict = {"device": gpu_name(device), "torch": torch.__version__, "preset": args.preset, "dtype": args.dtype,
+                 "model": {"parameters": sum(p.numel() for p in build_model(cfg, "meta").parameters()),
+                           "layers": cfg.num_layers, "hidden": cfg.hidden_size, "ffn": cfg.ffn_hidden_size,
+                           "vocab": cfg.vocab_size},
+                 "bandwidth_gbs": bw["best"] / 1e9,
+                 "bandwidth_sources_gbs": {k: x / 1e9 for k, x in bw.items() if k != "best"},
+                 "prompt_tokens": args.prompt, "new_tokens": args.new_tokens, "batch": args.batch, "variants": {},
+                 "compile_failures": compile_failures}
+    for n, r in res.items():
+        if r["error"] or r["b1"] == float("inf"):
+            out["variants"][n] = {"error": r["error"] or "not measured"}
+            continue
+        b1 = args.new_tokens / r["b1"]
+        roof = bw["best"] / r["bytes_per_token"]
+        out["variants"][n] = {"weight_bytes_per_token": r["bytes_per_token"], "prefill_tok_s": args.prompt / r["prefill"],
+                              "tok_s": b1, f"batch{args.batch}_tok_s": args.batch * args.new_tokens / r["bn"],
+                              "roofline_tok_s": roof, "roofline_fraction": b1 / roof}
+    v = {n: r for n, r in out["variants"].items() if "error" not in r}
+
+    def best(kind: str) -> dict | None:
+        cands = [r for n, r in v.items() if n.removesuffix("_compiled") == kind]
+        return max(cands, key=lambda r: r["tok_s"]) if cands else None
+
+    ref = best(args.dtype)
+    if ref:
+        out[f"{args.dtype}_roofline_fraction"] = ref["roofline_fraction"]
+        for q in ("int8", "int4"):
+            if best(q):
+                out[f"{q}_vs_{args.dtype}"] = best(q)["tok_s"] / ref["tok_s"]
+    for n in v:
+        if n.endswith("_compiled") and n.removesuffix("_compiled") in v:
+            out[f"{n}_vs_eager"] = v[n]["tok_s"] / v[n.removesuffix("_compiled")]["tok_s"]
+    if peer:
+        out["peer"] = peer
+        if ref:
+            out[f"{args.dtype}_vs_transformers"] = ref["tok_s"] / peer["tok_s"]
+            key = f"batch{args.batch}_tok_s"
+            out[f"{args.dtype}_batch{args.batch}_vs_transformers"] = ref[key] / peer[key]
+    if device.type == "cuda":
+        out["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def write_json(path: str | None, out: dict) -> None:
+    if path:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=2)
+        os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--preset", default="chatglm-6b", help="the model's shape (random weights)")
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="activations and unquantized weights")
-    p.add_argument("--variants", default="bf16,bf16_compiled,int8,int8_compiled,int4,int4_compiled")
+    p.add_argument("--variants", default="bf16,bf16_compiled,int4_compiled,int8_compiled",
+                   help="comma-separated: bf16, fp16, fp32, int8, int4, each optionally _compiled; measured in this order")
     p.add_argument("--group-size", type=int, default=None, help="INT8/INT4 group size (default per row)")
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before each timing")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--bandwidth-gib", type=float, default=4.0)
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--quick", action="store_true", help="a tiny model (a smoke test, e.g. on the CPU)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--out", help="also write the JSON here, after every variant (a cut-short run keeps its figures)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -195,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = DTYPES[args.dtype]
     t_start = time.perf_counter()
     torch.manual_seed(0)
+    peer, failures = None, {}
     with torch.no_grad():
         base = build_model(cfg, device=device).to(dtype).eval()
         names = [v for v in args.variants.split(",") if v]
@@ -215,55 +273,19 @@ def main(argv: list[str] | None = None) -> None:
                                                           cfg.vocab_size, args.warmup))
                 except Exception as e:  # noqa: BLE001 - one variant failing must not lose the others
                     r["error"] = f"{type(e).__name__}: {e}"[:300]
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        compile_failures = {n: e._decoder.failed for n, (_, e) in variants.items() if e._decoder and e._decoder.failed}
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+                if engine._decoder is not None and engine._decoder.failed:
+                    failures[n] = engine._decoder.failed
+                write_json(args.out, summarize(args, cfg, device, bw, res, peer, failures))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         del variants, base
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    peer = None if args.no_peers else hf_peer(cfg, device, dtype, args.prompt, args.new_tokens, args.batch,
-                                               args.rounds)
-
-    out: dict = {"device": gpu_name(device), "torch": torch.__version__, "preset": args.preset, "dtype": args.dtype,
-                 "model": {"parameters": sum(p.numel() for p in build_model(cfg, "meta").parameters()),
-                           "layers": cfg.num_layers, "hidden": cfg.hidden_size, "ffn": cfg.ffn_hidden_size,
-                           "vocab": cfg.vocab_size},
-                 "bandwidth_gbs": bw["best"] / 1e9, "bandwidth_sources_gbs": {k: v / 1e9 for k, v in bw.items() if k != "best"},
-                 "prompt_tokens": args.prompt, "new_tokens": args.new_tokens, "batch": args.batch, "variants": {},
-                 "compile_failures": compile_failures}
-    for n, r in res.items():
-        if r["error"]:
-            out["variants"][n] = {"error": r["error"]}
-            continue
-        b1 = args.new_tokens / r["b1"]
-        bn = args.batch * args.new_tokens / r["bn"]
-        roof = bw["best"] / r["bytes_per_token"]
-        out["variants"][n] = {"weight_bytes_per_token": r["bytes_per_token"], "prefill_tok_s": args.prompt / r["prefill"],
-                              "tok_s": b1, f"batch{args.batch}_tok_s": bn, "roofline_tok_s": roof,
-                              "roofline_fraction": b1 / roof}
-    v = {n: r for n, r in out["variants"].items() if "error" not in r}
-
-    def best(kind: str) -> dict | None:
-        cands = [r for n, r in v.items() if n.removesuffix("_compiled") == kind]
-        return max(cands, key=lambda r: r["tok_s"]) if cands else None
-
-    ref = best(args.dtype)
-    if ref:
-        out[f"{args.dtype}_roofline_fraction"] = ref["roofline_fraction"]
-        for q in ("int8", "int4"):
-            if best(q):
-                out[f"{q}_vs_{args.dtype}"] = best(q)["tok_s"] / ref["tok_s"]
-    for n in v:
-        if n.endswith("_compiled") and n.removesuffix("_compiled") in v:
-            out[f"{n}_vs_eager"] = v[n]["tok_s"] / v[n.removesuffix("_compiled")]["tok_s"]
-    if peer:
-        out["peer"] = peer
-        if ref:
-            out[f"{args.dtype}_vs_transformers"] = ref["tok_s"] / peer["tok_s"]
-            out[f"{args.dtype}_batch{args.batch}_vs_transformers"] = ref[f"batch{args.batch}_tok_s"] / peer[f"batch{args.batch}_tok_s"]
-    out["peak_allocated_gib"] = None if peak is None else peak / 2**30
+    if not args.no_peers:
+        peer = hf_peer(cfg, device, dtype, args.prompt, args.new_tokens, args.batch, args.rounds)
+    out = summarize(args, cfg, device, bw, res, peer, failures)
     out["seconds"] = time.perf_counter() - t_start
+    write_json(args.out, out)
     if args.json:
         print(json.dumps(out, indent=2))
         return
@@ -286,10 +308,9 @@ def main(argv: list[str] | None = None) -> None:
     for k, x in out.items():
         if isinstance(x, float) and ("_vs_" in k or k.endswith("roofline_fraction")):
             print(f"{k}: {x:.2f}")
-    for n, why in compile_failures.items():
+    for n, why in failures.items():
         print(f"{n}: compiling failed, ran eagerly ({why})")
     print(f"{out['seconds']:.0f} s")
-
 
 if __name__ == "__main__":
     main()

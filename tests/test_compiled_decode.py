@@ -112,3 +112,45 @@ def test_cli_compile_flag(tmp_path, tokenizer, capsys):
     plain = capsys.readouterr().out
     assert main([*args, "--compile"]) == 0
     assert capsys.readouterr().out == plain
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU): CUDA graphs
+# --------------------------------------------------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+@cuda
+def test_cuda_graph_step_equals_the_eager_engine_in_fp32(tokenizer):
+    model = varied_model("1d", seed=1).cuda()
+    plain = _outputs(model, tokenizer)
+    got = _with_compile(model, "reduce-overhead", lambda: _outputs(model, tokenizer))
+    assert got == plain
+
+
+@cuda
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_cuda_graph_step_logits_in_bf16(bits):
+    """BF16 (and INT8/INT4 weights): the compiled step's logits follow the eager step's, fed the
+    same tokens, within BF16's rounding."""
+    from glm130b.quant import quantize_model
+
+    model = varied_model("2d", seed=1).cuda().to(torch.bfloat16)
+    if bits:
+        quantize_model(model, bits)
+    eager, fast = Engine(model, fused_decode=False), Engine(model, compile_decode="reduce-overhead")
+    rows = [[10 + (3 * i) % 50 for i in range(n)] + [6] for n in (5, 11)]
+    caches = []
+    for engine in (eager, fast):
+        cache = engine.new_cache(2, 32)
+        engine.forward(*engine.prefill_inputs(rows), cache)
+        caches.append(cache)
+    tokens = torch.tensor([3, 3])
+    blocks = [Block(len(r) - 1, 0, True) for r in rows]
+    ctx = torch.tensor([len(r) for r in rows])
+    for step in range(6):
+        a = eager.step(tokens, caches[0], blocks, [len(r) for r in rows], [step] * 2, ctx, 12)
+        b = fast.step(tokens, caches[1], blocks, [len(r) for r in rows], [step] * 2, ctx, 12)
+        assert (a - b).abs().max().item() <= 0.05 * a.abs().max().item(), step
+        tokens = a.argmax(dim=-1).cpu()
+    assert fast._decoder.failed is None

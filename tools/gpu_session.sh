@@ -6,6 +6,7 @@
 #   3. each run exported as FP16 (tools/ship_model.py: context = the training windows), and its
 #      held-out perplexity and the two dev tasks (on the host's CPU cores);
 #   4. the export with the lowest held-out perplexity kept.
+# MODE=inference runs the CUDA tests and the inference benchmarks instead of 2-4 (issue #16; see below).
 # How the shipped model was made:  RUNS="dn1800:deepnorm:1800 dn3000:deepnorm:3000" TESTS=0 tools/gpu_session.sh
 # Everything worth keeping lands under $OUT (weights split in 15 MB parts; `cat` joins them).
 set -u
@@ -36,10 +37,33 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())" || exit 1
 
 stamp "1. CUDA tests"
+[ "${MODE:-train}" = inference ] && TEST_SECONDS=${TEST_SECONDS:-150}
 if [ "$TESTS" = 1 ]; then
-    timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_quant_kernels.py tests/test_train.py \
+    files="tests/test_quant_kernels.py tests/test_compiled_decode.py"
+    [ "${MODE:-train}" = inference ] || files="$files tests/test_train.py"
+    timeout "${TEST_SECONDS:-240}" python3 -m pytest -q -p no:cacheprovider -o addopts="" $files \
         -k "cuda" > /tmp/cuda_tests.log 2>&1 || echo "CUDA TESTS FAILED (the log's end follows)"
     tail -15 /tmp/cuda_tests.log
+    cp /tmp/cuda_tests.log "$OUT/"
+fi
+
+# MODE=inference (issue #16): the GPU inference figures instead of training, each as JSON in $OUT,
+# within one device call (600 s): TESTS=1 MODE=inference tools/gpu_session.sh (tests 150 s at most,
+# decode 300, plan 120; TEST_SECONDS, DECODE_SECONDS, PLAN_SECONDS, VARIANTS override):
+# the decode benchmark (ChatGLM-6B shape, BF16/INT8/INT4, eager and compiled, the HBM roofline,
+# transformers as the peer) and the planner against the measured peak memory.
+if [ "${MODE:-train}" = inference ]; then
+    stamp "2. decode benchmark"
+    # the JSON is rewritten after every variant: a run cut by the timeout keeps what it measured
+    timeout "${DECODE_SECONDS:-300}" python3 benchmarks/decode.py --device cuda --out "$OUT/decode_cuda.json" \
+        ${VARIANTS:+--variants $VARIANTS} > "$OUT/decode_cuda.txt" 2>&1 || echo "decode benchmark failed or timed out"
+    tail -25 "$OUT/decode_cuda.txt"
+    stamp "3. plan against reality"
+    timeout "${PLAN_SECONDS:-120}" python3 benchmarks/plan_vs_reality.py --device cuda --json \
+        > "$OUT/plan_vs_reality.json" 2> "$OUT/plan_vs_reality.err" || echo "plan benchmark failed or timed out"
+    tail -5 "$OUT/plan_vs_reality.err"; head -c 3000 "$OUT/plan_vs_reality.json"
+    stamp done
+    exit 0
 fi
 
 common=(--preset small --seq-len $SEQ --batch-size $BATCH --precision bf16 --device $DEVICE --instructions builtin
