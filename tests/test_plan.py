@@ -90,3 +90,28 @@ def test_text_output(capsys):
     assert main(["plan", "--preset", "glm-130b", "--bits", "4", "--gpus", "4x24GB"]) == 0
     out = capsys.readouterr().out
     assert "weights" in out and "kv_cache" in out and "fits" in out
+
+
+@pytest.mark.parametrize("bits,group_size", [(16, None), (8, None), (4, None), (8, 32), (4, 64)])
+@pytest.mark.parametrize("ffn_type", ["geglu", "gelu"])
+def test_weights_and_kv_lines_are_the_real_bytes(bits, group_size, ffn_type):
+    """The plan's weights and kv_cache lines are, to the byte, the tensors of the model built in the
+    planned layout (16-bit, or INT8/INT4 matrices with FP32 scales) and of the engine's KV cache.
+    benchmarks/plan_vs_reality.py builds its models this way and compares the same two lines."""
+    import torch
+
+    from glm130b.infer.engine import Engine
+    from glm130b.model.glm import build_model
+    from glm130b.quant import quantize_model
+    from glm130b.quant.weights import weight_bytes
+
+    cfg = GLMConfig.from_preset("tiny", ffn_type=ffn_type, rotary="2d" if ffn_type == "gelu" else "1d")
+    model = build_model(cfg, "meta").to(torch.bfloat16)
+    if bits != 16:
+        quantize_model(model, bits, group_size)
+    model = model.to_empty(device="cpu")
+    batch, seq = 3, 40
+    plan = plan_inference(cfg, Gpus(1, 1), bits=bits, batch=batch, seq=seq, group_size=group_size)
+    assert weight_bytes(model)["total"] == plan.per_gpu["weights"]
+    cache = Engine(model).new_cache(batch, seq)
+    assert sum(t.numel() * t.element_size() for t in cache.k + cache.v) == plan.per_gpu["kv_cache"]
