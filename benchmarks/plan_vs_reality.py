@@ -373,6 +373,13 @@ def parse_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def write_out(path: str | None, out: dict) -> None:
+    if path:
+        with open(f"{path}.tmp", "w") as f:
+            f.write(json.dumps(out, indent=2) + "\n")
+        os.replace(f"{path}.tmp", path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -409,17 +416,20 @@ def main() -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     results = []
     t_start = time.perf_counter()
+
+    def summary() -> dict:
+        return {"device": args.device, "dtype": args.dtype, "tolerance": TOLERANCE, "results": results,
+                "seconds": time.perf_counter() - t_start}
+
     for name, spec, plan in configurations(args):
         spec.update(device=args.device, dtype=args.dtype)
         measured = run_child(spec, args.timeout)
         results.append(compare(name, spec, plan, measured))
         if not args.json:
             print(f"... {name}: {measured.get('seconds', 0):.1f} s", file=sys.stderr, flush=True)
-    out = {"device": args.device, "dtype": args.dtype, "tolerance": TOLERANCE, "results": results,
-           "seconds": time.perf_counter() - t_start}
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(json.dumps(out, indent=2) + "\n")
+        write_out(args.out, summary())  # after each one: a run cut by a time limit keeps its figures
+    out = summary()
+    write_out(args.out, out)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
