@@ -33,6 +33,7 @@ from glm130b.infer.engine import Batch, Engine, Row
 from glm130b.model.glm import build_model
 from glm130b.model.masks import Block
 from glm130b.quant import QuantizedLinear, quantize_model
+from glm130b.quant.kernels import compact_cuda_int4
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -109,6 +110,10 @@ def prefill_seconds(engine: Engine, prompt: int, vocab: int) -> float:
     return timed(lambda: Batch(engine, make_rows(1, prompt, vocab), 2), engine.device)
 
 
+def device_of(model) -> torch.device:
+    return model.final_layernorm.weight.device
+
+
 def build_variants(base, names: list[str], dtype: torch.dtype, group_size: int | None) -> dict:
     """name -> (model, engine): `bf16`/`fp16`/`fp32`, `int8`, `int4`, each with `_compiled`."""
     out = {}
@@ -118,6 +123,8 @@ def build_variants(base, names: list[str], dtype: torch.dtype, group_size: int |
             m = base if DTYPES[kind] == dtype else copy.deepcopy(base).to(DTYPES[kind])
         elif kind in ("int8", "int4"):
             m = quantize_model(copy.deepcopy(base), 8 if kind == "int8" else 4, group_size)
+            if device_of(m).type == "cuda":
+                compact_cuda_int4(m)  # as the CLI loads it: INT4 held once, in tinygemm's layout
         else:
             raise SystemExit(f"unknown variant {name!r}: use bf16, fp16, fp32, int8, int4 (with _compiled)")
         out[name] = (m, Engine(m, fused_decode=False, compile_decode=name.endswith("_compiled") or False))

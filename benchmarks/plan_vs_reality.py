@@ -107,6 +107,12 @@ def build_inference_model(cfg, bits: int, dtype, device, group_size: int | None 
         quantize_model(model, bits, group_size)
     model = model.to_empty(device=device)
     _fill_random(model)
+    import torch
+
+    if torch.device(device).type == "cuda":  # as the CLI loads it: INT4 held once, in tinygemm's layout
+        from glm130b.quant.kernels import compact_cuda_int4
+
+        compact_cuda_int4(model)
     return model.eval()
 
 
@@ -128,7 +134,9 @@ def run_inference(spec: dict, device, dtype) -> dict:
 
     cfg = GLMConfig.from_dict(spec["config"])
     model = build_inference_model(cfg, spec["bits"], dtype, device, spec.get("group_size"))
-    weights = tensor_bytes(list(model.parameters()) + list(model.buffers()))
+    layouts = [t for m in model.modules() if getattr(m, "source_released", False)
+               for t in m._cache["tinygemm"][:2]]  # a compacted CUDA INT4 layer's only copy
+    weights = tensor_bytes(list(model.parameters()) + list(model.buffers()) + layouts)
     prompt, new = spec["seq"] - spec["new"], spec["new"]
     rows = []
     for i in range(spec["batch"]):

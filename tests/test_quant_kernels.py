@@ -355,6 +355,56 @@ def test_int8_row_scaled_form_equals_the_reference(bias):
     assert (y.float() - ref).abs().max().item() / ref.abs().max().item() < 2e-2
 
 
+def test_a_released_int4_source_refuses_to_be_saved_or_read():
+    """After compact_cuda_int4 an INT4 layer keeps only the kernel's layout: saving, dequantizing
+    or a backward is refused with one line instead of writing or using an empty placeholder; a
+    cast keeps the layout (in the kernel's dtypes); set_weight makes the layer whole again. (The
+    layout is faked here: tinygemm runs on CUDA only; the CUDA test below uses the real one.)"""
+    from glm130b.quant import QuantizationError
+
+    layer = _layer(16, 64, 4, None)
+    size = layer.weight_bytes()
+    packed, sz = torch.arange(8, dtype=torch.int32), torch.ones(2, 16, 2, dtype=torch.bfloat16)
+    layer.release_source((packed, sz, 32))
+    assert layer.qweight.numel() == 0 and layer.weight_bytes() == size
+    for action in (layer.state_dict, layer.dequantized_weight, layer.int_weight):
+        with pytest.raises(QuantizationError, match="load the model again"):
+            action()
+    x = torch.randn(2, 64, requires_grad=True)
+    with pytest.raises(QuantizationError, match="load the model again"):
+        layer(x).sum().backward()
+    layer.half()
+    p2, sz2, g = layer._cache["tinygemm"]
+    assert torch.equal(p2, packed) and sz2.dtype == torch.bfloat16 and g == 32
+    layer.set_weight(torch.randn(16, 64))
+    assert not layer.source_released and "qweight" in layer.state_dict()
+
+
+@cuda
+def test_compacted_cuda_int4_model_decodes_the_same_in_half_the_weight_memory():
+    from helpers import varied_model
+
+    from glm130b.infer.engine import GenerationConfig
+    from glm130b.infer.generate import generate_batch
+    from glm130b.quant import QuantizationError, quantize_model
+    from glm130b.tokenizer import default_tokenizer
+
+    tok = default_tokenizer()
+    model = quantize_model(varied_model("1d", seed=1).cuda().to(torch.bfloat16), 4)
+    prompts, cfg = ["In the beginning", "起初，神创造天地。"], GenerationConfig(max_new_tokens=8)
+    before = generate_batch(model, tok, prompts, cfg)  # builds the layouts beside qweight
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+    n = K.compact_cuda_int4(model)
+    assert n > 0
+    freed = held - torch.cuda.memory_allocated()
+    sources = sum(m.weight_bytes() for m in model.modules() if getattr(m, "source_released", False))
+    assert freed >= 0.8 * sources  # the packed sources (less their scales) are gone
+    assert generate_batch(model, tok, prompts, cfg) == before
+    with pytest.raises(QuantizationError):
+        model.state_dict()
+
+
 @cuda
 def test_cuda_int4_uses_tinygemm_where_it_can():
     layer = _layer(256, 1024, 4, 128).cuda()

@@ -122,7 +122,17 @@ def _load(args):
 
         load_adapter(model, args.adapter, log=lambda m: print(m, file=sys.stderr))
     model.compile_decode = bool(getattr(args, "compile", False))
-    return model, tokenizer
+    return _compact(model), tokenizer
+
+
+def _compact(model):
+    """On a GPU, INT4 weights held once: in the kernel's layout (quant.kernels.compact_cuda_int4);
+    the verbs that load through here only run the model."""
+    if model.final_layernorm.weight.device.type == "cuda":
+        from glm130b.quant.kernels import compact_cuda_int4
+
+        compact_cuda_int4(model)
+    return model
 
 
 def _fast(model):
@@ -199,7 +209,8 @@ def _load_tensor_parallel(args):
     if getattr(args, "compile", False):
         raise GLMError("--compile is not supported with --tp yet (the tensor-parallel step runs eagerly)")
     dtype = resolve_dtype(getattr(args, "dtype", "auto"), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    return load_tensor_parallel(directory, args.tp, args.bits, args.group_size, dtype)
+    model, tokenizer = load_tensor_parallel(directory, args.tp, args.bits, args.group_size, dtype)
+    return _compact(model), tokenizer
 
 
 def _leave_tp(args) -> None:

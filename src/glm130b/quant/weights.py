@@ -178,31 +178,63 @@ class QuantizedLinear(nn.Module):
         device = weight.device if self.qweight.is_meta else self.qweight.device
         self.qweight = (q if self.bits == 8 else pack_int4(q)).to(device)
         self.scales = scales.to(device)
+        self.source_released = False
         self._cache.clear()
 
     def int_weight(self) -> torch.Tensor:
         """The integer values, int8 [out, in] (unpacked for INT4)."""
+        self._need_source()
         return self.qweight if self.bits == 8 else unpack_int4(self.qweight, self.in_features)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
         """The matrix (or its `rows`) in `dtype`: the reference every kernel is tested against."""
+        self._need_source()
         q = self.qweight[rows]
         q = q if self.bits == 8 else unpack_int4(q, self.in_features)
         return dequantize_weight(q, self.scales[rows], self.group_size, dtype)
 
     def weight_bytes(self) -> int:
-        """Bytes of the quantized matrix and its scales (bias excluded)."""
-        return self.qweight.numel() * self.qweight.element_size() + self.scales.numel() * self.scales.element_size()
+        """Bytes of the quantized matrix and its scales (bias excluded), from the shapes (the same
+        once the source is released for a CUDA kernel's layout)."""
+        cols = self.in_features if self.bits == 8 else (self.in_features + 1) // 2
+        return self.out_features * cols + self.scales.numel() * self.scales.element_size()
+
+    # -- CUDA INT4 inference: the kernel's layout alone -------------------------------------------
+    source_released = False
+
+    def release_source(self, layout) -> None:
+        """Keep only `layout` (the CUDA INT4 kernel's packed copy, built from `qweight`) and free
+        `qweight`: otherwise INT4 weights sit in GPU memory twice, and the planner counts them
+        once. The layer then serves inference only (quant.kernels.compact_cuda_int4)."""
+        self._cache["tinygemm"] = layout
+        self.qweight = torch.empty(0, dtype=self.qweight.dtype, device=self.qweight.device)
+        self.source_released = True
+
+    def _need_source(self) -> None:
+        if self.source_released:
+            raise QuantizationError(
+                "this INT4 layer keeps only the CUDA kernel's layout (its source was freed to halve its memory "
+                "for inference): load the model again to save it, fine-tune it or read its weights")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._need_source()  # never write the empty placeholder as if it were the weights
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _apply(self, fn, recurse=True):
         # `.half()` / `.to(dtype)` cast floating buffers; keep the scales in FP32.
         super()._apply(fn, recurse)
         if self.scales.dtype != torch.float32 and not self.scales.is_meta:
             self.scales = self.scales.float()
+        layout = self._cache.get("tinygemm") if self.source_released else None
         self._cache.clear()
+        if layout:  # the only copy of the weights: moved along, kept in the kernel's dtypes
+            packed, scales_and_zeros, group = layout
+            self._cache["tinygemm"] = (fn(packed), fn(scales_and_zeros).to(torch.bfloat16), group)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.source_released and (x.device.type != "cuda" or (torch.is_grad_enabled() and x.requires_grad)):
+            self._need_source()  # only the CUDA kernel's forward can run on the layout alone
         if torch.is_grad_enabled() and x.requires_grad:  # fine-tuning with frozen INT4/INT8 weights
             return _FrozenQuantizedProduct.apply(x, self)
         from glm130b.quant.kernels import quantized_linear
