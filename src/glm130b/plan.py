@@ -8,8 +8,8 @@ Inference (weights spread over the GPUs by tensor parallelism, as GLM-130B's own
   weights     the four matrices of every layer at `bits` (INT8/INT4 per-row or group-wise with
               FP32 scales, glm130b.quant), embeddings, LayerNorms and biases in FP16, split by TP
   kv_cache    2 (k, v) x layers x batch x sequence x hidden x 2 bytes / TP
-  activations the prefill peak of one layer: FP32 attention scores and probabilities, the GeGLU
-              intermediate and a few hidden-size buffers
+  activations the prefill of one layer in the engine (prefill_activation_bytes): the mask, a few
+              hidden-size buffers, QKV, the FFN intermediate; SDPA builds no s x s scores
   overhead    CUDA context, kernels and allocator slack: a flat 1 GiB per GPU
 
 Training (mixed precision, TP x PP x DP on PyTorch's stack, docs/parallel.md):
@@ -103,6 +103,22 @@ def layer_activation_bytes(cfg: GLMConfig, micro_batch: int, seq: int, tp: int) 
     return replicated + split
 
 
+def prefill_activation_bytes(cfg: GLMConfig, batch: int, seq: int, tp: int, act_bytes: int = 2) -> float:
+    """What one layer's prefill of `batch` x `seq` tokens allocates in the engine, summed over
+    the layer (a bound on its peak): the boolean mask and SDPA's 16-bit additive copy of it (no
+    s x s scores: SDPA's memory-efficient kernels never build them), four hidden-size buffers
+    (input, LayerNorm output, attention output, residual), the QKV output and rotary's FP32
+    copies of q and k, and the FFN's projection and activation (GeGLU: 2F then F; GELU: F twice).
+    The earlier count (FP32 scores and probabilities, 8 bytes per head x s^2) was 2-6x the peak
+    measured on the CPU (benchmarks/plan_vs_reality.py)."""
+    b, s, h, f = batch, seq, cfg.hidden_size, cfg.ffn_hidden_size
+    mask = b * s * s * (1 + act_bytes)
+    hidden = 4 * b * s * h * act_bytes
+    attention = 3 * b * s * h / tp * act_bytes + 2 * b * s * h / tp * 4
+    ffn = (3 if cfg.ffn_type == "geglu" else 2) * b * s * f / tp * act_bytes
+    return mask + hidden + attention + ffn
+
+
 @dataclass
 class Plan:
     mode: str  # "inference" or "training"
@@ -141,8 +157,7 @@ def plan_inference(cfg: GLMConfig, gpus: Gpus, bits: int = 16, batch: int = 1, s
     layer = sum(_matrix_bytes(r * k, r, bits, group_size, k) for r, k in rows_cols)
     weights = (cfg.num_layers * (layer + 2 * c.layer_other) + 2 * (c.embedding + c.final)) / tp
     kv = 2 * cfg.num_layers * batch * seq * h * 2 / tp
-    a = cfg.num_heads / tp
-    activations = batch * a * seq * seq * (4 + 4) + batch * seq * (2 * f / tp) * 4 + 4 * batch * seq * h * 4
+    activations = prefill_activation_bytes(cfg, batch, seq, tp)
     per_gpu = {"weights": weights, "kv_cache": kv, "activations": activations, "overhead": OVERHEAD}
     notes = [f"batch {batch} x sequence {seq}; KV cache and activations in FP16/FP32 as the engine keeps them"]
     return _finish("inference", cfg, c, gpus, tp, 1, 1, bits, per_gpu, notes)
