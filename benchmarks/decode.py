@@ -39,7 +39,6 @@ import copy
 import json
 import os
 import platform
-import resource
 import sys
 import time
 
@@ -48,6 +47,7 @@ import torch
 
 from glm130b.config import GLMConfig
 from glm130b.cpu_precision import native_half
+from glm130b.device import peak_rss_mib
 from glm130b.infer.engine import Batch, Engine, Row
 from glm130b.model.glm import build_model
 from glm130b.model.masks import Block
@@ -493,7 +493,7 @@ def main() -> None:
                 out[f"llamacpp_{q}_prefill_tok_s"] = peers["llama_cpp"][q]["prefill_tok_s"]
                 out[f"{ours}_prefill_vs_llamacpp_{q}"] = v[ours]["prefill_tok_s"] / peers["llama_cpp"][q]["prefill_tok_s"]
     out["gemv_4096"] = micro
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mib()
     out["seconds"] = time.perf_counter() - t_start
 
     if args.json:

@@ -61,7 +61,6 @@ def memory_bandwidth(device: torch.device, gib: float, repeats: int = 5) -> dict
     for name, fn, moved in (("copy", lambda: dst.copy_(src), 2 * n * 2), ("sum", lambda: src.sum(dtype=torch.float32), n * 2)):
         fn()
         out[name] = moved / min(timed(fn, device) for _ in range(repeats))
-    del src, dst
     out["best"] = max(out.values())
     return out
 
@@ -150,7 +149,7 @@ def hf_peer(cfg: GLMConfig, device, dtype, prompt: int, steps: int, batch: int, 
         ids = torch.randint(8, cfg.vocab_size, (rows, prompt), generator=torch.Generator().manual_seed(0)).to(device)
         mask = torch.ones_like(ids)
 
-        def gen(n: int) -> float:
+        def gen(n: int, ids=ids, mask=mask) -> float:
             with torch.no_grad():
                 return timed(lambda: model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                                     do_sample=False), device)
@@ -161,7 +160,6 @@ def hf_peer(cfg: GLMConfig, device, dtype, prompt: int, steps: int, batch: int, 
         out["tok_s" if rows == 1 else f"batch{batch}_tok_s"] = rows * steps / max(full - one, 1e-9)
         if rows == 1:
             out["prefill_tok_s"] = prompt / one
-    del model
     return out
 
 

@@ -8,11 +8,11 @@ minutes first and show what it learned.
 
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 
 from glm130b.checkpoint import load_model
+from glm130b.device import peak_rss_mib
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "glm-small"
 BLANKS = [
@@ -23,10 +23,6 @@ BLANKS = [
 ]
 PROMPTS = ["And the LORD said unto Moses,", "耶稣对他们说："]
 TRANSLATE = "Translate into Chinese: Blessed are the meek: for they shall inherit the earth."
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _show(model, tokenizer, label: str) -> None:
@@ -47,7 +43,7 @@ def _show(model, tokenizer, label: str) -> None:
     t0 = time.perf_counter()
     generate(model, tokenizer, PROMPTS[0], config=cfg)
     dt = time.perf_counter() - t0
-    print(f"   speed: {n / dt:.0f} tokens/s (batch 1, greedy, {n} tokens); peak RSS so far {_peak_rss_mb():.0f} MiB")
+    print(f"   speed: {n / dt:.0f} tokens/s (batch 1, greedy, {n} tokens); peak RSS so far {peak_rss_mib():.0f} MiB")
 
 
 def run_demo(steps: int | None = None, out: str | None = None, model_dir: str | None = None) -> int:

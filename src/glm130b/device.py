@@ -7,6 +7,8 @@ and to BF16 on a GPU that has it (FP16 otherwise), as GLM-130B itself runs in FP
 
 from __future__ import annotations
 
+import resource
+
 import torch
 
 from glm130b.errors import GLMError
@@ -56,3 +58,17 @@ def add_device_flags(parser) -> None:
                         help="cpu, cuda, cuda:N or auto (the first GPU if there is one; default auto)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="activations and unquantized weights (default auto: fp32 on CPU, bf16/fp16 on GPU)")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far. Linux's VmHWM, which starts afresh at exec:
+    ru_maxrss carries over the peak of the process that forked this one (a benchmark that built a
+    large model and then started this run read the parent's peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux

@@ -12,7 +12,6 @@ pretraining.
 from __future__ import annotations
 
 import dataclasses
-import resource
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 
 from glm130b.checkpoint import load_config
 from glm130b.config import ConfigError
+from glm130b.device import peak_rss_mib
 from glm130b.errors import GLMError
 from glm130b.finetune import adapters
 from glm130b.train.trainer import TrainConfig
@@ -140,18 +140,6 @@ def finetune(cfg: FinetuneConfig, progress: bool = True, log=print) -> dict:
     return summary
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far. Linux's VmHWM, which starts afresh at exec:
-    ru_maxrss carries over the peak of the process that forked this one (a benchmark that built a
-    large model and then started this run read the parent's peak)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 def merge(base: str | Path, adapter: str | Path, out: str | Path, bits: int | None = None,
