@@ -33,7 +33,7 @@ from glm130b.infer.engine import Batch, Engine, Row
 from glm130b.model.glm import build_model
 from glm130b.model.masks import Block
 from glm130b.quant import QuantizedLinear, quantize_model
-from glm130b.quant.kernels import compact_cuda_int4
+from glm130b.quant.weights import compact_cuda_int4
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

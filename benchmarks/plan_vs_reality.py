@@ -110,7 +110,7 @@ def build_inference_model(cfg, bits: int, dtype, device, group_size: int | None 
     import torch
 
     if torch.device(device).type == "cuda":  # as the CLI loads it: INT4 held once, in tinygemm's layout
-        from glm130b.quant.kernels import compact_cuda_int4
+        from glm130b.quant.weights import compact_cuda_int4
 
         compact_cuda_int4(model)
     return model.eval()

@@ -387,6 +387,7 @@ def test_compacted_cuda_int4_model_decodes_the_same_in_half_the_weight_memory():
     from glm130b.infer.engine import GenerationConfig
     from glm130b.infer.generate import generate_batch
     from glm130b.quant import QuantizationError, quantize_model
+    from glm130b.quant.weights import compact_cuda_int4
     from glm130b.tokenizer import default_tokenizer
 
     tok = default_tokenizer()
@@ -395,7 +396,7 @@ def test_compacted_cuda_int4_model_decodes_the_same_in_half_the_weight_memory():
     before = generate_batch(model, tok, prompts, cfg)  # builds the layouts beside qweight
     torch.cuda.synchronize()
     held = torch.cuda.memory_allocated()
-    n = K.compact_cuda_int4(model)
+    n = compact_cuda_int4(model)
     assert n > 0
     freed = held - torch.cuda.memory_allocated()
     sources = sum(m.weight_bytes() for m in model.modules() if getattr(m, "source_released", False))

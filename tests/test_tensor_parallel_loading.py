@@ -151,6 +151,40 @@ def test_sat_pieces_and_config(tmp_path):
         sat_folder_config(tmp_path / "s", shard0, 2)
 
 
+def test_sat_folder_runs_in_one_process(tmp_path, capsys):
+    """`generate --model SATDIR` without --tp: the tokens of the folder the shards were written
+    from (full precision, and --bits 4 on load); official INT4 shards: the tokens of their merged
+    state; a flag that needs --bits is one error line."""
+    import shutil
+
+    from glm130b.checkpoint import model_from_state
+    from glm130b.cli import main
+    from glm130b.infer.generate import generate
+    from glm130b.interop.sat import read_sat_model
+    from glm130b.quant import quantize_model
+
+    tok, prompt = default_tokenizer(), "In the beginning God created"
+    save_model(tmp_path / "fp", varied_model("1d", 5), tok)
+    save_model(tmp_path / "q4", quantize_model(varied_model("1d", 5), 4), tok)
+    for src in ("fp", "q4"):
+        assert main(["convert", "--from", "ours", "--to", "sat", "--tp", "2", str(tmp_path / src),
+                     str(tmp_path / f"sat-{src}")]) == 0
+        for name in ("config.json", "tokenizer.json"):  # the untied test model matches no preset
+            shutil.copy(tmp_path / "fp" / name, tmp_path / f"sat-{src}" / name)
+    capsys.readouterr()
+
+    def gen(folder, *flags):
+        assert main(["generate", "--model", str(tmp_path / folder), "--max-new-tokens", "12", *flags, prompt]) == 0
+        return capsys.readouterr().out
+
+    assert gen("sat-fp") == gen("fp")
+    assert gen("sat-fp", "--bits", "4") == gen("fp", "--bits", "4")
+    merged = model_from_state(*read_sat_model(tmp_path / "sat-q4"), "sat")
+    assert gen("sat-q4") == generate(merged, tok, prompt, max_new_tokens=12) + "\n"
+    assert main(["generate", "--model", str(tmp_path / "sat-fp"), "--head-bits", "8", prompt]) == 2
+    assert "--head-bits needs --bits" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # three torchrun launches (2, 4 and 2 ranks)
 def test_sat_shards_load_resplit_at_any_tp(tmp_path):
     """SAT shards of degree 4 at --tp 2 and of degree 2 at --tp 4 (full precision), and official
@@ -162,7 +196,7 @@ def test_sat_shards_load_resplit_at_any_tp(tmp_path):
     from glm130b.checkpoint import load_config, load_model
     from glm130b.cli import main
     from glm130b.infer.generate import generate
-    from glm130b.interop.convert import model_from_state
+    from glm130b.checkpoint import model_from_state
     from glm130b.interop.sat import official_to_ours, read_sat, sat_quantization
     from glm130b.quant import quantize_model
 

@@ -471,6 +471,19 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         raise CheckpointError(f"unexpected tensor {name!r}")
 
 
+def model_from_state(cfg: GLMConfig, state: dict[str, torch.Tensor], source: str) -> GLMModel:
+    """A model that takes the state's tensors without copying them (built on meta, assigned;
+    quantized matrices as QuantizedLinear when the config says so)."""
+    with torch.device("meta"):
+        model = GLMModel(cfg)
+    scheme = cfg.extra.get("quantization")
+    if scheme:
+        quantize_model(model, scheme["bits"], scheme.get("group_size"))
+    check_state_dict(state, model, source)
+    model.load_state_dict(state, strict=True, assign=True)  # (the FP32 rotary frequencies are built, not loaded)
+    return model.eval()
+
+
 def load_folder_tokenizer(directory: Path, config: GLMConfig):
     """The tokenizer of a model folder, checked to fit the model's vocabulary."""
     from glm130b.tokenizer import SENTENCEPIECE_FILE, GLMTokenizer, SentencePieceTokenizer, TokenizerError

@@ -103,20 +103,24 @@ def _summary_on_rank0(run) -> int:
 
 
 def _load(args):
-    """checkpoint.load_model with the verb's --bits / --group-size / --head-bits / --device / --dtype:
-    the weights go from the file to the device one tensor at a time, quantized on the way."""
-    from glm130b.checkpoint import is_quantized_folder, load_model
+    """checkpoint.load_model (or a SAT folder's loader) with the verb's --bits / --group-size /
+    --head-bits / --device / --dtype: the weights go from the file to the device one tensor at a
+    time, quantized on the way."""
+    from glm130b.checkpoint import is_quantized_folder
     from glm130b.device import resolve_device, resolve_dtype
+    from glm130b.interop.loader import load_any
+    from glm130b.interop.sat import is_sat_folder
 
     device = resolve_device(getattr(args, "device", "cpu"))
     dtype = resolve_dtype(getattr(args, "dtype", "fp32"), device)
     directory = resolve_model_dir(args.model)
     bits, group_size = getattr(args, "bits", None), getattr(args, "group_size", None)
     head_bits = getattr(args, "head_bits", None)
-    if (group_size is not None or head_bits is not None) and bits is None and not is_quantized_folder(directory):
+    if (group_size is not None or head_bits is not None) and bits is None and \
+            (is_sat_folder(directory) or not is_quantized_folder(directory)):
         raise GLMError(f"{'--group-size' if group_size is not None else '--head-bits'} needs --bits 8 or --bits 4")
-    model, tokenizer = load_model(directory, device=device, dtype=dtype, bits=bits, group_size=group_size,
-                                  head_bits=head_bits)
+    model, tokenizer = load_any(directory, device=device, dtype=dtype, bits=bits, group_size=group_size,
+                                head_bits=head_bits)
     if getattr(args, "adapter", None):
         from glm130b.finetune.adapters import load_adapter
 
@@ -126,10 +130,10 @@ def _load(args):
 
 
 def _compact(model):
-    """On a GPU, INT4 weights held once: in the kernel's layout (quant.kernels.compact_cuda_int4);
+    """On a GPU, INT4 weights held once: in the kernel's layout (quant.weights.compact_cuda_int4);
     the verbs that load through here only run the model."""
     if model.final_layernorm.weight.device.type == "cuda":
-        from glm130b.quant.kernels import compact_cuda_int4
+        from glm130b.quant.weights import compact_cuda_int4
 
         compact_cuda_int4(model)
     return model

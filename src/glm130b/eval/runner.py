@@ -95,13 +95,15 @@ def load_at_precision(model_dir: Path, precision: str, single: bool = True, devi
     """(model, tokenizer, precision label) from a model folder. int8/int4 quantize while reading
     (glm130b.checkpoint.load_model: no FP32 copy of the quantized matrices is kept); a folder
     saved quantized loads as saved (label int4/int8)."""
-    from glm130b.checkpoint import is_quantized_folder, load_model
+    from glm130b.checkpoint import is_quantized_folder
+    from glm130b.interop.loader import load_any as load_model  # our folders, or SAT shards
+    from glm130b.interop.sat import is_sat_folder
 
     device = device or "cpu"
     if precision in ("int8", "int4"):
         model, tokenizer = load_model(model_dir, device=device, bits=int(precision[3:]))
         return model.eval(), tokenizer, precision
-    if is_quantized_folder(model_dir):
+    if not is_sat_folder(model_dir) and is_quantized_folder(model_dir):
         if not single:
             raise GLMError(f"{model_dir} is saved quantized; --compare needs the full-precision model folder")
         model, tokenizer = load_model(model_dir, device=device)

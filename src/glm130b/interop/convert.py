@@ -13,7 +13,6 @@ tensor by tensor, and shards are written one at a time), so a conversion holds t
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -21,27 +20,17 @@ import torch
 
 from glm130b.checkpoint import (
     CheckpointError,
-    check_state_dict,
     load_config,
     load_folder_tokenizer,
+    model_from_state,
     read_state,
     save_model,
 )
 from glm130b.config import GLMConfig
 from glm130b.errors import GLMError
 from glm130b.interop.hf import hf_tokenizer, read_hf, write_hf
-from glm130b.interop.sat import (
-    official_to_ours,
-    ours_to_official,
-    read_sat,
-    sat_config,
-    sat_quantization,
-    write_sat,
-)
+from glm130b.interop.sat import ours_to_official, read_sat_model, write_sat
 from glm130b.io import check_new_folder
-from glm130b.model.glm import GLMModel
-from glm130b.model.layout import QUANTIZED_MODULES
-from glm130b.quant.weights import SCHEME
 
 FORMATS_IN = ("sat", "hf", "ours")
 FORMATS_OUT = ("ours", "hf", "sat")
@@ -57,21 +46,6 @@ def read_ours(directory) -> tuple[GLMConfig, dict[str, torch.Tensor], object | N
     except CheckpointError:
         tokenizer = None
     return cfg, state, tokenizer
-
-
-def model_from_state(cfg: GLMConfig, state: dict[str, torch.Tensor], source: str) -> GLMModel:
-    """A model that takes the state's tensors without copying them (built on meta, assigned;
-    quantized matrices as QuantizedLinear when the config says so)."""
-    with torch.device("meta"):
-        model = GLMModel(cfg)
-    scheme = cfg.extra.get("quantization")
-    if scheme:
-        from glm130b.quant import quantize_model
-
-        quantize_model(model, scheme["bits"], scheme.get("group_size"))
-    check_state_dict(state, model, source)
-    model.load_state_dict(state, strict=True, assign=True)  # (the FP32 rotary frequencies are built, not loaded)
-    return model.eval()
 
 
 def convert(src, dst, from_fmt: str, to_fmt: str, tp: int | None = None, bits: int | None = None,
@@ -90,15 +64,10 @@ def convert(src, dst, from_fmt: str, to_fmt: str, tp: int | None = None, bits: i
         raise GLMError(f"{dst} exists and is not empty; choose a new folder")
     tokenizer = None
     if from_fmt == "sat":
-        official = read_sat(src, unsafe_pickle)
-        scheme = sat_quantization(official)
-        state = official_to_ours(official)
-        cfg = sat_config(state, preset, num_heads)
-        if scheme is not None:  # the official INT8/INT4 shards (interop/sat_quantized.py)
-            if bits is not None:
-                raise GLMError(f"{src} is already quantized ({scheme['bits']}-bit): convert without --bits")
-            cfg = dataclasses.replace(cfg, extra={**cfg.extra, "quantization": {
-                **scheme, "scheme": SCHEME, "modules": list(QUANTIZED_MODULES)}})
+        cfg, state = read_sat_model(src, preset, num_heads, unsafe_pickle)
+        scheme = cfg.extra.get("quantization")
+        if scheme is not None and bits is not None:  # the official INT8/INT4 shards (interop/sat_quantized.py)
+            raise GLMError(f"{src} is already quantized ({scheme['bits']}-bit): convert without --bits")
     elif from_fmt == "hf":
         cfg, state = read_hf(src)
         tokenizer = hf_tokenizer(src)

@@ -9,6 +9,8 @@ re-sharding follow the official tools/convert_tp.py (`tp_rule`, `merge_tp`, `spl
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from glm130b.checkpoint import CheckpointError, check_state_dict
@@ -183,6 +185,53 @@ def read_sat(directory, unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
         for s in shards:
             s[name] = None  # drop the mapped view as soon as it is merged
     return merged
+
+
+def read_sat_model(directory, preset: str | None = None, num_heads: int | None = None,
+                   unsafe_pickle: bool = False) -> tuple[GLMConfig, dict[str, torch.Tensor]]:
+    """(config, our state dict) of a whole SAT folder, merged once (read_sat). The config: the
+    named preset or heads, else the folder's config.json, else the preset of its shapes; official
+    INT8/INT4 shards come with our quantization entry (their `qweight`/`scales`)."""
+    from pathlib import Path
+
+    from glm130b.checkpoint import CONFIG, load_config
+    from glm130b.model.layout import QUANTIZED_MODULES
+    from glm130b.quant.weights import SCHEME
+
+    official = read_sat(directory, unsafe_pickle)
+    scheme = sat_quantization(official)
+    state = official_to_ours(official)
+    if preset is None and num_heads is None and (Path(directory) / CONFIG).is_file():
+        cfg = load_config(directory)
+    else:
+        cfg = sat_config(state, preset, num_heads)
+    if scheme is not None:
+        cfg = dataclasses.replace(cfg, extra={**cfg.extra, "quantization": {
+            **scheme, "scheme": SCHEME, "modules": list(QUANTIZED_MODULES)}})
+    return cfg, state
+
+
+def load_sat_model(directory, device="cpu", dtype: torch.dtype = torch.float32, bits: int | None = None,
+                   group_size: int | None = None, head_bits: int | None = None):
+    """(model, tokenizer) of a SAT folder in one process (any shard count): the shards merged
+    once on the host, then the verb's quantization, dtype and device. `--tp N` under torchrun
+    reads only each rank's slices instead (load_sat_tensor_parallel)."""
+    from pathlib import Path
+
+    from glm130b.checkpoint import load_folder_tokenizer, model_from_state
+    from glm130b.quant.weights import quantize_model
+
+    cfg, state = read_sat_model(directory)
+    quantized = cfg.extra.get("quantization")
+    if quantized and (bits is not None or head_bits is not None):
+        raise CheckpointError(f"{directory} holds quantized ({quantized['bits']}-bit) shards; load them without "
+                              "--bits / --head-bits")
+    model = model_from_state(cfg, state, str(directory))
+    del state
+    if bits is not None:
+        quantize_model(model.float(), bits, group_size, head_bits)
+    model = model.to(device=device, dtype=dtype)
+    return model.eval(), load_folder_tokenizer(Path(directory), cfg)
 
 
 def sat_quantization(state: dict[str, torch.Tensor]) -> dict | None:

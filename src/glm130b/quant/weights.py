@@ -205,7 +205,7 @@ class QuantizedLinear(nn.Module):
     def release_source(self, layout) -> None:
         """Keep only `layout` (the CUDA INT4 kernel's packed copy, built from `qweight`) and free
         `qweight`: otherwise INT4 weights sit in GPU memory twice, and the planner counts them
-        once. The layer then serves inference only (quant.kernels.compact_cuda_int4)."""
+        once. The layer then serves inference only (compact_cuda_int4)."""
         self._cache["tinygemm"] = layout
         self.qweight = torch.empty(0, dtype=self.qweight.dtype, device=self.qweight.device)
         self.source_released = True
@@ -365,6 +365,30 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
 
 
 @torch.no_grad()
+def compact_cuda_int4(model) -> int:
+    """For inference on a GPU: build every CUDA INT4 layer's tinygemm layout now and free the
+    packed `qweight` it was built from, so the INT4 weights are held once (as the planner counts
+    them), not twice. Layers tinygemm cannot take keep `qweight` (their dequantizing path needs
+    it). Afterwards those layers refuse, with one line, to be saved, fine-tuned or dequantized.
+    Returns the number of layers compacted."""
+    from glm130b.quant.kernels import _tinygemm_layout
+
+    count = 0
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear) and m.bits == 4 and m.qweight.device.type == "cuda" \
+                and not m.source_released:
+            try:
+                layout = _tinygemm_layout(m)
+            except (RuntimeError, ValueError, AttributeError):
+                m._cache["tinygemm"] = False
+                continue
+            m.release_source(layout)
+            count += 1
+    if count:
+        torch.cuda.empty_cache()
+    return count
+
+
 def quantize_head(model: nn.Module, bits: int) -> None:
     """The output head as a per-row QuantizedLinear `lm_head` (from the tied embedding table, or
     the untied head's weight); the embedding table itself is unchanged."""

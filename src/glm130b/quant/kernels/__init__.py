@@ -238,30 +238,6 @@ def _tinygemm_layout(module):
     return module._cache["tinygemm"]
 
 
-def compact_cuda_int4(model) -> int:
-    """For inference on a GPU: build every CUDA INT4 layer's tinygemm layout now and free the
-    packed `qweight` it was built from, so the INT4 weights are held once (as the planner counts
-    them), not twice. Layers tinygemm cannot take keep `qweight` (their dequantizing path needs
-    it). Afterwards those layers refuse, with one line, to be saved, fine-tuned or dequantized.
-    Returns the number of layers compacted."""
-    from glm130b.quant.weights import QuantizedLinear
-
-    count = 0
-    for m in model.modules():
-        if isinstance(m, QuantizedLinear) and m.bits == 4 and m.qweight.device.type == "cuda" \
-                and not m.source_released:
-            try:
-                layout = _tinygemm_layout(m)
-            except (RuntimeError, ValueError, AttributeError):
-                m._cache["tinygemm"] = False
-                continue
-            m.release_source(layout)
-            count += 1
-    if count:
-        torch.cuda.empty_cache()
-    return count
-
-
 def _tinygemm_linear(x: torch.Tensor, module) -> torch.Tensor:
     packed, sz, g = _tinygemm_layout(module)
     shape = x.shape
