@@ -110,9 +110,13 @@ def test_batcher_equals_single_requests(rotary, compile_decode, tokenizer):
     compiled decode step (its steps uncompiled here: test_compiled_decode compiles)."""
     model = varied_model(rotary, seed=2)
     model.compile_decode = compile_decode  # the batcher's engine only: the expectations decode plainly
-    batcher = Batcher(model, tokenizer, max_batch=3).start()
+    batcher = Batcher(model, tokenizer, max_batch=4 if compile_decode else 3)
     model.compile_decode = False
     assert batcher.engine.compile_decode == bool(compile_decode)
+    stepped = []  # the rows of every step (compiled: padded to 1, 2 or 4 with free rows)
+    step = batcher.engine.step
+    batcher.engine.step = lambda tokens, *a: stepped.append(len(tokens)) or step(tokens, *a)
+    batcher.start()
     try:
         greedy = GenerationConfig(max_new_tokens=10)
         sample = GenerationConfig(max_new_tokens=10, strategy="sample", temperature=0.9, top_p=0.9, seed=7)
@@ -135,6 +139,8 @@ def test_batcher_equals_single_requests(rotary, compile_decode, tokenizer):
         assert len({t[0] for t in texts}) > 3  # the outputs differ: a real comparison
         if K.cpu_kernels_available() and not compile_decode:
             assert batcher.engine._fused  # the slotted cache ran the fused decode step
+        assert set(stepped) <= ({1, 2, 4} if compile_decode else {1, 2, 3})
+        assert max(stepped) == (4 if compile_decode else 3)
         _wait(lambda: batcher.running == 0 and batcher.queue_depth == 0)
     finally:
         batcher.close()

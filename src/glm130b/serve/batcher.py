@@ -130,9 +130,22 @@ class ModelOps:
         self.cache.move(src, dst)
 
     def decode(self, tokens, blocks, firsts, steps, contexts) -> torch.Tensor:
-        """One step of rows [0, len(tokens)): the logits of their next tokens."""
-        cache = self.cache.select(slice(0, len(tokens)))
-        return self.engine.step(tokens, cache, blocks, firsts, steps, contexts, contexts)
+        """One step of rows [0, len(tokens)): the logits of their next tokens.
+
+        With the compiled step (one graph per row count) the rows are padded to a power of two
+        with free rows, so a server compiles log2(max_batch) + 1 graphs, not max_batch: a free
+        row decodes a pad token at slot 0 of its own (its keys there are overwritten by the next
+        request's prefill), seeing only itself."""
+        n = len(tokens)
+        rows = min(len(self.cache.lengths), 1 << (n - 1).bit_length()) if self.engine.compile_decode else n
+        if rows > n:
+            free = rows - n
+            self.cache.lengths[n:rows] = 0
+            tokens, blocks = list(tokens) + [0] * free, list(blocks) + [Block(0, 0, continues=True)] * free
+            firsts, steps, contexts = list(firsts) + [0] * free, list(steps) + [0] * free, list(contexts) + [0] * free
+        cache = self.cache.select(slice(0, rows))
+        logits = self.engine.step(tokens, cache, blocks, firsts, steps, contexts, contexts)
+        return logits[:n]
 
     def idle(self) -> None:
         if self.broadcast is not None and time.monotonic() - self.last_sent > self.HEARTBEAT_S:
