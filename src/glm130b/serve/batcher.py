@@ -30,6 +30,7 @@ decisions (which rows, which tokens, sampling, stop rules) are rank 0's alone.
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -274,6 +275,8 @@ class Batcher:
         self._loop(keep_running)
 
     def _loop(self, keep_running: Callable[[], bool] | None = None) -> None:
+        if self.engine.compile_decode:
+            self._warm_up()
         while True:
             with self._lock:
                 while not self._stop and not self.pending and not self.live:
@@ -293,6 +296,20 @@ class Batcher:
             self._emit(live.job, Event("done", reason="cancelled"))
         self.live.clear()
         self.ops.stop_followers()
+
+    @torch.no_grad()
+    def _warm_up(self) -> None:
+        """Compile the decode step for every padded row count (1, 2, 4, ..., max_batch) before the
+        first request, on this thread (the one that replays the CUDA graphs): requests wait in the
+        queue meanwhile instead of stalling every stream at the first step of a new row count."""
+        sizes = sorted({min(self.max_batch, 1 << k) for k in range(self.max_batch.bit_length() + 1)})
+        t0 = time.monotonic()
+        for n in sizes:
+            self.ops.prefill(0, [[self.tokenizer.gmask_id]] * n)
+            self.ops.decode([self.tokenizer.sop_id] * n, [Block(0, 0, continues=True)] * n, [1] * n, [0] * n, [1] * n)
+        self.cache.lengths.zero_()
+        print(f"glm130b serve: decode step compiled for {', '.join(map(str, sizes))} rows "
+              f"in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
 
     def _run_once(self, joining: list[Job]) -> None:
         """Admit the joining jobs, drop cancelled ones, decode one step."""
