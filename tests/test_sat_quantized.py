@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from glm130b.cli import main
 from glm130b.checkpoint import model_from_state
+from glm130b.cli import main
 from glm130b.interop.convert import read_ours
 from glm130b.interop.sat import PREFIX, sat_shard_files
 

@@ -193,10 +193,9 @@ def test_sat_shards_load_resplit_at_any_tp(tmp_path):
     import dataclasses
     import shutil
 
-    from glm130b.checkpoint import load_config, load_model
+    from glm130b.checkpoint import load_config, load_model, model_from_state
     from glm130b.cli import main
     from glm130b.infer.generate import generate
-    from glm130b.checkpoint import model_from_state
     from glm130b.interop.sat import official_to_ours, read_sat, sat_quantization
     from glm130b.quant import quantize_model
 
