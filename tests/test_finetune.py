@@ -303,6 +303,9 @@ def test_finetune_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, base_
         return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+    recorded = json.loads((tmp_path / "cut" / "train_config.json").read_text())  # (rewritten on resume)
+    assert recorded["method"] == "lora" and recorded["steps"] == 6 and recorded["resume"]
+    assert not {"preset", "sources", "objective", "gmask_prob"} & recorded.keys()  # pretraining's only
     from safetensors.torch import load_file
 
     a = load_file(tmp_path / "whole" / "adapter_model.safetensors")
