@@ -303,6 +303,9 @@ def test_finetune_killed_and_resumed_equals_an_uninterrupted_run(tmp_path, base_
         return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+    recorded = json.loads((tmp_path / "cut" / "train_config.json").read_text())  # (rewritten on resume)
+    assert recorded["method"] == "lora" and recorded["steps"] == 6 and recorded["resume"]
+    assert not {"preset", "sources", "objective", "gmask_prob"} & recorded.keys()  # pretraining's only
     from safetensors.torch import load_file
 
     a = load_file(tmp_path / "whole" / "adapter_model.safetensors")
@@ -399,6 +402,44 @@ def test_lora_under_fsdp2_on_two_ranks_gives_the_one_process_losses(tmp_path, ba
     # few elements may differ by up to 2 lr; nearly all must agree to 1e-5
     diff = torch.cat([(two[k] - one[k]).abs().flatten() for k in one])
     assert diff.max() <= 2 * settings["lr"] and (diff > 1e-5).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("prefix_hidden", [16, 0], ids=["projected", "plain"])
+def test_ptuning_under_fsdp2_on_two_ranks_gives_the_one_process_losses_and_adapter(
+        tmp_path, base_dir, data_file, tokenizer, prefix_hidden):
+    """With --prefix-hidden the saved table is the projection of parameters FSDP2 shards over the
+    ranks (computed on DTensors, then gathered); it must be the one-process run's table."""
+    from safetensors.torch import load_file
+    from test_train_distributed import launch
+
+    from glm130b.finetune.run import finetune
+    from glm130b.infer.generate import generate
+    from glm130b.io import read_jsonl
+
+    settings = dict(base=str(base_dir), data=str(data_file), method="ptuning", pre_seq_len=4,
+                    prefix_hidden=prefix_hidden, steps=3, batch_size=4, seq_len=64, lr=1e-2, warmup_steps=1)
+    finetune(FinetuneConfig(out=str(tmp_path / "one"), **settings), progress=False, log=lambda *_: None)
+    launch(_finetune_worker, 2, tmp_path, FinetuneConfig(out=str(tmp_path / "two"), dp=2, **settings))
+
+    def losses(run):
+        return [r["loss"] for _, r in read_jsonl(run / "metrics.jsonl")]
+
+    torch.testing.assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), atol=1e-5, rtol=1e-5)
+    one, two = (load_file(tmp_path / run / "adapter_model.safetensors")["prompt_embeddings"]
+                for run in ("one", "two"))
+    config = varied_model().config
+    assert two.shape == (4, config.num_layers * 2 * config.hidden_size)
+    torch.testing.assert_close(two, one, atol=1e-5, rtol=1e-5)
+    cfg = FinetuneConfig(out=str(tmp_path / "unused"), **settings)
+    cfg.validate()
+    with torch.no_grad():
+        initial = prepare(cfg, log=lambda *_: None)[0].prefix_encoder.table()
+    assert (one - initial).abs().max() > 1e-3  # it trained
+    r = _cli("generate", "Capital of France?", "--model", base_dir, "--adapter", tmp_path / "two",
+             "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    model = adapters.load_adapter(load_model(base_dir)[0], tmp_path / "one")
+    assert r.stdout.rstrip("\n") == generate(model, tokenizer, "Capital of France?", max_new_tokens=4)
 
 
 @pytest.mark.parametrize("method", ["lora", "ptuning"])

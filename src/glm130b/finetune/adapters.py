@@ -110,7 +110,8 @@ def _prefix_config(model) -> dict:
 # -- save and load ----------------------------------------------------------------------------
 def adapter_state(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     """(peft config, full CPU tensors) of the model's adapter. Under FSDP2 every rank must call it
-    (the shards are gathered)."""
+    (the shards are gathered; a prefix projection runs on the sharded DTensor parameters, whose
+    ops gather what they need, and its table is then gathered whole)."""
     if model.prefix_encoder is not None:
         with torch.no_grad():
             table = _full(model.prefix_encoder.table().detach())

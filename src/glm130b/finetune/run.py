@@ -11,7 +11,6 @@ pretraining.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,14 +24,18 @@ from glm130b.finetune import adapters
 from glm130b.train.trainer import TrainConfig
 
 METHODS = ("lora", "ptuning", "full")
+# TrainConfig's pretraining options, which fine-tuning ignores (tp and pp must stay 1): left out
+# of the run's train_config.json
+PRETRAINING_ONLY = ("preset", "sources", "instructions", "instruction_share", "gmask_prob", "objective",
+                    "model_overrides", "tp", "pp", "pipeline_schedule", "microbatches")
 DEFAULT_LR = {"lora": 1e-3, "ptuning": 1e-1, "full": 1e-4}
 
 
 @dataclass
 class FinetuneConfig(TrainConfig):
     """TrainConfig (steps, batch_size, seq_len, lr, precision, checkpoint_every, resume, device,
-    ...) plus what fine-tuning needs. `preset`, `sources`, `instructions` and the objective's
-    mixing shares do not apply."""
+    ...) plus what fine-tuning needs. PRETRAINING_ONLY's fields (`preset`, `sources`,
+    `instructions`, the objective's settings, ...) do not apply and are not recorded."""
 
     base: str = ""  # the model folder to adapt
     data: str = ""  # JSONL records (finetune/data.py)
@@ -51,6 +54,9 @@ class FinetuneConfig(TrainConfig):
     bits: int | None = None  # 8 or 4: frozen quantized base weights (QLoRA-style)
     group_size: int | None = None
     chat_template: str | None = None  # for conversation records (default: the base's template)
+
+    def record(self) -> dict:
+        return {k: v for k, v in super().record().items() if k not in PRETRAINING_ONLY}
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -120,7 +126,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True, log=print) -> dict:
     base = {"model": str(cfg.base), "bits": cfg.bits, "group_size": cfg.group_size}
 
     def save_folder(engine, out: Path, step: int) -> None:
-        extra = {"trained_steps": step, "finetune_config": dataclasses.asdict(cfg)}
+        extra = {"trained_steps": step, "finetune_config": cfg.record()}
         if cfg.method == "full":
             engine.save_model(out, tokenizer, extra=extra)
         else:

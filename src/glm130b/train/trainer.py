@@ -92,6 +92,11 @@ class TrainConfig:
     pipeline_schedule: str = "1f1b"  # "gpipe" or "1f1b" (pp > 1)
     microbatches: int = 0  # pipeline microbatches per dp rank and step; 0: one per stage
 
+    def record(self) -> dict:
+        """The options a run writes to its train_config.json (FinetuneConfig leaves out those that
+        do not apply to it)."""
+        return dataclasses.asdict(self)
+
     def validate(self) -> None:
         check_types(self)
         check_new_folder(self.out)
@@ -533,7 +538,7 @@ def run_job(cfg: TrainConfig, job: Job, progress: bool = True, log=print, parall
                          trim=job.trim)
     out.mkdir(parents=True, exist_ok=True)
     if engine.is_main:
-        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        (out / "train_config.json").write_text(json.dumps(cfg.record(), indent=2) + "\n")
         metrics = MetricsLog(out, resume_step=step)
     else:
         metrics = _NoMetrics()
