@@ -51,6 +51,13 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t0
 
 
+def cudagraph_skips() -> int:
+    """CUDA graphs inductor declined so far in this process (each is only a logged warning)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
 def memory_bandwidth(device: torch.device, gib: float, repeats: int = 5) -> dict:
     """Bytes/s of a copy (counted read + write) and of a sum (read) over a buffer far larger than
     any cache; the best is the roofline's bandwidth."""
@@ -142,8 +149,13 @@ def hf_peer(cfg: GLMConfig, device, dtype, prompt: int, steps: int, batch: int, 
                        num_attention_heads=cfg.num_heads, intermediate_size=cfg.ffn_hidden_size,
                        max_position_embeddings=prompt + steps + 8, rotary_pct=0.5, tie_word_embeddings=False,
                        bos_token_id=1, eos_token_id=None, pad_token_id=0)
-    with torch.device(device):
-        model = GPTNeoXForCausalLM(hc).to(dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in the benchmark's dtype: no FP32 copy first
+    try:
+        with torch.device(device):
+            model = GPTNeoXForCausalLM(hc).eval()
+    finally:
+        torch.set_default_dtype(default)
     out = {"version": transformers.__version__, "model": "GPTNeoXForCausalLM", "parameters": model.num_parameters()}
     for rows in (1, batch):
         ids = torch.randint(8, cfg.vocab_size, (rows, prompt), generator=torch.Generator().manual_seed(0)).to(device)
@@ -189,7 +201,8 @@ def summarize(args, cfg, device, bw, res, peer, compile_failures) -> dict:
             continue
         b1 = args.new_tokens / r["b1"]
         roof = bw["best"] / r["bytes_per_token"]
-        out["variants"][n] = {"weight_bytes_per_token": r["bytes_per_token"], "prefill_tok_s": args.prompt / r["prefill"],
+        out["variants"][n] = {"cudagraph_skips_so_far": r.get("cudagraph_skips"),
+                              "weight_bytes_per_token": r["bytes_per_token"], "prefill_tok_s": args.prompt / r["prefill"],
                               "tok_s": b1, f"batch{args.batch}_tok_s": args.batch * args.new_tokens / r["bn"],
                               "roofline_tok_s": roof, "roofline_fraction": b1 / roof}
     v = {n: r for n, r in out["variants"].items() if "error" not in r}
@@ -257,14 +270,31 @@ def main(argv: list[str] | None = None) -> None:
     dtype = DTYPES[args.dtype]
     t_start = time.perf_counter()
     torch.manual_seed(0)
-    peer, failures = None, {}
+    failures = {}
+    # the peer first: it is the figure a run cut short by its time limit would lose otherwise
+    peer = None if args.no_peers else hf_peer(cfg, device, dtype, args.prompt, args.new_tokens, args.batch,
+                                               args.rounds)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     with torch.no_grad():
-        base = build_model(cfg, device=device).to(dtype).eval()
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # built in the benchmark's dtype: no FP32 copy first
+        try:
+            base = build_model(cfg, device=device).eval()
+        finally:
+            torch.set_default_dtype(default)
         names = [v for v in args.variants.split(",") if v]
         variants = build_variants(base, names, dtype, args.group_size)
         bw = memory_bandwidth(device, args.bandwidth_gib)
         res = {n: {"bytes_per_token": bytes_per_token(m), "prefill": float("inf"), "b1": float("inf"),
                    "bn": float("inf"), "error": None} for n, (m, _) in variants.items()}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # the peak of decoding, not of building
+        for n, (_m, engine) in variants.items():  # first use loads kernels (cuBLAS, tinygemm): untimed
+            try:
+                prefill_seconds(engine, args.prompt, cfg.vocab_size)
+            except Exception as e:  # noqa: BLE001 - recorded; the variant is skipped
+                res[n]["error"] = f"{type(e).__name__}: {e}"[:300]
         for _ in range(args.rounds):
             for n, (_m, engine) in variants.items():
                 r = res[n]
@@ -280,14 +310,14 @@ def main(argv: list[str] | None = None) -> None:
                     r["error"] = f"{type(e).__name__}: {e}"[:300]
                 if engine._decoder is not None and engine._decoder.failed:
                     failures[n] = engine._decoder.failed
+                if n.endswith("_compiled"):  # a skipped CUDA graph only logs: make it part of the figures
+                    r["cudagraph_skips"] = cudagraph_skips()
                 write_json(args.out, summarize(args, cfg, device, bw, res, peer, failures))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
         del variants, base
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if not args.no_peers:
-        peer = hf_peer(cfg, device, dtype, args.prompt, args.new_tokens, args.batch, args.rounds)
     out = summarize(args, cfg, device, bw, res, peer, failures)
     out["seconds"] = time.perf_counter() - t_start
     write_json(args.out, out)

@@ -57,6 +57,8 @@ def test_static_cache_step_equals_the_plain_engine(rotary, tokenizer):
     engine = Engine(model, compile_decode="eager")
     cache = engine.new_cache(2, 16)
     assert isinstance(cache, StaticKVCache) and engine.kv_dtype == torch.float32
+    assert cache.max_len == compiled.CACHE_ROUND and engine.new_cache(2, 200) is cache  # one per shape, reused
+    assert engine.new_cache(2, compiled.CACHE_ROUND + 1).max_len == 2 * compiled.CACHE_ROUND
     assert _with_compile(model, "eager", lambda: _outputs(model, tokenizer)) == plain
 
 
@@ -90,10 +92,23 @@ def test_a_compile_failure_falls_back_to_the_eager_step(tokenizer, monkeypatch, 
     assert "torch.compile of the decode step failed" in capsys.readouterr().err
 
 
+def test_a_one_token_context_is_prefilled_not_decoded(tokenizer):
+    """A one-token prefill has the shape of a decode step but attends only its own slots: it
+    must not go to the static step, which attends every slot of the cache."""
+    model = varied_model("1d", seed=1)
+    plain, fast = Engine(model), Engine(model, compile_decode="eager")
+    got = []
+    for engine in (plain, fast):
+        cache = engine.new_cache(1, 8)
+        cache.k[0].fill_(3.0)  # stale keys in the unused slots: a step attending them would differ
+        got.append(engine.forward(*engine.prefill_inputs([[6]]), cache, logits_at=torch.tensor([0])))
+    torch.testing.assert_close(got[1], got[0], rtol=1e-5, atol=1e-5)
+
+
 def test_a_full_static_cache_is_an_error_not_a_wrong_token(tokenizer):
     model = varied_model("1d", seed=1)
     engine = Engine(model, compile_decode="eager")
-    cache = engine.new_cache(1, 3)
+    cache = engine.new_cache(1, 3, pooled=False)
     ids, positions, allowed = engine.prefill_inputs([[5, 6, 7]])
     engine.forward(ids, positions, allowed, cache)
     with pytest.raises(ValueError, match="KV cache full"):

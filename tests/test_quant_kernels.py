@@ -373,7 +373,9 @@ def test_a_released_int4_source_refuses_to_be_saved_or_read():
     x = torch.randn(2, 64, requires_grad=True)
     with pytest.raises(QuantizationError, match="load the model again"):
         layer(x).sum().backward()
+    scales = layer.scales.clone()
     layer.half()
+    assert layer.scales.dtype == torch.float32 and torch.equal(layer.scales, scales)  # not via FP16
     p2, sz2, g = layer._cache["tinygemm"]
     assert torch.equal(p2, packed) and sz2.dtype == torch.bfloat16 and g == 32
     layer.set_weight(torch.randn(16, 64))

@@ -16,12 +16,34 @@ static-cache step eagerly.
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
+import weakref
 
 import torch
 
 MODE_ENV = "GLM130B_COMPILE_MODE"
+CACHE_ROUND = 256  # static cache lengths are rounded up to a multiple: a few shapes, a few graphs
+POOL_SIZE = 4  # static caches kept per model (the most recently used shapes)
+_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(rows, len, dtype): cache}
+
+
+def static_cache(model, rows: int, max_len: int, dtype: torch.dtype):
+    """The model's static cache of `rows` x `max_len` (rounded up to CACHE_ROUND), emptied: one
+    per shape, reused by every generation, since each new length would compile the step again
+    and each new cache would record its CUDA graph again (cudagraph trees stop recording after a
+    while and silently run without graphs)."""
+    length = -(-max_len // CACHE_ROUND) * CACHE_ROUND
+    pool = _caches.setdefault(model, collections.OrderedDict())
+    key = (rows, length, dtype)
+    if key in pool:
+        pool.move_to_end(key)
+    else:
+        while len(pool) >= POOL_SIZE:  # the least recently used shape goes (its memory with it)
+            pool.popitem(last=False)
+        pool[key] = model.new_kv_cache(rows, length, dtype, static=True)
+    return pool[key].reset()
 
 
 def default_mode(device: torch.device) -> str:
@@ -48,6 +70,10 @@ class CompiledDecoder:
 
             # one graph per row count: up to a server's whole batch
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            if self.cuda:  # as gpt-fast: inductor fuses a batch-1 product (and INT8's cast into it)
+                import torch._inductor.config  # into its own tuned kernel only with this on
+
+                torch._inductor.config.coordinate_descent_tuning = True
             self.fn = torch.compile(decode_one, mode=self.mode, dynamic=False)
         self.failed: str | None = None
 

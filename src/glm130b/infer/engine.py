@@ -128,15 +128,25 @@ class Engine:
 
             self._decoder = CompiledDecoder(model, None if chosen is True else chosen)
 
-    def new_cache(self, rows: int, max_len: int) -> KVCache:
-        return self.model.new_kv_cache(rows, max_len, self.kv_dtype, static=self._decoder is not None)
+    def new_cache(self, rows: int, max_len: int, pooled: bool = True) -> KVCache:
+        """A cache for `rows` sequences of `max_len` tokens. With the compiled step: a static cache,
+        reused per shape with its length rounded up (infer/compiled.py); `pooled=False` gives one
+        of its own (a server's cache, held for its whole life)."""
+        if self._decoder is not None:
+            if not pooled:
+                return self.model.new_kv_cache(rows, max_len, self.kv_dtype, static=True)
+            from glm130b.infer.compiled import static_cache
+
+            return static_cache(self.model, rows, max_len, self.kv_dtype)
+        return self.model.new_kv_cache(rows, max_len, self.kv_dtype)
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, cache: KVCache,
                 logits_at: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run ids [B, L] into the cache's selected rows; return FP32 logits [B, V] at token
         `logits_at` [B] of each row (None: no logits, e.g. a prefill that only fills the cache)."""
-        if self._decoder is not None and ids.shape[1] == 1 and isinstance(cache, StaticKVCache):
+        if self._decoder is not None and isinstance(cache, StaticKVCache) and ids.shape[1] == 1 \
+                and allowed.shape[-1] == cache.max_len:  # a decode step (not a one-token prefill)
             return self._decoder.step(ids, positions, allowed, cache, logits_at)
         if ids.shape[1] > 1:
             self._check_fused_weights()

@@ -139,11 +139,20 @@ class StaticKVCache(KVCache):
     def update(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.write_at is None:
             return super().update(layer_id, k, v)
-        ck, cv = self.k[layer_id][self.rows], self.v[layer_id][self.rows]
-        index = torch.arange(k.shape[0], device=ck.device)
+        # written into the whole buffer at absolute rows (writing through a row slice made inductor
+        # copy those rows' whole cache, every layer and step), then the selected rows read back
+        ck, cv = self.k[layer_id], self.v[layer_id]
+        index = torch.arange(self.rows.start, self.rows.stop, device=ck.device)
         ck[index, :, self.write_at] = fit_cache(k[:, :, 0], ck.dtype)
         cv[index, :, self.write_at] = fit_cache(v[:, :, 0], cv.dtype)
-        return ck.to(k.dtype), cv.to(v.dtype)
+        return ck[self.rows].to(k.dtype), cv[self.rows].to(v.dtype)
+
+    def reset(self) -> StaticKVCache:
+        """Empty again, for the next generation (the engine reuses a static cache: a CUDA graph
+        replays on its addresses; a new cache would record the graph again)."""
+        self.lengths.zero_()
+        self.rows, self._starts, self.write_at = slice(0, len(self.lengths)), None, None
+        return self
 
     def reorder(self, index: torch.Tensor) -> None:
         for t in (*self.k, *self.v):

@@ -222,14 +222,15 @@ class QuantizedLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # `.half()` / `.to(dtype)` cast floating buffers; keep the scales in FP32.
+        scales = self.scales
+        layout = self._cache.get("tinygemm") if self.source_released else None
         super()._apply(fn, recurse)
         if self.scales.dtype != torch.float32 and not self.scales.is_meta:
-            self.scales = self.scales.float()
-        layout = self._cache.get("tinygemm") if self.source_released else None
+            self.scales = scales.to(self.scales.device)  # the FP32 values, not a round trip through the cast
         self._cache.clear()
-        if layout:  # the only copy of the weights: moved along, kept in the kernel's dtypes
-            packed, scales_and_zeros, group = layout
-            self._cache["tinygemm"] = (fn(packed), fn(scales_and_zeros).to(torch.bfloat16), group)
+        if layout:  # the only copy of the weights: moved along with the module, never cast
+            device = self.scales.device
+            self._cache["tinygemm"] = tuple(t.to(device) if torch.is_tensor(t) else t for t in layout)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -177,7 +177,7 @@ def follow(model, max_batch: int) -> None:
     import torch.distributed as dist
 
     engine = Engine(model)
-    ops = ModelOps(engine, engine.new_cache(max_batch, model.config.max_seq_len))
+    ops = ModelOps(engine, engine.new_cache(max_batch, model.config.max_seq_len, pooled=False))
     while True:
         message = [None]
         dist.broadcast_object_list(message, src=0)
@@ -210,7 +210,7 @@ class Batcher:
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = model.config.max_seq_len
-        self.cache = self.engine.new_cache(max_batch, self.max_len)  # row i: self.live[i]
+        self.cache = self.engine.new_cache(max_batch, self.max_len, pooled=False)  # row i: self.live[i]
         self.ops = ModelOps(self.engine, self.cache, broadcast)
         self.stop_ids = {tokenizer.eop_id, tokenizer.eos_id}
         self.decode = decode or tokenizer.decode

@@ -195,6 +195,8 @@ TINYGEMM_GROUPS = (32, 64, 128, 256)
 
 
 def _cuda_linear(x: torch.Tensor, module) -> torch.Tensor:
+    if module.source_released:  # tinygemm's layout is the only copy: no fallback to give up for
+        return _tinygemm_linear(x, module)
     if module.bits == 4 and module._cache.get("tinygemm") is not False:
         try:
             return _tinygemm_linear(x, module)
