@@ -101,39 +101,15 @@ _DTYPES = {
 
 
 def read_safetensors(path: str | Path, buffer_for=None):
-    """Yield (name, tensor) from a .safetensors file, one tensor at a time, read with readinto.
+    """Yield (name, tensor) from a .safetensors file, one whole tensor at a time, read with
+    readinto (read_safetensors_slices asking for everything).
 
     `buffer_for(name, dtype, shape)` may return a tensor to read into instead of a new one
     (a reused scratch buffer: freed large tensors would otherwise stay in the heap). Raises
     CheckpointError for a corrupt file. The caller decides what to keep.
     """
-    path = Path(path)
-    f = _open(path)
-    try:
-        header, base, size = _header(f, path)
-        entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-        for name, entry in entries:
-            dtype = _DTYPES.get(entry.get("dtype"))
-            begin, end = entry["data_offsets"]
-            shape = tuple(entry["shape"])
-            if dtype is None:
-                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry.get('dtype')!r}")
-            tensor = buffer_for(name, dtype, shape) if buffer_for is not None else None
-            if tensor is None:
-                tensor = torch.empty(shape, dtype=dtype)
-            nbytes = tensor.numel() * tensor.element_size()
-            if end - begin != nbytes or base + end > size:
-                raise CheckpointError(f"{path} is corrupt or unreadable (tensor {name} is truncated)")
-            f.seek(base + begin)
-            if nbytes and f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
-                raise CheckpointError(f"{path} is corrupt or unreadable (tensor {name} is truncated)")
-            yield name, tensor
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{path} is corrupt or unreadable ({e})") from None
-    finally:
-        f.close()
+    into = None if buffer_for is None else (lambda name, shape, dtype: buffer_for(name, dtype, shape))
+    return read_safetensors_slices(path, lambda name, shape: "all", into)
 
 
 def _open(path: Path):
@@ -169,39 +145,48 @@ def read_safetensors_slices(path: str | Path, pick, buffer_for=None):
     path = Path(path)
     f = _open(path)
     try:
-        header, base, size = _header(f, path)
-        for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            dtype, shape = _DTYPES.get(entry.get("dtype")), tuple(entry["shape"])
-            if dtype is None:
-                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry.get('dtype')!r}")
-            want = pick(name, shape)
-            if want is None:
-                continue
-            begin, end = entry["data_offsets"]
-            item = torch.empty((), dtype=dtype).element_size()
-            if end - begin != math.prod(shape) * item or base + end > size:
-                raise CheckpointError(f"{path} is corrupt or unreadable (tensor {name} is truncated)")
-            dim, ranges = (0, [(0, shape[0] if shape else 1)]) if want == "all" else want
-            rows = shape[0] if shape else 1
-            row_elems = math.prod(shape[1:]) if len(shape) > 1 else 1
-            width = sum(stop - start for start, stop in ranges)
-            out_shape = shape if not shape else ((width, *shape[1:]) if dim == 0 else (rows, width))
-            out = buffer_for(name, out_shape, dtype) if buffer_for is not None else None
-            if out is None:
-                out = torch.empty(out_shape, dtype=dtype)
-            at = 0
-            for start, stop in ranges:
-                if dim == 0:
-                    part = out[at : at + stop - start] if shape else out
-                    _read_into(f, base + begin + start * row_elems * item, part, path, name)
-                else:  # columns [start, stop) of every row
-                    for r in range(rows):
-                        _read_into(f, base + begin + (r * row_elems + start) * item, out[r, at : at + stop - start],
-                                   path, name)
-                at += stop - start
-            yield name, out
+        yield from _read_slices(f, path, pick, buffer_for)
+    except (KeyError, TypeError, ValueError) as e:  # a header that is JSON but not a safetensors one
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path} is corrupt or unreadable ({e})") from None
     finally:
         f.close()
+
+
+def _read_slices(f, path: Path, pick, buffer_for):
+    """The generator behind read_safetensors_slices, on an open file."""
+    header, base, size = _header(f, path)
+    for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        dtype, shape = _DTYPES.get(entry.get("dtype")), tuple(entry["shape"])
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry.get('dtype')!r}")
+        want = pick(name, shape)
+        if want is None:
+            continue
+        begin, end = entry["data_offsets"]
+        item = torch.empty((), dtype=dtype).element_size()
+        if end - begin != math.prod(shape) * item or base + end > size:
+            raise CheckpointError(f"{path} is corrupt or unreadable (tensor {name} is truncated)")
+        dim, ranges = (0, [(0, shape[0] if shape else 1)]) if want == "all" else want
+        rows = shape[0] if shape else 1
+        row_elems = math.prod(shape[1:]) if len(shape) > 1 else 1
+        width = sum(stop - start for start, stop in ranges)
+        out_shape = shape if not shape else ((width, *shape[1:]) if dim == 0 else (rows, width))
+        out = buffer_for(name, out_shape, dtype) if buffer_for is not None else None
+        if out is None:
+            out = torch.empty(out_shape, dtype=dtype)
+        at = 0
+        for start, stop in ranges:
+            if dim == 0:
+                part = out[at : at + stop - start] if shape else out
+                _read_into(f, base + begin + start * row_elems * item, part, path, name)
+            else:  # columns [start, stop) of every row
+                for r in range(rows):
+                    _read_into(f, base + begin + (r * row_elems + start) * item, out[r, at : at + stop - start],
+                               path, name)
+            at += stop - start
+        yield name, out
 
 
 def _read_into(f, offset: int, out: torch.Tensor, path: Path, name: str) -> None:
