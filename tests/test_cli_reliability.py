@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import glm130b
 from glm130b.cli import main
@@ -193,6 +194,9 @@ def test_demo_steps_and_out_train_a_model_that_info_reads(tmp_path, capsys, monk
     assert code == 0 and json.loads(printed)["preset"] == "tiny"
     code, _, err = run(capsys, "demo", "--model", SHIPPED, "--steps", "3")
     one_line_error(code, err, "one or the other")
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, "demo", "--device", "cuda")
+        one_line_error(code, err, "no CUDA GPU")
 
 
 # -- --help (Low) ---------------------------------------------------------------------------------

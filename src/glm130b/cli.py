@@ -270,7 +270,7 @@ def cmd_plot(args) -> int:
 def cmd_demo(args) -> int:
     from glm130b.demo import run_demo
 
-    return run_demo(steps=args.steps, out=args.out, model_dir=args.model)
+    return run_demo(steps=args.steps, out=args.out, model_dir=args.model, device=args.device)
 
 
 def cmd_eval(args) -> int:
@@ -640,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the tiny preset for this many steps first and show that model (default 500 when "
                         "there is no shipped model)")
     p.add_argument("--out", help="with --steps: the folder for the trained demo model (default runs/demo)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu; a GPU runs bf16)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with GLM blank infilling (docs/serving.md)")

@@ -43,10 +43,16 @@ def _show(model, tokenizer, label: str) -> None:
     t0 = time.perf_counter()
     generate(model, tokenizer, PROMPTS[0], config=cfg)
     dt = time.perf_counter() - t0
-    print(f"   speed: {n / dt:.0f} tokens/s (batch 1, greedy, {n} tokens); peak RSS so far {peak_rss_mib():.0f} MiB")
+    gpu = ""
+    if model.final_layernorm.weight.is_cuda:
+        import torch
+
+        gpu = f", GPU peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
+    print(f"   speed: {n / dt:.0f} tokens/s (batch 1, greedy, {n} tokens); peak RSS so far {peak_rss_mib():.0f} MiB{gpu}")
 
 
-def run_demo(steps: int | None = None, out: str | None = None, model_dir: str | None = None) -> int:
+def run_demo(steps: int | None = None, out: str | None = None, model_dir: str | None = None,
+             device: str = "cpu") -> int:
     """The shipped (or --model) model; with --steps or --out, a tiny model trained for the demo
     (as README's `glm130b demo --steps 500 --out runs/demo`, then `glm130b info --model runs/demo`)."""
     from glm130b.errors import GLMError
@@ -60,12 +66,20 @@ def run_demo(steps: int | None = None, out: str | None = None, model_dir: str | 
         if model_dir:
             raise GLMError(f"{directory} has no model.safetensors")
         return _train_tiny_demo(steps or 500, out or "runs/demo")
-    from glm130b.quant.weights import quantize_model, use_fast_linears
+    from glm130b.device import resolve_device, resolve_dtype
+    from glm130b.quant.weights import compact_cuda_int4, quantize_model, use_fast_linears
 
-    model, tokenizer = load_model(directory)
-    print(f"model: {directory} ({model.num_parameters():,} parameters)")
-    _show(use_fast_linears(model), tokenizer, "fp32")  # the same weights through the fast CPU GEMV
+    where = resolve_device(device)
+    dtype = resolve_dtype("auto", where)  # fp32 on the CPU, bf16 (or fp16) on a GPU
+    model, tokenizer = load_model(directory, device=where, dtype=dtype)
+    print(f"model: {directory} ({model.num_parameters():,} parameters) on {where}")
+    label = str(dtype).removeprefix("torch.").replace("float", "fp").replace("bfp16", "bf16")
+    if where.type == "cpu":
+        model = use_fast_linears(model)  # the same weights through the fast CPU GEMV
+    _show(model, tokenizer, label)
     quantize_model(model, bits=4)
+    if where.type == "cuda":
+        compact_cuda_int4(model)
     _show(model, tokenizer, "int4 (per-row absmax, packed two per byte)")
     return 0
 
