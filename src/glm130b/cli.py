@@ -126,6 +126,9 @@ def _load(args):
 
         load_adapter(model, args.adapter, log=lambda m: print(m, file=sys.stderr))
     model.compile_decode = bool(getattr(args, "compile", False))
+    if model.compile_decode and device.type == "cpu":
+        print("note: --compile pays off on a GPU; on the CPU the fused C++ decode step (the default) is "
+              "faster (docs/inference.md)", file=sys.stderr)
     return _compact(model), tokenizer
 
 
