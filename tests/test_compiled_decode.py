@@ -129,6 +129,18 @@ def test_cli_compile_flag(tmp_path, tokenizer, capsys):
     assert capsys.readouterr().out == plain
 
 
+def test_an_unknown_compile_mode_is_one_error_line(tokenizer, tmp_path, monkeypatch, capsys):
+    from glm130b.checkpoint import save_model
+    from glm130b.errors import GLMError
+
+    with pytest.raises(GLMError, match="compile mode"):
+        Engine(varied_model("1d", seed=1), compile_decode="fastest")
+    save_model(tmp_path / "m", varied_model("1d", seed=1), tokenizer)
+    monkeypatch.setenv(compiled.MODE_ENV, "bogus")
+    assert main(["generate", "--model", str(tmp_path / "m"), "--compile", "--max-new-tokens", "2", "In"]) == 2
+    err = capsys.readouterr().err
+    assert "GLM130B_COMPILE_MODE must be one of" in err and "Traceback" not in err
+
 # --------------------------------------------------------------------------------------------
 # CUDA (skipped without a GPU): CUDA graphs
 # --------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ import weakref
 
 import torch
 
+from glm130b.errors import GLMError
+
 MODE_ENV = "GLM130B_COMPILE_MODE"
 CACHE_ROUND = 256  # static cache lengths are rounded up to a multiple: a few shapes, a few graphs
 POOL_SIZE = 4  # static caches kept per model (the most recently used shapes)
@@ -46,10 +48,16 @@ def static_cache(model, rows: int, max_len: int, dtype: torch.dtype):
     return pool[key].reset()
 
 
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "eager")
+
+
 def default_mode(device: torch.device) -> str:
     """CUDA graphs on a GPU (the launch overhead is what compiling removes there), inductor's
     default elsewhere; $GLM130B_COMPILE_MODE overrides ("eager": no compiling)."""
-    return os.environ.get(MODE_ENV) or ("reduce-overhead" if device.type == "cuda" else "default")
+    mode = os.environ.get(MODE_ENV) or ("reduce-overhead" if device.type == "cuda" else "default")
+    if mode not in MODES:
+        raise GLMError(f"${MODE_ENV} must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode
 
 
 def decode_one(model, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, cache) -> torch.Tensor:
@@ -63,6 +71,8 @@ class CompiledDecoder:
         self.model = model
         device = model.final_layernorm.weight.device
         self.mode = mode or default_mode(device)
+        if self.mode not in MODES:
+            raise GLMError(f"compile mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         self.cuda = device.type == "cuda"
         self.fn = decode_one
         if self.mode != "eager":
