@@ -82,6 +82,7 @@ def test_a_compile_failure_falls_back_to_the_eager_step(tokenizer, monkeypatch, 
         return run
 
     monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(compiled, "_compiled", {})  # not the graphs an earlier test compiled
     model = varied_model("1d", seed=1)
     plain = generate_batch(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=6))
     engine = Engine(model, compile_decode="default")

@@ -48,6 +48,7 @@ def static_cache(model, rows: int, max_len: int, dtype: torch.dtype):
     return pool[key].reset()
 
 
+_compiled: dict = {}  # mode -> the compiled decode_one
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "eager")
 
 
@@ -84,7 +85,9 @@ class CompiledDecoder:
                 import torch._inductor.config  # into its own tuned kernel only with this on
 
                 torch._inductor.config.coordinate_descent_tuning = True
-            self.fn = torch.compile(decode_one, mode=self.mode, dynamic=False)
+            if self.mode not in _compiled:  # one wrapper per mode: every engine reuses its graphs
+                _compiled[self.mode] = torch.compile(decode_one, mode=self.mode, dynamic=False)
+            self.fn = _compiled[self.mode]
         self.failed: str | None = None
 
     @torch.no_grad()
