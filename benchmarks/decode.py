@@ -123,11 +123,12 @@ def quantized_vs_fp16(model) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-def make_rows(batch: int, prompt: int) -> list[Row]:
+def make_rows(batch: int, prompt: int, vocab: int = 16384) -> list[Row]:
+    """Rows of different lengths (prompt down to prompt/2), each ending in [gMASK] (id 6)."""
     rows = []
     for i in range(batch):
         n = prompt - (i * prompt) // (2 * max(1, batch))  # different lengths: prompt .. prompt/2
-        ids = [8 + (7 * j + i) % 16000 for j in range(n - 1)] + [6]  # ... [gMASK]
+        ids = [8 + (7 * j + i) % (vocab - 16) for j in range(n - 1)] + [6]  # ... [gMASK]
         rows.append(Row(ids, Block(n - 1, 0, continues=True)))
     return rows
 

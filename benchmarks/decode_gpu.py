@@ -27,12 +27,12 @@ import os
 import time
 
 import torch
+from decode import bytes_per_token, cpu_name, make_rows  # benchmarks/decode.py: this script's CPU half
 
 from glm130b.config import GLMConfig
-from glm130b.infer.engine import Batch, Engine, Row
+from glm130b.infer.engine import Batch, Engine
 from glm130b.model.glm import build_model
-from glm130b.model.masks import Block
-from glm130b.quant import QuantizedLinear, quantize_model
+from glm130b.quant import quantize_model
 from glm130b.quant.weights import compact_cuda_int4
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -72,30 +72,6 @@ def memory_bandwidth(device: torch.device, gib: float, repeats: int = 5) -> dict
     return out
 
 
-def bytes_per_token(model) -> int:
-    """Weight bytes a decode step reads: every matrix and the output head."""
-    total = 0
-    for m in model.modules():
-        if isinstance(m, QuantizedLinear):
-            total += m.weight_bytes()
-        elif isinstance(m, torch.nn.Linear):
-            total += m.weight.numel() * m.weight.element_size()
-    head = model.word_embeddings.weight if model.lm_head is None else getattr(model.lm_head, "weight", None)
-    if head is not None and not isinstance(model.lm_head, QuantizedLinear):
-        total += head.numel() * head.element_size()
-    return total
-
-
-def make_rows(batch: int, prompt: int, vocab: int, gmask: int = 6) -> list[Row]:
-    """Rows of different lengths (prompt down to prompt/2), each ending in [gMASK]."""
-    rows = []
-    for i in range(batch):
-        n = prompt - (i * prompt) // (2 * max(1, batch))
-        ids = [8 + (7 * j + i) % (vocab - 16) for j in range(n - 1)] + [gmask]
-        rows.append(Row(ids, Block(n - 1, 0, continues=True)))
-    return rows
-
-
 def decode_seconds(engine: Engine, batch: int, prompt: int, steps: int, vocab: int, warmup: int) -> float:
     """Seconds for `steps` greedy steps of `batch` rows, after `warmup` untimed steps (a compiled
     step compiles and records its graph in those)."""
@@ -116,10 +92,6 @@ def prefill_seconds(engine: Engine, prompt: int, vocab: int) -> float:
     return timed(lambda: Batch(engine, make_rows(1, prompt, vocab), 2), engine.device)
 
 
-def device_of(model) -> torch.device:
-    return model.final_layernorm.weight.device
-
-
 def build_variants(base, names: list[str], dtype: torch.dtype, group_size: int | None) -> dict:
     """name -> (model, engine): `bf16`/`fp16`/`fp32`, `int8`, `int4`, each with `_compiled`."""
     out = {}
@@ -129,8 +101,7 @@ def build_variants(base, names: list[str], dtype: torch.dtype, group_size: int |
             m = base if DTYPES[kind] == dtype else copy.deepcopy(base).to(DTYPES[kind])
         elif kind in ("int8", "int4"):
             m = quantize_model(copy.deepcopy(base), 8 if kind == "int8" else 4, group_size)
-            if device_of(m).type == "cuda":
-                compact_cuda_int4(m)  # as the CLI loads it: INT4 held once, in tinygemm's layout
+            compact_cuda_int4(m)  # as the CLI loads it: on a GPU, INT4 held once, in tinygemm's layout
         else:
             raise SystemExit(f"unknown variant {name!r}: use bf16, fp16, fp32, int8, int4 (with _compiled)")
         out[name] = (m, Engine(m, fused_decode=False, compile_decode=name.endswith("_compiled") or False))
@@ -179,8 +150,6 @@ def gpu_name(device: torch.device) -> str:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         return f"{p.name} ({p.total_memory / 2**30:.0f} GiB)"
-    from decode import cpu_name
-
     return cpu_name()
 
 

@@ -57,11 +57,12 @@ TOLERANCE = 0.10
 # The child: one configuration, measured in its own process
 # --------------------------------------------------------------------------------------------
 def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    from glm130b.device import proc_status_kib
+
+    kib = proc_status_kib(field)
+    if kib is None:
+        raise RuntimeError(f"{field} not in /proc/self/status")
+    return kib
 
 
 def _reset_cpu_peak() -> bool:
@@ -101,18 +102,14 @@ def build_inference_model(cfg, bits: int, dtype, device, group_size: int | None 
     then allocated (to_empty), so no full-precision copy ever exists."""
     from glm130b.model.glm import build_model
     from glm130b.quant import quantize_model
+    from glm130b.quant.weights import compact_cuda_int4
 
     model = build_model(cfg, "meta").to(dtype)  # before quantizing: .to() would cast the FP32 scales
     if bits != 16:
         quantize_model(model, bits, group_size)
     model = model.to_empty(device=device)
     _fill_random(model)
-    import torch
-
-    if torch.device(device).type == "cuda":  # as the CLI loads it: INT4 held once, in tinygemm's layout
-        from glm130b.quant.weights import compact_cuda_int4
-
-        compact_cuda_int4(model)
+    compact_cuda_int4(model)  # as the CLI loads it: on a GPU, INT4 held once, in tinygemm's layout
     return model.eval()
 
 

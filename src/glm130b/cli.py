@@ -110,6 +110,7 @@ def _load(args):
     from glm130b.device import resolve_device, resolve_dtype
     from glm130b.interop.loader import load_any
     from glm130b.interop.sat import is_sat_folder
+    from glm130b.quant.weights import compact_cuda_int4
 
     device = resolve_device(getattr(args, "device", "cpu"))
     dtype = resolve_dtype(getattr(args, "dtype", "fp32"), device)
@@ -129,17 +130,8 @@ def _load(args):
     if model.compile_decode and device.type == "cpu":
         print("note: --compile pays off on a GPU; on the CPU the fused C++ decode step (the default) is "
               "faster (docs/inference.md)", file=sys.stderr)
-    return _compact(model), tokenizer
-
-
-def _compact(model):
-    """On a GPU, INT4 weights held once: in the kernel's layout (quant.weights.compact_cuda_int4);
-    the verbs that load through here only run the model."""
-    if model.final_layernorm.weight.device.type == "cuda":
-        from glm130b.quant.weights import compact_cuda_int4
-
-        compact_cuda_int4(model)
-    return model
+    compact_cuda_int4(model)  # on a GPU, INT4 held once: these verbs only run the model
+    return model, tokenizer
 
 
 def _fast(model):
@@ -204,6 +196,7 @@ def _load_tensor_parallel(args):
     from glm130b.device import resolve_dtype
     from glm130b.infer.tensor_parallel import load_tensor_parallel
     from glm130b.interop.sat import is_sat_folder
+    from glm130b.quant.weights import compact_cuda_int4
 
     directory = resolve_model_dir(args.model)
     if args.group_size is not None and args.bits is None and \
@@ -217,7 +210,8 @@ def _load_tensor_parallel(args):
         raise GLMError("--compile is not supported with --tp yet (the tensor-parallel step runs eagerly)")
     dtype = resolve_dtype(getattr(args, "dtype", "auto"), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer = load_tensor_parallel(directory, args.tp, args.bits, args.group_size, dtype)
-    return _compact(model), tokenizer
+    compact_cuda_int4(model)  # on a GPU, INT4 held once (per shard)
+    return model, tokenizer
 
 
 def _leave_tp(args) -> None:

@@ -77,9 +77,7 @@ def run_demo(steps: int | None = None, out: str | None = None, model_dir: str | 
     if where.type == "cpu":
         model = use_fast_linears(model)  # the same weights through the fast CPU GEMV
     _show(model, tokenizer, label)
-    quantize_model(model, bits=4)
-    if where.type == "cuda":
-        compact_cuda_int4(model)
+    compact_cuda_int4(quantize_model(model, bits=4))  # on a GPU, INT4 held once
     _show(model, tokenizer, "int4 (per-row absmax, packed two per byte)")
     return 0
 

@@ -60,15 +60,23 @@ def add_device_flags(parser) -> None:
                         help="activations and unquantized weights (default auto: fp32 on CPU, bf16/fp16 on GPU)")
 
 
+def proc_status_kib(field: str) -> int | None:
+    """A KiB field of Linux's /proc/self/status (VmRSS, VmHWM, ...); None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident memory so far. Linux's VmHWM, which starts afresh at exec:
     ru_maxrss carries over the peak of the process that forked this one (a benchmark that built a
     large model and then started this run read the parent's peak)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+    kib = proc_status_kib("VmHWM")
+    if kib is None:
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return round(kib / 1024, 1)

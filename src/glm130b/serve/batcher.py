@@ -138,7 +138,7 @@ class ModelOps:
         row decodes a pad token at slot 0 of its own (its keys there are overwritten by the next
         request's prefill), seeing only itself."""
         n = len(tokens)
-        rows = min(len(self.cache.lengths), 1 << (n - 1).bit_length()) if self.engine.compile_decode else n
+        rows = self.padded_rows(n)
         if rows > n:
             free = rows - n
             self.cache.lengths[n:rows] = 0
@@ -147,6 +147,11 @@ class ModelOps:
         cache = self.cache.select(slice(0, rows))
         logits = self.engine.step(tokens, cache, blocks, firsts, steps, contexts, contexts)
         return logits[:n]
+
+    def padded_rows(self, n: int) -> int:
+        """The rows a step of n live rows runs: n, or with the compiled step the next power of two
+        (at most the cache's rows)."""
+        return min(len(self.cache.lengths), 1 << (n - 1).bit_length()) if self.engine.compile_decode else n
 
     def idle(self) -> None:
         if self.broadcast is not None and time.monotonic() - self.last_sent > self.HEARTBEAT_S:
@@ -302,7 +307,7 @@ class Batcher:
         """Compile the decode step for every padded row count (1, 2, 4, ..., max_batch) before the
         first request, on this thread (the one that replays the CUDA graphs): requests wait in the
         queue meanwhile instead of stalling every stream at the first step of a new row count."""
-        sizes = sorted({min(self.max_batch, 1 << k) for k in range(self.max_batch.bit_length() + 1)})
+        sizes = sorted({self.ops.padded_rows(n) for n in range(1, self.max_batch + 1)})
         t0 = time.monotonic()
         for n in sizes:
             self.ops.prefill(0, [[self.tokenizer.gmask_id]] * n)
