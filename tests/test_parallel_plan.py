@@ -9,13 +9,10 @@ Workers leave with `os._exit` after a barrier: gloo can abort during interpreter
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import spawn_ranks
 from torch.distributed.tensor import DTensor
 
 from glm130b.config import GLMConfig
@@ -88,18 +85,8 @@ def check_clipping(module, mesh, ref_grads: dict) -> None:
 # --------------------------------------------------------------------------------------------
 # Process launching
 # --------------------------------------------------------------------------------------------
-def _entry(rank: int, world: int, tmp: str, fn, args) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    fn(rank, tmp, *args)  # an exception reaches the parent through spawn's error file
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def launch(fn, world: int, tmp_path, *args) -> None:
-    mp.spawn(_entry, args=(world, str(tmp_path), fn, args), nprocs=world, join=True)
+    spawn_ranks(fn, world, tmp_path, str(tmp_path), *args)  # fn(rank, tmp, *args)
 
 
 # --------------------------------------------------------------------------------------------

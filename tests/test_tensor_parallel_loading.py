@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import varied_model
+from helpers import spawn_ranks, varied_model
 
 from glm130b.checkpoint import save_model
 from glm130b.config import GLMConfig
@@ -99,12 +99,65 @@ def test_quantized_split_problems():
     assert "mlp.dense_4h_to_h" in problem and "groups of 64" in problem
     [problem] = quantized_split_problems(cfg(bits=4), 8)  # 43 inputs per rank: half a byte
     assert "dense_4h_to_h" in problem and "odd" in problem
-    assert "head" in quantized_split_problems(cfg(bits=8, head_bits=8), 2)[0]
+    assert quantized_split_problems(cfg(bits=8, head_bits=8), 2) == []  # the head splits on whole rows
+
+
+PROMPT = "In the beginning God created"
+IDS = torch.tensor([default_tokenizer().encode(PROMPT)])
+
+
+def _quantized_head_worker(rank: int, folders: dict, expected: dict) -> None:
+    """Each rank: its vocabulary rows of the quantized head (from a folder's slices, or
+    quantized on the rank), and the single process's tokens and logits."""
+    from glm130b.checkpoint import load_model
+    from glm130b.infer.generate import generate
+    from glm130b.infer.tensor_parallel import ShardQuantizedLinear, quantize_shards
+    from glm130b.train.parallel_plan import build_mesh
+
+    mesh = build_mesh(tp=2, device_type="cpu")
+    for name, folder in folders.items():
+        model, tokenizer = load_model(folder, tp_mesh=mesh["tp"])
+        if name.startswith("fly"):  # a full-precision folder, quantized by each rank
+            quantize_shards(model, 8, 4, head_bits=8)
+        head = model.lm_head
+        assert isinstance(head, ShardQuantizedLinear) and head.style == "vocab", name
+        assert head.local.qweight.shape[0] == model.config.vocab_size // 2, name  # this rank's rows only
+        with torch.no_grad():
+            logits = model(IDS, context_lengths=torch.tensor([IDS.shape[1]])).full_tensor()
+        torch.testing.assert_close(logits, expected[name]["logits"], atol=1e-4, rtol=1e-4)
+        assert generate(model, tokenizer, PROMPT, max_new_tokens=8) == expected[name]["text"], name
+
+
+def test_quantized_head_splits_over_tensor_parallel_ranks(tmp_path):
+    """A quantized output head (--head-bits) under --tp: a quantized folder's head is read as
+    each rank's vocabulary rows, or each rank quantizes its rows of a full-precision head (tied
+    table or untied head); logits and greedy tokens equal the single-process quantized model."""
+    from glm130b.checkpoint import load_model
+    from glm130b.infer.generate import generate
+    from glm130b.quant import quantize_model
+
+    tokenizer = default_tokenizer()
+    torch.manual_seed(3)
+    tied = build_model(GLMConfig.from_preset("tiny", num_layers=2)).eval()
+    sources = {"saved_untied": (varied_model("1d", 5), True), "fly_untied": (varied_model("1d", 6), False),
+               "fly_tied": (tied, False)}
+    folders, expected = {}, {}
+    for name, (model, saved) in sources.items():
+        folder = tmp_path / name
+        save_model(folder, quantize_model(model, 8, 4, head_bits=8) if saved else model, tokenizer)
+        single = load_model(folder, bits=None if saved else 8, group_size=None if saved else 4, head_bits=None if
+                            saved else 8)[0]
+        with torch.no_grad():
+            logits = single(IDS, context_lengths=torch.tensor([IDS.shape[1]]))
+        folders[name] = str(folder)
+        expected[name] = {"logits": logits, "text": generate(single, tokenizer, PROMPT, max_new_tokens=8)}
+    spawn_ranks(_quantized_head_worker, 2, tmp_path, folders, expected)
 
 
 @pytest.mark.slow  # three torchrun launches of two ranks
 def test_quantized_folder_generates_the_single_process_tokens(tmp_path):
-    """`generate --tp 2` on folders written by `glm130b quantize` (INT8 per row, INT4 with groups):
+    """`generate --tp 2` on folders written by `glm130b quantize` (INT8 per row, INT4 with groups
+    and an INT8 head):
     each rank reads its slices of the packed weights and scales, and the tokens are the
     single-process quantized model's. A split off the groups is one error line."""
     from glm130b.checkpoint import load_model
@@ -112,8 +165,8 @@ def test_quantized_folder_generates_the_single_process_tokens(tmp_path):
     from glm130b.quant import quantize_model
 
     prompt = "In the beginning God created"
-    for name, bits, group in (("q8", 8, None), ("q4g4", 4, 4)):
-        save_model(tmp_path / name, quantize_model(varied_model("1d", 5), bits, group), default_tokenizer())
+    for name, bits, group, head in (("q8", 8, None, None), ("q4g4h8", 4, 4, 8)):
+        save_model(tmp_path / name, quantize_model(varied_model("1d", 5), bits, group, head), default_tokenizer())
         single = generate(load_model(tmp_path / name)[0], default_tokenizer(), prompt, max_new_tokens=12)
         out = _torchrun(2, "generate", "--model", str(tmp_path / name), "--tp", "2", "--max-new-tokens", "12", prompt)
         assert out.returncode == 0, out.stderr[-3000:]

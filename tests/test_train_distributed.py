@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import spawn_ranks
 
 from glm130b.checkpoint import load_model
 from glm130b.config import GLMConfig
@@ -61,21 +61,8 @@ def reference(tmp_path_factory) -> Path:
 # --------------------------------------------------------------------------------------------
 # Process launching
 # --------------------------------------------------------------------------------------------
-def _entry(rank: int, world: int, tmp: str, fn, args) -> None:
-    os.environ.pop("WORLD_SIZE", None)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    fn(rank, *args)  # an exception reaches the parent through spawn's error file
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def launch(fn, world: int, tmp_path: Path, *args) -> None:
-    rendezvous = tmp_path / f"rdv_{fn.__name__}_{len(list(tmp_path.glob('rdv_*')))}"
-    rendezvous.mkdir()
-    mp.spawn(_entry, args=(world, str(rendezvous), fn, args), nprocs=world, join=True)
+    spawn_ranks(fn, world, tmp_path, *args)
 
 
 def _train_worker(rank: int, cfg: TrainConfig) -> None:

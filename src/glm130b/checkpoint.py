@@ -315,20 +315,20 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
 
 
 def tensor_parallel_shell(config: GLMConfig, device, dtype: torch.dtype, tp_mesh, bits: int | None = None,
-                          group_size: int | None = None):
+                          group_size: int | None = None, head_bits: int | None = None):
     """(model, targets, shells): this rank's tensor-parallel model, built on the meta device with
     the plan (train/parallel_plan.py) and its local shards allocated (uninitialised) on `device`;
     `targets` {state-dict name of the full model: this rank's tensor (a DTensor for a split
     parameter)} to fill; with `bits`, the four matrices of every layer are empty
     ShardQuantizedLinear shells ({module name: shell}) whose `qweight`, `scales` and `bias` are
-    targets under the full model's names."""
+    targets under the full model's names (with `head_bits`, `lm_head` too: its vocabulary rows)."""
     from glm130b.quant.tensor_parallel import quantized_shells
     from glm130b.train.parallel_plan import apply_tensor_parallel
 
     with torch.device("meta"):
         model = GLMModel(config).to(dtype)
     apply_tensor_parallel(model, tp_mesh)
-    shells = quantized_shells(model, bits, group_size, dtype) if bits else {}
+    shells = quantized_shells(model, bits, group_size, dtype, head_bits) if bits else {}
     model = model.to_empty(device=device)
     inside = {f"{m}.local" for m in shells}
     targets = {name: p for name, p in model.named_parameters() if name.rpartition(".")[0] not in inside}
@@ -355,7 +355,7 @@ def _load_shard(directory: Path, config: GLMConfig, device, dtype: torch.dtype, 
 
     scheme = config.extra.get("quantization") or {}
     model, targets, shells = tensor_parallel_shell(config, device, dtype, tp_mesh, scheme.get("bits"),
-                                                   scheme.get("group_size"))
+                                                   scheme.get("group_size"), scheme.get("head_bits"))
     tp, rank = tp_mesh.size(), tp_mesh.get_local_rank()
 
     def rows(rule, n):  # this rank's rows of a column ("glu": of each GeGLU half) split

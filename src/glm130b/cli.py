@@ -102,24 +102,32 @@ def _summary_on_rank0(run) -> int:
     return 0
 
 
-def _load(args):
-    """checkpoint.load_model (or a SAT folder's loader) with the verb's --bits / --group-size /
-    --head-bits / --device / --dtype: the weights go from the file to the device one tensor at a
-    time, quantized on the way."""
+def _quantization_flags(args, directory):
+    """(bits, group_size, head_bits) of a loading verb; a group size or head bits without --bits
+    is an error unless the folder is saved quantized (its own scheme then applies)."""
     from glm130b.checkpoint import is_quantized_folder
-    from glm130b.device import resolve_device, resolve_dtype
-    from glm130b.interop.loader import load_any
     from glm130b.interop.sat import is_sat_folder
-    from glm130b.quant.weights import compact_cuda_int4
 
-    device = resolve_device(getattr(args, "device", "cpu"))
-    dtype = resolve_dtype(getattr(args, "dtype", "fp32"), device)
-    directory = resolve_model_dir(args.model)
     bits, group_size = getattr(args, "bits", None), getattr(args, "group_size", None)
     head_bits = getattr(args, "head_bits", None)
     if (group_size is not None or head_bits is not None) and bits is None and \
             (is_sat_folder(directory) or not is_quantized_folder(directory)):
         raise GLMError(f"{'--group-size' if group_size is not None else '--head-bits'} needs --bits 8 or --bits 4")
+    return bits, group_size, head_bits
+
+
+def _load(args):
+    """checkpoint.load_model (or a SAT folder's loader) with the verb's --bits / --group-size /
+    --head-bits / --device / --dtype: the weights go from the file to the device one tensor at a
+    time, quantized on the way."""
+    from glm130b.device import resolve_device, resolve_dtype
+    from glm130b.interop.loader import load_any
+    from glm130b.quant.weights import compact_cuda_int4
+
+    device = resolve_device(getattr(args, "device", "cpu"))
+    dtype = resolve_dtype(getattr(args, "dtype", "fp32"), device)
+    directory = resolve_model_dir(args.model)
+    bits, group_size, head_bits = _quantization_flags(args, directory)
     model, tokenizer = load_any(directory, device=device, dtype=dtype, bits=bits, group_size=group_size,
                                 head_bits=head_bits)
     if getattr(args, "adapter", None):
@@ -192,24 +200,18 @@ def _load_tensor_parallel(args):
     """This rank's (model, tokenizer) under torchrun --tp N (infer/tensor_parallel.py)."""
     import torch
 
-    from glm130b.checkpoint import is_quantized_folder
     from glm130b.device import resolve_dtype
     from glm130b.infer.tensor_parallel import load_tensor_parallel
-    from glm130b.interop.sat import is_sat_folder
     from glm130b.quant.weights import compact_cuda_int4
 
     directory = resolve_model_dir(args.model)
-    if args.group_size is not None and args.bits is None and \
-            (is_sat_folder(directory) or not is_quantized_folder(directory)):
-        raise GLMError("--group-size needs --bits 8 or --bits 4")
-    if getattr(args, "head_bits", None) is not None:
-        raise GLMError("--head-bits is not supported with --tp (the head stays vocabulary-parallel)")
+    bits, group_size, head_bits = _quantization_flags(args, directory)
     if getattr(args, "adapter", None):
         raise GLMError("--adapter is not supported with --tp yet: merge it first (glm130b finetune merge)")
     if getattr(args, "compile", False):
         raise GLMError("--compile is not supported with --tp yet (the tensor-parallel step runs eagerly)")
     dtype = resolve_dtype(getattr(args, "dtype", "auto"), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tokenizer = load_tensor_parallel(directory, args.tp, args.bits, args.group_size, dtype)
+    model, tokenizer = load_tensor_parallel(directory, args.tp, bits, group_size, dtype, head_bits)
     compact_cuda_int4(model)  # on a GPU, INT4 held once (per shard)
     return model, tokenizer
 

@@ -9,6 +9,8 @@ With `bits`, each rank quantizes its own shard of the four matrices (as GLM-130B
 of its TP checkpoints): a column-parallel shard keeps whole output rows, so its per-row scales
 are the full model's; a row-parallel shard's rows are half rows, so per-row scales are per shard
 (with a group size that divides the shard, they equal the full model's groups exactly).
+With `head_bits` the output head is quantized too, each rank its vocabulary rows per row (the
+full model's scales exactly); its logits are gathered as the full-precision head's are.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ from glm130b.quant.tensor_parallel import (  # noqa: F401 - re-exported
 
 
 def load_tensor_parallel(directory, tp: int, bits: int | None = None, group_size: int | None = None,
-                         dtype: torch.dtype = torch.float32):
+                         dtype: torch.dtype = torch.float32, head_bits: int | None = None):
     """(model, tokenizer) of this rank of `tp` torchrun processes: each rank reads only its own
     slices of the folder (checkpoint.load_model with a mesh; peak memory about 1/tp of the
-    model) and, with `bits`, quantizes its own shard. A quantized folder (`glm130b quantize`)
+    model) and, with `bits`, quantizes its own shard (`head_bits`: its rows of the head too). A quantized folder (`glm130b quantize`)
     loads as saved: each rank reads its slices of the packed weights and of the scales. A SAT
     folder (mp_rank_XX_model_states.pt shards, full precision or official INT8/INT4) of any
     degree loads re-split to `tp` (interop/sat.load_sat_tensor_parallel)."""
@@ -54,15 +56,15 @@ def load_tensor_parallel(directory, tp: int, bits: int | None = None, group_size
         shard0 = load_sat_shard(sat_shard_files(directory)[0])
         config = sat_folder_config(directory, shard0, len(sat_shard_files(directory)))
         saved = quantized_bits(shard0) is not None
-        if saved and bits is not None:
-            raise GLMError(f"{directory} holds quantized shards; load them without --bits")
+        if saved and (bits is not None or head_bits is not None):
+            raise GLMError(f"{directory} holds quantized shards; load them without --bits or --head-bits")
         del shard0
     else:
         config = load_config(directory)
         saved = bool(config.extra.get("quantization"))
     problems = tp_split_problems(config, tp)
     if saved and not sat:  # a quantized folder: each rank reads its slices of the packed weights and scales
-        _quantization_of(directory, config, bits, group_size, None)  # asking for another scheme is an error
+        _quantization_of(directory, config, bits, group_size, head_bits)  # asking for another scheme is an error
         problems += quantized_split_problems(config, tp)
     if problems:  # before any collective: every rank says the same and leaves
         raise GLMError("; ".join(problems))
@@ -73,5 +75,5 @@ def load_tensor_parallel(directory, tp: int, bits: int | None = None, group_size
     else:
         model, tokenizer = load_model(directory, device=device, dtype=dtype, tp_mesh=mesh["tp"])
     if bits is not None and not saved:
-        quantize_shards(model, bits, group_size)
+        quantize_shards(model, bits, group_size, head_bits)
     return model, tokenizer
