@@ -4,9 +4,12 @@ one cache, both rotary layouts; compiled by inductor on the CPU here (CUDA graph
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import pytest
 import torch
-from helpers import varied_model
+from helpers import spawn_ranks, varied_model
 
 from glm130b.cli import main
 from glm130b.infer import compiled
@@ -70,6 +73,39 @@ def test_inductor_compiled_step_equals_the_plain_engine(tokenizer, recwarn):
     got = _with_compile(model, "default", lambda: _outputs(model, tokenizer))
     assert got == plain
     assert not [w for w in recwarn if "Dynamo does not know how to trace" in str(w.message)]
+
+
+def _tensor_parallel_worker(rank: int, folders: dict, expected: dict, mode: str) -> None:
+    from glm130b.checkpoint import load_model
+    from glm130b.train.parallel_plan import build_mesh
+
+    mesh = build_mesh(tp=2, device_type="cpu")
+    for name, folder in folders.items():
+        model, tokenizer = load_model(folder, tp_mesh=mesh["tp"])
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            got = _with_compile(model, mode, lambda model=model, tokenizer=tokenizer: _outputs(model, tokenizer))
+        assert got == expected[name], (rank, name)
+        assert "torch.compile of the decode step failed" not in err.getvalue(), err.getvalue()  # really compiled
+
+
+@pytest.mark.parametrize("mode", ["eager", pytest.param("default", marks=pytest.mark.slow)])
+def test_tensor_parallel_static_step_equals_one_process(tmp_path, tokenizer, monkeypatch, mode):
+    """--compile under --tp: every rank runs the static-cache step on its heads and its
+    vocabulary rows (a full-precision folder, and an INT8 one with groups and an INT8 head),
+    the logits gathered inside the step; the tokens are one process's plain engine's.
+    ("default": compiled by inductor with the collectives in the graph; slow.)"""
+    from glm130b.checkpoint import load_model, save_model
+    from glm130b.quant import quantize_model
+
+    monkeypatch.setenv("GLM130B_KV_CACHE", "fp32")  # the spawned ranks inherit it
+    folders, expected = {}, {}
+    for name, quantize in (("fp", False), ("q8h8", True)):
+        model = varied_model("1d", seed=1)
+        save_model(tmp_path / name, quantize_model(model, 8, 4, head_bits=8) if quantize else model, tokenizer)
+        folders[name] = str(tmp_path / name)
+        expected[name] = _outputs(load_model(tmp_path / name)[0], tokenizer)
+    spawn_ranks(_tensor_parallel_worker, 2, tmp_path, folders, expected, mode)
 
 
 def test_a_compile_failure_falls_back_to_the_eager_step(tokenizer, monkeypatch, capsys):

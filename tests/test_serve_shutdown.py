@@ -152,11 +152,13 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.slow  # a torchrun launch of two serving ranks
-def test_serve_tensor_parallel_under_torchrun(model_dir):
+@pytest.mark.parametrize("extra", [[], ["--compile", "--max-batch", "2"]], ids=["eager", "compiled"])
+def test_serve_tensor_parallel_under_torchrun(model_dir, extra):
     """`torchrun --nproc-per-node 2 -m glm130b serve --tp 2`: rank 0 serves HTTP and broadcasts
     each batcher step, rank 1 follows. Two concurrent greedy completions of different lengths
     (rows join, one leaves while the other decodes) give the library's text; embeddings are
-    refused; SIGTERM to torchrun stops every rank (no hang)."""
+    refused; SIGTERM to torchrun stops every rank (no hang). With --compile every rank compiles
+    the same padded steps at start (the warm-up is broadcast too) and the text is the same."""
     from glm130b.checkpoint import load_model
     from glm130b.infer.engine import GenerationConfig
     from glm130b.infer.generate import generate
@@ -166,7 +168,7 @@ def test_serve_tensor_parallel_under_torchrun(model_dir):
     want = [generate(model, tokenizer, p, config=GenerationConfig(max_new_tokens=n)) for p, n in zip(prompts, lengths,
                                                                                                      strict=True)]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                "-m", "glm130b", "serve", "--tp", "2"]
+                "-m", "glm130b", "serve", "--tp", "2", *extra]
     served = Served(model_dir, env={"OMP_NUM_THREADS": "1"}, launcher=launcher)
     try:
         workers = _children(served.proc.pid)
@@ -183,6 +185,9 @@ def test_serve_tensor_parallel_under_torchrun(model_dir):
         for t in threads:
             t.join(150)
         assert got == want
+        if extra:  # compiled for 1 and 2 rows at start, with no fallback to the eager step
+            log = "".join(served.lines)
+            assert "decode step compiled for 1, 2 rows" in log and "compile of the decode step failed" not in log, log
         r = httpx.post(f"{served.base}/v1/embeddings", json={"input": "hi"}, timeout=30)
         assert r.status_code == 400 and "--tp" in r.json()["error"]["message"]
         served.stop(signal.SIGTERM, timeout=90)  # torchrun sends SIGTERM to both ranks; rank 0 drains, rank 1 follows
@@ -190,6 +195,8 @@ def test_serve_tensor_parallel_under_torchrun(model_dir):
                                 and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
     finally:
         served.kill()
+    if extra:
+        return
     # rank 0 failing before it serves still lets rank 1 go: one error line, every rank ends
     out = subprocess.run([*launcher, "--model", str(model_dir), "--port", "0", "--chat-template", "/no/such/template"],
                          env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,

@@ -208,10 +208,9 @@ def _load_tensor_parallel(args):
     bits, group_size, head_bits = _quantization_flags(args, directory)
     if getattr(args, "adapter", None):
         raise GLMError("--adapter is not supported with --tp yet: merge it first (glm130b finetune merge)")
-    if getattr(args, "compile", False):
-        raise GLMError("--compile is not supported with --tp yet (the tensor-parallel step runs eagerly)")
     dtype = resolve_dtype(getattr(args, "dtype", "auto"), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer = load_tensor_parallel(directory, args.tp, bits, group_size, dtype, head_bits)
+    model.compile_decode = bool(getattr(args, "compile", False))  # each rank compiles the same step
     compact_cuda_int4(model)  # on a GPU, INT4 held once (per shard)
     return model, tokenizer
 

@@ -22,6 +22,7 @@ import sys
 import weakref
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from glm130b.errors import GLMError
 
@@ -62,9 +63,13 @@ def default_mode(device: torch.device) -> str:
 
 
 def decode_one(model, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, cache) -> torch.Tensor:
-    """FP32 logits [B, V] of one token per row (ids [B, 1]), written into the static cache."""
+    """FP32 logits [B, V] of one token per row (ids [B, 1]), written into the static cache
+    (under tensor parallelism the vocabulary slices are gathered inside the step)."""
     h = model.run_blocks(model.embed(ids), positions, allowed, cache)
-    return model.head(model.final_layernorm(h[:, 0])).float()
+    logits = model.head(model.final_layernorm(h[:, 0]))
+    if isinstance(logits, DTensor):
+        logits = logits.full_tensor()
+    return logits.float()
 
 
 class CompiledDecoder:

@@ -130,6 +130,10 @@ class ModelOps:
     def move(self, src: int, dst: int) -> None:
         self.cache.move(src, dst)
 
+    def reset(self) -> None:
+        """Every row empty (after the compiled step's warm-up)."""
+        self.cache.lengths.zero_()
+
     def decode(self, tokens, blocks, firsts, steps, contexts) -> torch.Tensor:
         """One step of rows [0, len(tokens)): the logits of their next tokens.
 
@@ -309,10 +313,11 @@ class Batcher:
         queue meanwhile instead of stalling every stream at the first step of a new row count."""
         sizes = sorted({self.ops.padded_rows(n) for n in range(1, self.max_batch + 1)})
         t0 = time.monotonic()
-        for n in sizes:
-            self.ops.prefill(0, [[self.tokenizer.gmask_id]] * n)
-            self.ops.decode([self.tokenizer.sop_id] * n, [Block(0, 0, continues=True)] * n, [1] * n, [0] * n, [1] * n)
-        self.cache.lengths.zero_()
+        for n in sizes:  # through the ops: under --tp every rank compiles the same steps in step
+            self.ops("prefill", 0, [[self.tokenizer.gmask_id]] * n)
+            self.ops("decode", [self.tokenizer.sop_id] * n, [Block(0, 0, continues=True)] * n, [1] * n, [0] * n,
+                     [1] * n)
+        self.ops("reset")
         print(f"glm130b serve: decode step compiled for {', '.join(map(str, sizes))} rows "
               f"in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
 
