@@ -92,3 +92,35 @@ def test_bad_eval_input_gives_one_line_errors(model_dir, tmp_path, capsys):
     ]:
         code, _, err = run(capsys, *argv)
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+
+
+def test_eval_compile_decodes_generation_tasks_through_the_compiled_step(model_dir, tmp_path, capsys, monkeypatch):
+    """`eval --compile`: the gen task's predictions come from the static-cache step (uncompiled
+    here, GLM130B_COMPILE_MODE=eager: the plumbing, not inductor) and equal the plain ones."""
+    from glm130b.infer import compiled
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"q": q, "a": "x"}) + "\n" for q in
+                            ("In the beginning God created the", "And God said, Let there be", "起初，神创造")))
+    yaml_path = tmp_path / "qa.yaml"
+    yaml_path.write_text("name: my_qa\ntype: gen\nformat: gen_jsonl\npath: qa.jsonl\nmax_new_tokens: 5\n"
+                         "options: {template: '{q}', targets_field: a}\n")
+    steps = []
+    step = compiled.CompiledDecoder.step
+
+    def counted(self, *args):
+        steps.append(1)
+        return step(self, *args)
+
+    predictions = []
+    for extra in ([], ["--compile"]):
+        out_json = tmp_path / f"r{len(extra)}.json"
+        code, _, err = run(capsys, "eval", "--model", model_dir, "--output", out_json, "--samples", "--no-progress",
+                           *extra, yaml_path)
+        assert code == 0, err
+        predictions.append([s["prediction"] for s in json.loads(out_json.read_text())["tasks"]["my_qa"]["samples"]])
+        if not extra:  # from here on, count the compiled decoder's steps
+            monkeypatch.setenv(compiled.MODE_ENV, "eager")
+            monkeypatch.setattr(compiled.CompiledDecoder, "step", counted)
+    assert predictions[1] == predictions[0] and len(predictions[0]) == 3
+    assert steps  # the compiled decoder ran the decode steps

@@ -277,7 +277,8 @@ def cmd_eval(args) -> int:
 
     run_command(resolve_model_dir(args.model), args.tasks, limit=args.limit, output=args.output, bits=args.bits,
                 compare=args.compare, progress=not args.no_progress, with_samples=args.samples,
-                precision=args.precision, device=resolve_device(args.device), adapter=args.adapter)
+                precision=args.precision, device=resolve_device(args.device), adapter=args.adapter,
+                compile_decode=args.compile)
     return 0
 
 
@@ -727,6 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     p.add_argument("--adapter", help="a fine-tuned adapter folder (glm130b finetune) to put on the model")
+    p.add_argument("--compile", action="store_true",
+                   help="generation tasks decode through one torch.compile'd step (worth it on a GPU)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("finetune", help="fine-tune a model folder on JSONL examples: LoRA, P-Tuning v2 or full, on "

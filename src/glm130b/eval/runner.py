@@ -199,9 +199,11 @@ def limit_notes(configs, limit: int | None) -> list[str]:
 def run_command(model_dir: str | Path, tasks: Sequence[str], limit: int | None = None, output: str | None = None,
                 bits: int | None = None, compare: str | None = None, progress: bool = True,
                 with_samples: bool = False, out=None, precision: str | None = None, device=None,
-                adapter: str | Path | None = None) -> dict:
-    """`glm130b eval`: load the model folder, evaluate, print the table, write JSON."""
+                adapter: str | Path | None = None, compile_decode: bool = False) -> dict:
+    """`glm130b eval`: load the model folder, evaluate, print the table, write JSON.
+    `compile_decode`: generation tasks decode through the compiled step (infer/compiled.py)."""
     from glm130b.checkpoint import WEIGHTS
+    from glm130b.quant.weights import compact_cuda_int4
 
     out = out or sys.stdout
     if not tasks:
@@ -231,6 +233,8 @@ def run_command(model_dir: str | Path, tasks: Sequence[str], limit: int | None =
             from glm130b.finetune.adapters import load_adapter
 
             load_adapter(model, adapter, log=lambda m: print(m, file=sys.stderr))
+        compact_cuda_int4(model)  # on a GPU, INT4 held once: evaluation only runs the model
+        model.compile_decode = compile_decode
         if checksum is None:
             checksum = file_sha256(model_dir / WEIGHTS)
         if len(precisions) > 1:
