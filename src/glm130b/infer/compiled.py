@@ -62,10 +62,35 @@ def default_mode(device: torch.device) -> str:
     return mode
 
 
-def decode_one(model, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, cache) -> torch.Tensor:
-    """FP32 logits [B, V] of one token per row (ids [B, 1]), written into the static cache
-    (under tensor parallelism the vocabulary slices are gathered inside the step)."""
-    h = model.run_blocks(model.embed(ids), positions, allowed, cache)
+# The columns of a step's one input tensor (int64 [B, 5], or [B, 6] with 2D rotary).
+TOKEN, CONTEXT, PART_B, SLOT, POSITION = range(5)  # (then BLOCK_POSITION, 2D only)
+
+
+def step_inputs(tokens, contexts, generated_from, slots, positions: torch.Tensor) -> torch.Tensor:
+    """The step's inputs packed into one int64 tensor on the host, so a step costs one small
+    copy to the device instead of a handful of copies and mask kernels: each row's token, context
+    length, Part-B start, cache slot, and position (and block position): masks.step_allowed and
+    masks.step_positions are computed from them inside the compiled step."""
+    rows = positions.shape[0]
+
+    def col(x):  # a number, a list or a tensor (tokens may come back from the device)
+        x = x.cpu() if isinstance(x, torch.Tensor) else x
+        return torch.as_tensor(x, dtype=torch.long).reshape(-1, 1).expand(rows, 1)
+
+    return torch.cat((col(tokens), col(contexts), col(generated_from), col(slots), positions.reshape(rows, -1)), 1)
+
+
+def decode_one(model, packed: torch.Tensor, cache) -> torch.Tensor:
+    """FP32 logits [B, V] of one token per row, written into the static cache at the slots
+    `cache.write_at`; `packed` as step_inputs made it (under tensor parallelism the vocabulary
+    slices are gathered inside the step)."""
+    j = torch.arange(cache.max_len, device=packed.device).view(1, -1)
+    allowed = (j < packed[:, CONTEXT:CONTEXT + 1]) | \
+        ((j >= packed[:, PART_B:PART_B + 1]) & (j <= packed[:, SLOT:SLOT + 1]))  # = masks.step_allowed
+    allowed = allowed.view(-1, 1, 1, cache.max_len)
+    positions = packed[:, POSITION:]  # [B, 1], or [B, 2] -> [B, 2, 1] (= masks.step_positions)
+    positions = positions if positions.shape[1] == 1 else positions.unsqueeze(-1)
+    h = model.run_blocks(model.embed(packed[:, TOKEN:TOKEN + 1]), positions, allowed, cache)
     logits = model.head(model.final_layernorm(h[:, 0]))
     if isinstance(logits, DTensor):
         logits = logits.full_tensor()
@@ -79,7 +104,7 @@ class CompiledDecoder:
         self.mode = mode or default_mode(device)
         if self.mode not in MODES:
             raise GLMError(f"compile mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        self.cuda = device.type == "cuda"
+        self.device, self.cuda = device, device.type == "cuda"
         self.fn = decode_one
         if self.mode != "eager":
             import torch._dynamo
@@ -96,24 +121,26 @@ class CompiledDecoder:
         self.failed: str | None = None
 
     @torch.no_grad()
-    def step(self, ids, positions, allowed, cache, logits_at) -> torch.Tensor | None:
-        """engine.forward's contract for a decode step: advance the cache by one, return FP32
-        logits [B, V] (a copy: a CUDA graph's output is overwritten by its next replay)."""
+    def step(self, packed: torch.Tensor, cache, logits: bool = True) -> torch.Tensor | None:
+        """Engine.step's contract for a decode step (`packed`: step_inputs on the host): advance
+        the cache by one, return FP32 logits [B, V] (a copy: a CUDA graph's output is
+        overwritten by its next replay), or None."""
         cache.check_room(1)
-        cache.write_at = cache.lengths[cache.rows].to(ids.device, non_blocking=True)
+        packed = packed.to(self.device, non_blocking=True)
+        cache.write_at = packed[:, SLOT]
         try:
-            logits = self._run(ids, positions, allowed, cache)
+            out = self._run(packed, cache)
         finally:
             cache.write_at = None
         cache.advance(1)
-        return None if logits_at is None else logits.clone()
+        return out.clone() if logits else None
 
-    def _run(self, ids, positions, allowed, cache) -> torch.Tensor:
+    def _run(self, packed, cache) -> torch.Tensor:
         if self.fn is not decode_one:
             try:
                 if self.cuda:
                     torch.compiler.cudagraph_mark_step_begin()
-                return self.fn(self.model, ids, positions, allowed, cache)
+                return self.fn(self.model, packed, cache)
             except Exception as e:  # noqa: BLE001 - a compiler failure must not end the generation
                 if not _is_compile_failure(e):
                     raise
@@ -121,7 +148,7 @@ class CompiledDecoder:
                 print(f"glm130b: torch.compile of the decode step failed ({self.failed[:200]}); "
                       "decoding eagerly", file=sys.stderr)
                 self.fn = decode_one
-        return decode_one(self.model, ids, positions, allowed, cache)
+        return decode_one(self.model, packed, cache)
 
 
 def _is_compile_failure(e: Exception) -> bool:

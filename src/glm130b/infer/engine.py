@@ -145,9 +145,6 @@ class Engine:
                 logits_at: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run ids [B, L] into the cache's selected rows; return FP32 logits [B, V] at token
         `logits_at` [B] of each row (None: no logits, e.g. a prefill that only fills the cache)."""
-        if self._decoder is not None and isinstance(cache, StaticKVCache) and ids.shape[1] == 1 \
-                and allowed.shape[-1] == cache.max_len:  # a decode step (not a one-token prefill)
-            return self._decoder.step(ids, positions, allowed, cache, logits_at)
         if ids.shape[1] > 1:
             self._check_fused_weights()
         short = ids.shape[1] == 1 or ids.numel() * ids.shape[1] <= FUSED_PREFILL_WORK
@@ -214,8 +211,12 @@ class Engine:
         `generated_from[b]`); FP32 logits [B, V] for the next token (unless logits=False)."""
         dev = self.device
         slots = cache.lengths[cache.rows]
-        width = cache.max_len if isinstance(cache, StaticKVCache) else int(slots.max()) + 1
-        allowed = step_allowed(contexts, generated_from, slots, width, device=dev)
+        if self._decoder is not None and isinstance(cache, StaticKVCache):  # the compiled step
+            from glm130b.infer.compiled import step_inputs
+
+            positions = step_positions(blocks, firsts, steps, self.two_d)
+            return self._decoder.step(step_inputs(tokens, contexts, generated_from, slots, positions), cache, logits)
+        allowed = step_allowed(contexts, generated_from, slots, int(slots.max()) + 1, device=dev)
         positions = step_positions(blocks, firsts, steps, self.two_d, device=dev)
         ids = torch.as_tensor(tokens, dtype=torch.long, device=dev).view(-1, 1)
         at = torch.zeros(ids.shape[0], dtype=torch.long, device=dev) if logits else None
