@@ -260,3 +260,60 @@ def test_errors_after_the_first_compiled_step_are_not_swallowed(tmp_path, monkey
     with pytest.raises(RuntimeError, match="out of memory"):
         train(TrainConfig(out=str(tmp_path / "run"), compile=True, **dict(SMALL, steps=3)), default_tokenizer(),
               progress=False)
+
+
+def test_time_budget_fixes_the_step_count_from_the_measured_step_time(tmp_path):
+    """The rate is taken after the first (compiling) steps; the count fills what is left of the
+    budget, capped by `steps`; a shared steps file gives a second run the first run's count."""
+    from glm130b.train.trainer import TimeBudget
+
+    def run(budget_s, step_s, cap=10**9, steps_file=None, compile_s=5.0):
+        cfg = TrainConfig(steps=cap, time_budget_s=budget_s, steps_file=steps_file)
+        messages = []
+        budget = TimeBudget(cfg, start=100.0, log=messages.append)
+        now = 100.0
+        for step in range(1, 10**6):
+            now += compile_s if step == 1 else step_s
+            decided = budget.after_step(step, now)
+            if decided is not None:
+                return decided, step, messages
+        raise AssertionError("never decided")
+
+    steps, at, messages = run(10.0, 0.1)
+    assert at == TimeBudget.DECIDE_AT == 20
+    # at step 20: 5 s + 19 x 0.1 s spent, 3.1 s left at 0.1 s a step (compile excluded) -> 31 more
+    assert steps == 51 and "51 steps" in messages[0]
+    assert run(10.0, 0.1, cap=40)[0] == 40  # --steps caps it
+    assert run(1.0, 0.1)[0] == 20  # the budget already spent: stop at the deciding step
+    shared = str(tmp_path / "steps.json")
+    first, _, _ = run(10.0, 0.1, steps_file=shared)
+    second, _, messages = run(20.0, 0.05, steps_file=shared)  # its own rate would give far more
+    assert first == second == 51 and "taken from" in messages[0]
+    assert json.loads(Path(shared).read_text()) == {"steps": 51}
+
+
+def test_a_steps_file_without_a_number_is_an_error_after_waiting(tmp_path):
+    from glm130b.config import ConfigError
+    from glm130b.train.trainer import _shared_steps
+
+    path = tmp_path / "steps.json"
+    path.write_text("")  # a writer that died between create and write
+    with pytest.raises(ConfigError, match="no step count"):
+        _shared_steps(path, 10, wait_s=0.2)
+
+
+def test_time_budgeted_run_records_its_steps_and_a_resume_keeps_them(tmp_path):
+    """`train --time-budget` on the CLI: the decided count is in train_config.json and is the
+    number of steps run; killed after deciding, `--resume` finishes the same count."""
+    out = tmp_path / "run"
+    killed = cli(out, 10**6, "--time-budget", "4", env={FAULT_ENV: "25"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    decided = json.loads((out / "train_config.json").read_text())["steps"]
+    assert 25 <= decided < 10**6
+    resumed = cli(out, 10**6, "--time-budget", "4", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((out / "train_config.json").read_text())["steps"] == decided
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")][-1] == decided
+    assert json.loads(resumed.stdout[resumed.stdout.index("{"):])["steps"] == decided
+    bad = cli(tmp_path / "bad", 5, "--steps-file", str(tmp_path / "s.json"))
+    assert bad.returncode == 2 and "time_budget_s" in bad.stderr

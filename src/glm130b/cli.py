@@ -59,7 +59,9 @@ def cmd_train(args) -> int:
     values = _options(args, TrainConfig, "training", (
         "preset", "out", "steps", "batch_size", "seq_len", "lr", "warmup_steps", "precision", "seed", "instructions",
         "gmask_prob", "instruction_share", "checkpoint_every", "grad_accum", "resume", "keep_checkpoints", "tp", "pp",
-        "dp", "pipeline_schedule", "microbatches", "device", "compile", "objective"))
+        "dp", "pipeline_schedule", "microbatches", "device", "compile", "objective", "time_budget_s", "steps_file"))
+    if values.get("time_budget_s") and "steps" not in values:  # the budget decides; no cap
+        values["steps"] = 10**9
     if getattr(args, "sources", None) is not None:  # --sources: a corpus name ("base") or comma-separated sources
         values["sources"] = tuple(args.sources.split(","))
     if isinstance(values.get("sources"), list):
@@ -571,6 +573,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --instructions: share of samples that are instruction pairs (default 0.05)")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
                    help="save a resumable checkpoint (and the model folder) every N steps")
+    p.add_argument("--time-budget", dest="time_budget_s", type=float, metavar="SECONDS",
+                   help="train for about this long: the step count is fixed from the measured step time early on, "
+                        "so the learning-rate schedule ends on time (--steps, if given, is a cap)")
+    p.add_argument("--steps-file", dest="steps_file", metavar="FILE",
+                   help="with --time-budget: runs given the same file train the same number of steps "
+                        "(the first to decide writes it)")
     p.add_argument("--grad-accum", dest="grad_accum", type=int, help="micro-batches per optimizer step")
     p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out from its last good checkpoint")
     p.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=int, help="keep the last K checkpoints (default 3)")

@@ -91,6 +91,12 @@ class TrainConfig:
     dp: int = 1
     pipeline_schedule: str = "1f1b"  # "gpipe" or "1f1b" (pp > 1)
     microbatches: int = 0  # pipeline microbatches per dp rank and step; 0: one per stage
+    # Train for about this many seconds (0: off): `steps` becomes a cap, and the step count is
+    # fixed once from the measured step time (see TimeBudget), so the cosine decay ends on time.
+    time_budget_s: float = 0.0
+    # Runs given the same file train the same number of steps (a GLM and a GPT run side by side
+    # at equal tokens): the first to decide writes it, the others take its number.
+    steps_file: str | None = None
 
     def record(self) -> dict:
         """The options a run writes to its train_config.json (FinetuneConfig leaves out those that
@@ -123,6 +129,12 @@ class TrainConfig:
             raise ConfigError(f"device must be cpu, cuda or auto, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device cuda asked for, but this PyTorch sees no CUDA GPU (use cpu or auto)")
+        if not self.time_budget_s >= 0:
+            raise ConfigError(f"time_budget_s must be >= 0 seconds, got {self.time_budget_s!r}")
+        if self.steps_file and not self.time_budget_s:
+            raise ConfigError("steps_file shares the step count a time budget decides: give time_budget_s too")
+        if self.time_budget_s and self.tp * self.pp * self.dp > 1:
+            raise ConfigError("time_budget_s runs in one process; under torchrun give --steps")
 
 
 def schedule_note(saved: dict, cfg: TrainConfig, step: int, log) -> None:
@@ -190,6 +202,68 @@ def training_device(cfg: TrainConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.device)
+
+
+class TimeBudget:
+    """Fix a run's step count so that it ends `cfg.time_budget_s` seconds after it started.
+
+    The first steps include compiling and warming up, so the rate is measured over steps
+    SKIP..DECIDE_AT; at DECIDE_AT the remaining time over that step time gives the steps left
+    (at most cfg.steps). Deciding early, inside the warm-up when there is one, leaves the
+    learning-rate schedule as if the number had been given. With `cfg.steps_file` the first run
+    to decide writes its number (an exclusive create) and every other run takes it, so runs side
+    by side train equal steps. Saving the final model and checkpoint comes after the budget. A
+    run resumed after deciding keeps its count; resumed before, it decides with a new budget."""
+
+    SKIP, DECIDE_AT = 3, 20
+
+    def __init__(self, cfg: TrainConfig, start: float, log):
+        self.cfg, self.start, self.log = cfg, start, log
+        self.decided = not cfg.time_budget_s
+        self.t_skip: float | None = None
+
+    def after_step(self, step: int, now: float) -> int | None:
+        """The decided step count at the deciding step, else None."""
+        if self.decided:
+            return None
+        if step == self.SKIP:
+            self.t_skip = now
+        decide_at = min(self.DECIDE_AT, self.cfg.steps)
+        if step < decide_at:
+            return None
+        self.decided = True
+        if self.t_skip is not None and step > self.SKIP:
+            per_step = (now - self.t_skip) / (step - self.SKIP)
+        else:  # a very short run: the mean over every step so far
+            per_step = (now - self.start) / step
+        left = max(0.0, self.cfg.time_budget_s - (now - self.start))
+        steps = max(step, min(self.cfg.steps, step + int(left / per_step)))
+        how = f"{per_step * 1e3:.0f} ms a step, {left:.0f} s of the {self.cfg.time_budget_s:.0f} s budget left"
+        if self.cfg.steps_file:
+            steps, writer = _shared_steps(Path(self.cfg.steps_file), steps)
+            if not writer:
+                how += f"; {steps} taken from {self.cfg.steps_file}"
+        self.log(f"time budget: {steps} steps ({how})")
+        return steps
+
+
+def _shared_steps(path: Path, steps: int, wait_s: float = 600.0) -> tuple[int, bool]:
+    """(the shared step count, whether this run wrote it): create `path` holding `steps` if it
+    does not exist yet, else read the number another run wrote there."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        deadline = time.monotonic() + wait_s
+        while True:  # the writer may be between create and write
+            try:
+                return int(json.loads(path.read_text())["steps"]), False
+            except (ValueError, KeyError, TypeError):
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"{path} holds no step count (another run's time budget)") from None
+                time.sleep(0.05)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"steps": steps}) + "\n")
+    return steps, True
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -508,6 +582,8 @@ def run_job(cfg: TrainConfig, job: Job, progress: bool = True, log=print, parall
         step, extra = restore(data_too=True)
         tokens_seen = extra.get("tokens", 0)
         log(f"resuming {out} from step {step}")
+        if cfg.time_budget_s and step >= TimeBudget.DECIDE_AT:  # keep the step count the budget decided
+            cfg.steps = int(extra.get("config", {}).get("steps", cfg.steps))
         schedule_note(extra.get("config", {}), cfg, step, log)
         saved = extra.get("layout")
         if parallel is not None and saved and saved != {"pp": cfg.pp, "dp": cfg.dp, "tp": cfg.tp}:
@@ -546,6 +622,8 @@ def run_job(cfg: TrainConfig, job: Job, progress: bool = True, log=print, parall
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not (progress and engine.is_main), unit="step",
                dynamic_ncols=True)
     start, losses, first_loss, tokens_at_start = time.perf_counter(), [], None, tokens_seen
+    budget = TimeBudget(cfg, start, log)
+    budget.decided = budget.decided or step >= TimeBudget.DECIDE_AT  # resumed after deciding
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -592,6 +670,13 @@ def run_job(cfg: TrainConfig, job: Job, progress: bool = True, log=print, parall
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{n_tokens / dt:.0f}", lr=f"{lr:.1e}",
                             gnorm=f"{grad_norm:.2f}", scale=f"{precision.scale:.0f}")
+            decided = budget.after_step(step, time.perf_counter())
+            if decided is not None:
+                cfg.steps = decided  # checkpoints and train_config.json record it: a resume keeps it
+                bar.total = decided
+                bar.refresh()
+                if engine.is_main:
+                    (out / "train_config.json").write_text(json.dumps(cfg.record(), indent=2) + "\n")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 checkpoint()
             if fault_step and step == fault_step:
