@@ -196,3 +196,32 @@ def test_comparison_table_is_written_between_the_markers(tmp_path):
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
     assert "| GLM | glm | base | 40.0M | 10.0 | 80.0 | 80.0 | 1.500 | 30.0% | 40.0% | - | - |" in text
     assert "| GPT | causal | base |" in text
+
+
+@pytest.mark.slow  # two tiny training runs side by side, their evaluation and packaging (about a minute)
+def test_the_base_plan_runs_in_a_time_budget_and_returns_few_files(tmp_path):
+    """tools/train_base.sh as a lent GPU runs it, at the tiny scale on the CPU: both runs sized by
+    one time budget train equal steps; the table has both rows; what comes back (RETURN) is at
+    most 8 files, and the gzipped weight parts join into the packaged model's file."""
+    import gzip
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    work, back, doc = tmp_path / "work", tmp_path / "return", tmp_path / "table.md"
+    env = {**os.environ, "PY": sys.executable, "TIME_BUDGET": "12", "PRESET": "tiny", "SEQ": "64", "BATCH": "4",
+           "DEVICE": "cpu", "PRECISION": "fp32", "COMPILE": "", "EVAL_LIMIT": "3", "SIDE_BY_SIDE": "1",
+           "DOC": str(doc), "WORK": str(work), "RETURN": str(back), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(["bash", str(root / "tools" / "train_base.sh")], env=env, capture_output=True, text=True,
+                         errors="replace", timeout=600)  # (a log's tail may cut a character)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    steps = [json.loads((work / f"run-{n}" / "train_config.json").read_text())["steps"] for n in ("glm", "gpt")]
+    assert steps[0] == steps[1] == json.loads((work / "steps.json").read_text())["steps"]
+    text = doc.read_text()
+    assert "| GLM | glm | tiny |" in text and "| GPT | causal | tiny |" in text
+    files = sorted(p.name for p in back.iterdir())
+    assert len(files) <= 8 and "base.tgz" in files
+    joined = gzip.decompress(b"".join((back / f).read_bytes() for f in files if f.startswith("weights.gz.part-")))
+    assert joined == (work / "ship" / "glm-base" / "model.safetensors").read_bytes()

@@ -71,7 +71,8 @@ def table(runs: list[tuple[str, Path, dict]]) -> str:
 
 
 def write_between_markers(doc: Path, text: str) -> None:
-    content = doc.read_text(encoding="utf-8")
+    """Replace what lies between the markers; a file that does not exist yet is made of them."""
+    content = doc.read_text(encoding="utf-8") if doc.exists() else f"{BEGIN}\n{END}\n"
     if BEGIN not in content or END not in content:
         raise SystemExit(f"{doc} lacks the markers {BEGIN} ... {END}")
     head, rest = content.split(BEGIN, 1)

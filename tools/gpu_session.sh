@@ -7,6 +7,8 @@
 #      held-out perplexity and the two dev tasks (on the host's CPU cores);
 #   4. the export with the lowest held-out perplexity kept.
 # MODE=inference runs the CUDA tests and the inference benchmarks instead of 2-4 (issue #16; see below).
+# MODE=base runs issue #21's plan instead (tools/train_base.sh: the base model's GLM and GPT runs in
+# a time budget, evaluation, the table, the package; what comes back in at most 8 files of $OUT).
 # How the shipped model was made:  RUNS="dn1800:deepnorm:1800 dn3000:deepnorm:3000" TESTS=0 tools/gpu_session.sh
 # Everything worth keeping lands under $OUT (weights split in 15 MB parts; `cat` joins them).
 set -u
@@ -17,10 +19,9 @@ MAX_TOKENS=${MAX_TOKENS:-60000000}   # about 8 passes over the training mixture
 BATCH=${BATCH:-64}
 DEVICE=${DEVICE:-cuda}
 PROBE_COMPILE=${PROBE_COMPILE---compile}
-TESTS=${TESTS:-1}
+TESTS=${TESTS:-$([ "${MODE:-train}" = base ] && echo 0 || echo 1)}  # MODE=base: every second goes to training
 PROBE_STEPS=${PROBE_STEPS:-30}
 EVAL_THREADS=${EVAL_THREADS:-8}
-SEQ=256
 mkdir -p "$OUT"
 LOG="$OUT/session.log"
 exec > >(tee -a "$LOG") 2>&1
@@ -52,6 +53,15 @@ fi
 # decode 300, plan 150; TEST_SECONDS, DECODE_SECONDS, PLAN_SECONDS, VARIANTS override):
 # the decode benchmark (ChatGLM-6B shape, BF16/INT8/INT4, eager and compiled, the HBM roofline,
 # transformers as the peer) and the planner against the measured peak memory.
+# MODE=base (issue #21), one device call of at most 600 s: TIME_BUDGET (380 s) of training for each
+# of the two runs side by side, then export, evaluation on the GPU, the table and the package;
+# $OUT gets the gzipped weights in 15 MB parts, base.tgz and this log (docs/shipped-model.md).
+if [ "${MODE:-train}" = base ]; then
+    stamp "2. issue #21: tools/train_base.sh"
+    WORK=/tmp/base-plan RETURN="$OUT" bash tools/train_base.sh || echo "train_base.sh failed (exit $?)"
+    stamp done
+    exit 0
+fi
 if [ "${MODE:-train}" = inference ]; then
     stamp "2. decode benchmark"
     # the JSON is rewritten after every variant: a run cut by the timeout keeps what it measured
@@ -66,6 +76,7 @@ if [ "${MODE:-train}" = inference ]; then
     exit 0
 fi
 
+SEQ=256  # the small model's windows (set here: MODE=base passes its own environment to train_base.sh)
 common=(--preset small --seq-len $SEQ --batch-size $BATCH --precision bf16 --device $DEVICE --instructions builtin
         --instruction-share 0.2 --gmask-prob 0.7 --seed 1234 --lr 0.002)
 # RUNS: "label:norm:steps ..." trained side by side; steps "auto" = sized by the probe to TRAIN_SECONDS

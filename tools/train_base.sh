@@ -1,39 +1,51 @@
 #!/usr/bin/env bash
-# Issue #21's GPU plan, end to end (docs/shipped-model.md, "The base model"):
-#   1. the base corpus (built by tools/build_corpus_base.sh unless already in data/corpus/);
-#   2. the `base` preset trained twice on it at equal tokens: GLM objective and plain causal (GPT),
-#      side by side on one GPU (SIDE_BY_SIDE=1) or one after the other;
+# Issue #21's GPU plan, end to end, sized for one call of the device tool (10 minutes a command,
+# at most 8 files / 64 MiB back; docs/shipped-model.md, "The base model"):
+#   1. the base corpus (data/corpus/ holds it; tools/build_corpus_base.sh rebuilds it, with network);
+#   2. the `base` preset trained twice on it at equal tokens, GLM objective and plain causal (GPT),
+#      side by side on one GPU (SIDE_BY_SIDE=1) or one after the other. TIME_BUDGET=S (seconds,
+#      the default on a GPU: 380) sizes both runs in time (`train --time-budget`, one shared
+#      `--steps-file`, so equal steps); STEPS=N or TOKENS=N size them in steps instead;
 #   3. both exported (tools/ship_model.py, FP16) and scored on the dev tasks and both held-out
 #      perplexity slices (glm130b eval; a causal model is scored as a causal LM);
 #   4. the GLM-vs-GPT table written into $DOC (tools/compare_objectives.py);
-#   5. the GLM model packaged: FP16 if it fits SHIP_LIMIT_MB, else INT8 if that fits, else INT4;
-#      the package lands in $OUT/ship/glm-base, its weights also split in 15 MB parts.
-# On a GPU:     tools/train_base.sh                          (TOKENS=40000000 each by default)
+#   5. the GLM model packaged: FP16 if it fits SHIP_LIMIT_MB, else INT8 if that fits, else INT4,
+#      in $WORK/ship/glm-base;
+#   6. with RETURN=DIR (the device tool's $OUT): what is worth bringing back, in few files: the
+#      package's weights gzipped and split in 15 MB parts (weights.gz.part-*), everything else in
+#      one base.tgz (package files, eval JSONs and logs, metrics, train configs, the table).
+#      `cat weights.gz.part-* | gunzip > model.safetensors` joins them.
+# On a GPU:     RETURN=$OUT tools/train_base.sh                    (TIME_BUDGET=380 by default)
 # CPU check:    PRESET=tiny SEQ=64 BATCH=4 STEPS=3 DEVICE=cpu PRECISION=fp32 COMPILE= EVAL_LIMIT=4 \
-#               SIDE_BY_SIDE=0 DOC=/tmp/table.md OUT=/tmp/base-check tools/train_base.sh
+#               SIDE_BY_SIDE=0 DOC=/tmp/table.md WORK=/tmp/base-check RETURN=/tmp/base-return tools/train_base.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-OUT=${OUT:-runs/base-plan}
+WORK=${WORK:-runs/base-plan}
+RETURN=${RETURN:-}
 PRESET=${PRESET:-base}
 SEQ=${SEQ:-512}
 BATCH=${BATCH:-32}
+DEVICE=${DEVICE:-auto}
+if [ -z "${STEPS:-}${TOKENS:-}" ] && [ "$DEVICE" != cpu ]; then TIME_BUDGET=${TIME_BUDGET:-380}; fi
+TIME_BUDGET=${TIME_BUDGET:-}
 TOKENS=${TOKENS:-40000000}
 STEPS=${STEPS:-$(( TOKENS / (BATCH * SEQ) ))}
 WARMUP=${WARMUP:-$(( STEPS < 2000 ? STEPS / 10 + 1 : 200 ))}
+[ -n "$TIME_BUDGET" ] && WARMUP=${WARMUP_BUDGETED:-100}  # the budget decides at step 20, inside the warm-up
 LR=${LR:-0.001}
-DEVICE=${DEVICE:-auto}
 PRECISION=${PRECISION:-bf16}
 COMPILE=${COMPILE---compile}
 SIDE_BY_SIDE=${SIDE_BY_SIDE:-1}
 EVAL_LIMIT=${EVAL_LIMIT:-}
 EVAL_DEVICE=${EVAL_DEVICE:-auto}
+EVAL_SECONDS=${EVAL_SECONDS:-150}
 DOC=${DOC:-docs/shipped-model.md}
 SHIP_LIMIT_MB=${SHIP_LIMIT_MB:-60}
 TASKS=(heldout_ppl heldout_ppl_base bilingual_verse_match zh_classics_cloze)
-mkdir -p "$OUT"
+mkdir -p "$WORK"
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 
@@ -41,58 +53,88 @@ stamp "1. base corpus"
 [ -f data/corpus/zh_song_poems.jsonl.gz ] && [ "${BUILD_CORPUS:-0}" != 1 ] || bash tools/build_corpus_base.sh
 [ -f data/eval/heldout_ppl_base.jsonl.gz ] || $PY tools/build_heldout.py --base
 
-stamp "2. training $PRESET, $STEPS steps of $BATCH x $SEQ tokens each, GLM and causal ($DEVICE, $PRECISION $COMPILE)"
-common=(--config configs/base.yaml --preset "$PRESET" --steps "$STEPS" --batch-size "$BATCH" --seq-len "$SEQ"
+if [ -n "$TIME_BUDGET" ]; then  # --steps is then a cap (configs/base.yaml's 2400 would be one)
+    size=(--time-budget "$TIME_BUDGET" --steps-file "$WORK/steps.json" --steps "${MAX_STEPS:-100000}"); what="$TIME_BUDGET s each"
+else size=(--steps "$STEPS"); what="$STEPS steps each"; fi
+stamp "2. training $PRESET, $what, $BATCH x $SEQ tokens a step, GLM and causal ($DEVICE, $PRECISION $COMPILE)"
+rm -f "$WORK/steps.json"
+common=(--config configs/base.yaml --preset "$PRESET" "${size[@]}" --batch-size "$BATCH" --seq-len "$SEQ"
         --warmup-steps "$WARMUP" --lr "$LR" --device "$DEVICE" --precision "$PRECISION" --sources base
         --checkpoint-every 100000)
 train() {  # label objective
-    rm -rf "$OUT/run-$1"
-    $PY -m glm130b train "${common[@]}" --objective "$2" --out "$OUT/run-$1" $COMPILE > "$OUT/train-$1.log" 2>&1
+    rm -rf "$WORK/run-$1"
+    $PY -m glm130b train "${common[@]}" --objective "$2" --out "$WORK/run-$1" $COMPILE > "$WORK/train-$1.log" 2>&1
 }
 if [ "$SIDE_BY_SIDE" = 1 ]; then
     train glm glm & a=$!; train gpt causal & b=$!
-    wait $a || { tail -30 "$OUT/train-glm.log"; exit 3; }
-    wait $b || { tail -30 "$OUT/train-gpt.log"; exit 3; }
+    wait $a || { tail -30 "$WORK/train-glm.log"; exit 3; }
+    wait $b || { tail -30 "$WORK/train-gpt.log"; exit 3; }
 else
-    train glm glm || { tail -30 "$OUT/train-glm.log"; exit 3; }
-    train gpt causal || { tail -30 "$OUT/train-gpt.log"; exit 3; }
+    train glm glm || { tail -30 "$WORK/train-glm.log"; exit 3; }
+    train gpt causal || { tail -30 "$WORK/train-gpt.log"; exit 3; }
 fi
-for n in glm gpt; do stamp "$n:"; tail -c 400 "$OUT/train-$n.log"; echo; done
+for n in glm gpt; do stamp "$n:"; grep -h "time budget" "$WORK/train-$n.log" || true; tail -c 400 "$WORK/train-$n.log"; echo; done
 
 stamp "3. export (FP16) and evaluation"
 for n in glm gpt; do
-    rm -rf "$OUT/$n-fp16"
-    $PY tools/ship_model.py "$OUT/run-$n" "$OUT/$n-fp16" > "$OUT/ship-$n.log"
-    $PY -m glm130b eval --model "$OUT/$n-fp16" --device "$EVAL_DEVICE" --no-progress ${EVAL_LIMIT:+--limit $EVAL_LIMIT} \
-        --output "$OUT/eval-$n.json" "${TASKS[@]}" > "$OUT/eval-$n.log" 2>&1 || { cat "$OUT/eval-$n.log"; exit 4; }
-    cat "$OUT/eval-$n.log"
+    rm -rf "$WORK/$n-fp16"
+    $PY tools/ship_model.py "$WORK/run-$n" "$WORK/$n-fp16" > "$WORK/ship-$n.log"
+    timeout "$EVAL_SECONDS" $PY -m glm130b eval --model "$WORK/$n-fp16" --device "$EVAL_DEVICE" --no-progress \
+        ${EVAL_LIMIT:+--limit $EVAL_LIMIT} --output "$WORK/eval-$n.json" "${TASKS[@]}" > "$WORK/eval-$n.log" 2>&1 \
+        || { cat "$WORK/eval-$n.log"; exit 4; }
+    cat "$WORK/eval-$n.log"
 done
 
+STEPS_RUN=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['steps'])" "$WORK/run-glm/train_config.json")
 stamp "4. GLM vs GPT table -> $DOC"
-$PY tools/compare_objectives.py --doc "$DOC" --run "GLM=$OUT/run-glm:$OUT/eval-glm.json" \
-    --run "GPT=$OUT/run-gpt:$OUT/eval-gpt.json" \
-    --note "$(date -u +%Y-%m-%d), $STEPS steps of $BATCH x $SEQ, $DEVICE ${EVAL_LIMIT:+(eval --limit $EVAL_LIMIT)}"
+$PY tools/compare_objectives.py --doc "$DOC" --run "GLM=$WORK/run-glm:$WORK/eval-glm.json" \
+    --run "GPT=$WORK/run-gpt:$WORK/eval-gpt.json" \
+    --note "$(date -u +%Y-%m-%d), $STEPS_RUN steps of $BATCH x $SEQ, $DEVICE ${EVAL_LIMIT:+(eval --limit $EVAL_LIMIT)}"
 
 stamp "5. packaging the GLM model (limit $SHIP_LIMIT_MB MB)"
 limit=$(( SHIP_LIMIT_MB * 1000000 ))
 size() { stat -c %s "$1/model.safetensors"; }
-pick="$OUT/glm-fp16"; kind=fp16
+pick="$WORK/glm-fp16"; kind=fp16
 if [ "$(size "$pick")" -gt $limit ]; then
-    rm -rf "$OUT/glm-int8"; $PY -m glm130b quantize --model "$OUT/glm-fp16" --bits 8 --dtype fp16 --out "$OUT/glm-int8"
-    pick="$OUT/glm-int8"; kind=int8
+    rm -rf "$WORK/glm-int8"; $PY -m glm130b quantize --model "$WORK/glm-fp16" --bits 8 --dtype fp16 --out "$WORK/glm-int8"
+    pick="$WORK/glm-int8"; kind=int8
     if [ "$(size "$pick")" -gt $limit ]; then
-        rm -rf "$OUT/glm-int4"; $PY -m glm130b quantize --model "$OUT/glm-fp16" --bits 4 --dtype fp16 --out "$OUT/glm-int4"
-        pick="$OUT/glm-int4"; kind=int4
+        rm -rf "$WORK/glm-int4"; $PY -m glm130b quantize --model "$WORK/glm-fp16" --bits 4 --dtype fp16 --out "$WORK/glm-int4"
+        pick="$WORK/glm-int4"; kind=int4
     fi
 fi
-rm -rf "$OUT/ship" && mkdir -p "$OUT/ship" && cp -r "$pick" "$OUT/ship/glm-base"
-cp "$OUT/eval-glm.json" "$OUT/ship/glm-base/eval.json"
-cat > "$OUT/ship/glm-base/REGENERATE.md" <<EOT
-Shipped as $kind ($(( $(size "$pick") / 1000000 )) MB; FP16 is $(( $(size "$OUT/glm-fp16") / 1000000 )) MB).
-The FP16 model is regenerated by one command (same seed, data and steps; GPU runs are not bit-exact):
-    PRESET=$PRESET SEQ=$SEQ BATCH=$BATCH STEPS=$STEPS LR=$LR WARMUP=$WARMUP tools/train_base.sh
-(its FP16 export is then $OUT/glm-fp16; $kind from it: glm130b quantize --model $OUT/glm-fp16 --bits ${kind#int} --dtype fp16 --out DIR).
+rm -rf "$WORK/ship" && mkdir -p "$WORK/ship" && cp -r "$pick" "$WORK/ship/glm-base"
+cp "$WORK/eval-glm.json" "$WORK/ship/glm-base/eval.json"
+cat > "$WORK/ship/glm-base/REGENERATE.md" <<EOT
+Shipped as $kind ($(( $(size "$pick") / 1000000 )) MB; FP16 is $(( $(size "$WORK/glm-fp16") / 1000000 )) MB).
+The FP16 model is regenerated by one command (same seed, data, steps and schedule; GPU runs are
+not bit-exact):
+    PRESET=$PRESET SEQ=$SEQ BATCH=$BATCH STEPS=$STEPS_RUN LR=$LR WARMUP=$WARMUP tools/train_base.sh
+(its FP16 export is then $WORK/glm-fp16; $kind from it: glm130b quantize --model $WORK/glm-fp16 --bits ${kind#int} --dtype fp16 --out DIR).
 EOT
-rm -rf "$OUT/parts" && mkdir -p "$OUT/parts" && split -b 15000000 "$pick/model.safetensors" "$OUT/parts/model.safetensors.part-"
-$PY -m glm130b info --model "$OUT/ship/glm-base"
-stamp "done: $OUT/ship/glm-base ($kind)"
+$PY -m glm130b info --model "$WORK/ship/glm-base"
+
+if [ -n "$RETURN" ]; then
+    stamp "6. what comes back -> $RETURN"
+    mkdir -p "$RETURN"
+    gzip -1 -c "$pick/model.safetensors" | split -b 15000000 - "$RETURN/weights.gz.part-"
+    keep="$WORK/keep" && rm -rf "$keep" && mkdir -p "$keep/glm-base"
+    (cd "$WORK/ship/glm-base" && cp $(ls | grep -vx model.safetensors) "$keep/glm-base/")
+    for n in glm gpt; do
+        mkdir -p "$keep/$n"
+        cp "$WORK/run-$n/metrics.jsonl" "$WORK/run-$n/train_config.json" "$WORK/eval-$n.json" "$WORK/eval-$n.log" \
+            "$WORK/train-$n.log" "$keep/$n/" 2>/dev/null || true
+    done
+    $PY - "$DOC" > "$keep/table.md" <<'EOF'
+import sys
+text = open(sys.argv[1]).read()
+print(text[text.index("<!-- glm-vs-gpt:begin -->"):text.index("<!-- glm-vs-gpt:end -->") + 24])
+EOF
+    tar -C "$keep" -czf "$RETURN/base.tgz" .
+    total=$(du -cb "$RETURN"/* | tail -1 | cut -f1); files=$(ls "$RETURN" | wc -l)
+    ls -la "$RETURN"
+    if [ "$total" -gt $(( 63 * 1048576 )) ] || [ "$files" -gt 8 ]; then
+        echo "WARNING: $RETURN holds $files files, $total bytes: over what one call brings back (8 files, 64 MiB)"
+    fi
+fi
+stamp "done: $WORK/ship/glm-base ($kind)"
