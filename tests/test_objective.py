@@ -226,6 +226,20 @@ def test_instructions_run_out_and_none():
     assert all(s.mode != "instruction" for s in samples)
 
 
+@pytest.mark.parametrize("objective", ["glm", "causal"])
+def test_a_pair_whose_answer_does_not_fit_is_passed_over(objective):
+    """A short window with long answers among the instructions (the builtin pairs at --seq-len
+    64): the stream passes those pairs over instead of failing the run mid-way."""
+    docs = make_docs(7, 200)
+    room = 14 if objective == "glm" else 15  # seq_len 16 less [gMASK] and <sop>, or <eos>
+    pairs = [([100], list(range(200, 200 + room + 1))), ([100], list(range(200, 200 + room)))] * 4
+    b = builder(16, instruction_share=0.5, objective=objective)
+    samples = list(b.samples(docs, iter(pairs)))
+    used = [s for s in samples if s.mode == "instruction"]
+    assert len(used) == 4  # the four answers that fit, each used
+    assert b.state_dict()["instructions"] == 8  # and the other four consumed (a resume skips them too)
+
+
 def same(a, b) -> bool:
     return (
         a.mode == b.mode and a.context_length == b.context_length

@@ -409,7 +409,11 @@ def test_quantized_head_round_trip_and_logits(tiny_model, tokenizer, fp32_dir, t
     head_weight = table if tied else base.lm_head.weight.detach().clone()
     model = quantize_model(copy.deepcopy(base), 4, head_bits=8)
     assert isinstance(model.lm_head, QuantizedLinear) and model.lm_head.bits == 8
-    assert torch.equal(model.word_embeddings.weight, table)  # the lookup table is kept as it was
+    if tied:  # one table: the lookups read the head's dequantized rows
+        assert torch.equal(model.word_embeddings.weight, model.lm_head.dequantized_weight())
+        assert not torch.equal(model.word_embeddings.weight, table)
+    else:  # an untied model's lookup table is not the head
+        assert torch.equal(model.word_embeddings.weight, table)
     torch.testing.assert_close(model.lm_head.dequantized_weight(), head_weight, rtol=0, atol=head_weight.abs().max() / 254)
     assert quantization_info(model)["head_bits"] == 8 and quantization_info(model)["bits"] == 4
     ids, ctx = _inputs()
@@ -417,8 +421,13 @@ def test_quantized_head_round_trip_and_logits(tiny_model, tokenizer, fp32_dir, t
     torch.testing.assert_close(model(ids, context_lengths=ctx), layers_only(ids, context_lengths=ctx),
                                rtol=0.02, atol=0.02)
     save_model(tmp_path / "q", model, tokenizer)
+    from glm130b.checkpoint import read_safetensors
+
+    stored = {name for name, _ in read_safetensors(tmp_path / "q" / "model.safetensors")}
+    assert ("word_embeddings.weight" in stored) != tied  # a tied table is stored once, as the head
     loaded, _ = load_model(tmp_path / "q")
     assert quantization_info(loaded)["head_bits"] == 8
+    assert torch.equal(loaded.word_embeddings.weight, model.word_embeddings.weight)
     torch.testing.assert_close(loaded(ids, context_lengths=ctx), model(ids, context_lengths=ctx), rtol=1e-5, atol=1e-5)
     with pytest.raises(QuantizationError, match="8-bit head"):
         load_model(tmp_path / "q", bits=4, head_bits=4)

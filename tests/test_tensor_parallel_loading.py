@@ -1,5 +1,6 @@
 """Tensor-parallel loading: each rank reads only its own slices of a model folder."""
 
+import copy
 import json
 import os
 import subprocess
@@ -130,8 +131,9 @@ def _quantized_head_worker(rank: int, folders: dict, expected: dict) -> None:
 
 def test_quantized_head_splits_over_tensor_parallel_ranks(tmp_path):
     """A quantized output head (--head-bits) under --tp: a quantized folder's head is read as
-    each rank's vocabulary rows, or each rank quantizes its rows of a full-precision head (tied
-    table or untied head); logits and greedy tokens equal the single-process quantized model."""
+    each rank's vocabulary rows (a tied table, stored once as the head, is rebuilt from them), or
+    each rank quantizes its rows of a full-precision head (tied table or untied head); logits and
+    greedy tokens equal the single-process quantized model."""
     from glm130b.checkpoint import load_model
     from glm130b.infer.generate import generate
     from glm130b.quant import quantize_model
@@ -140,7 +142,7 @@ def test_quantized_head_splits_over_tensor_parallel_ranks(tmp_path):
     torch.manual_seed(3)
     tied = build_model(GLMConfig.from_preset("tiny", num_layers=2)).eval()
     sources = {"saved_untied": (varied_model("1d", 5), True), "fly_untied": (varied_model("1d", 6), False),
-               "fly_tied": (tied, False)}
+               "fly_tied": (tied, False), "saved_tied": (copy.deepcopy(tied), True)}  # (the table stored as the head)
     folders, expected = {}, {}
     for name, (model, saved) in sources.items():
         folder = tmp_path / name

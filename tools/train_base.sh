@@ -9,8 +9,8 @@
 #   3. both exported (tools/ship_model.py, FP16) and scored on the dev tasks and both held-out
 #      perplexity slices (glm130b eval; a causal model is scored as a causal LM);
 #   4. the GLM-vs-GPT table written into $DOC (tools/compare_objectives.py);
-#   5. the GLM model packaged: FP16 if it fits SHIP_LIMIT_MB, else INT8 if that fits, else INT4,
-#      in $WORK/ship/glm-base;
+#   5. the GLM model packaged: FP16 if it fits SHIP_LIMIT_MB, else INT8 if that fits, else INT4
+#      with an INT8 head (HEAD_BITS; the tied table is stored once, as the head), in $WORK/ship/glm-base;
 #   6. with RETURN=DIR (the device tool's $OUT): what is worth bringing back, in few files: the
 #      package's weights gzipped and split in 15 MB parts (weights.gz.part-*), everything else in
 #      one base.tgz (package files, eval JSONs and logs, metrics, train configs, the table).
@@ -23,8 +23,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-WORK=${WORK:-runs/base-plan}
-RETURN=${RETURN:-}
+WORK=$(realpath -m "${WORK:-runs/base-plan}")
+RETURN=${RETURN:+$(realpath -m "$RETURN")}
+DEADLINE_S=${DEADLINE_S:-560}  # with RETURN: the evaluation is cut to end by then (the device call ends at 600)
 PRESET=${PRESET:-base}
 SEQ=${SEQ:-512}
 BATCH=${BATCH:-32}
@@ -42,12 +43,51 @@ SIDE_BY_SIDE=${SIDE_BY_SIDE:-1}
 EVAL_LIMIT=${EVAL_LIMIT:-}
 EVAL_DEVICE=${EVAL_DEVICE:-auto}
 EVAL_SECONDS=${EVAL_SECONDS:-150}
-DOC=${DOC:-docs/shipped-model.md}
+DOC=$(realpath -m "${DOC:-docs/shipped-model.md}")
 SHIP_LIMIT_MB=${SHIP_LIMIT_MB:-60}
+HEAD_BITS=${HEAD_BITS-8}  # INT4 packages: an INT8 head, the tied table stored once as it (HEAD_BITS= : FP16 table)
 TASKS=(heldout_ppl heldout_ppl_base bilingual_verse_match zh_classics_cloze)
 mkdir -p "$WORK"
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+
+bring_back() {  # on every exit with RETURN: what exists goes back (a failed evaluation keeps the training)
+    local rc=$?
+    trap - EXIT
+    set +e  # bring back what can be brought back
+    [ -n "$RETURN" ] || exit $rc
+    stamp "6. what comes back -> $RETURN (exit $rc)"
+    mkdir -p "$RETURN"
+    local pkg="$WORK/ship/glm-base" keep="$WORK/keep" total files n f
+    if [ ! -f "$pkg/model.safetensors" ] && [ -f "$WORK/run-glm/model.safetensors" ]; then  # never packaged
+        pkg="$WORK/rescue"; rm -rf "$pkg"
+        $PY -m glm130b quantize --model "$WORK/run-glm" --bits 4 ${HEAD_BITS:+--head-bits $HEAD_BITS} --dtype fp16 \
+            --out "$pkg" > "$WORK/rescue.log" 2>&1 || true
+    fi
+    if [ -f "$pkg/model.safetensors" ]; then
+        gzip -1 -c "$pkg/model.safetensors" | split -b 15000000 - "$RETURN/weights.gz.part-"
+    fi
+    rm -rf "$keep" && mkdir -p "$keep/glm-base"
+    if [ -d "$pkg" ]; then find "$pkg" -maxdepth 1 -type f ! -name model.safetensors -exec cp {} "$keep/glm-base/" \; ; fi
+    for n in glm gpt; do
+        mkdir -p "$keep/$n"
+        for f in "$WORK/run-$n/metrics.jsonl" "$WORK/run-$n/train_config.json" "$WORK/eval-$n.json" \
+                 "$WORK/eval-$n.log" "$WORK/train-$n.log" "$WORK/ship-$n.log"; do
+            if [ -f "$f" ]; then cp "$f" "$keep/$n/"; fi
+        done
+    done
+    if [ -f "$WORK/rescue.log" ]; then cp "$WORK/rescue.log" "$keep/"; fi
+    if [ -f "$DOC" ]; then sed -n '/<!-- glm-vs-gpt:begin -->/,/<!-- glm-vs-gpt:end -->/p' "$DOC" > "$keep/table.md"; fi
+    tar -C "$keep" -czf "$RETURN/base.tgz" .
+    total=$(du -cb "$RETURN"/* | tail -1 | cut -f1); files=$(ls "$RETURN" | wc -l)
+    ls -la "$RETURN"
+    if [ "$total" -gt $(( 63 * 1048576 )) ] || [ "$files" -gt 8 ]; then
+        echo "WARNING: $RETURN holds $files files, $total bytes: over what one call brings back (8 files, 64 MiB)"
+    fi
+    stamp "done (exit $rc)"
+    exit $rc
+}
+trap bring_back EXIT
 
 stamp "1. base corpus"
 [ -f data/corpus/zh_song_poems.jsonl.gz ] && [ "${BUILD_CORPUS:-0}" != 1 ] || bash tools/build_corpus_base.sh
@@ -67,7 +107,7 @@ train() {  # label objective
 }
 if [ "$SIDE_BY_SIDE" = 1 ]; then
     train glm glm & a=$!; train gpt causal & b=$!
-    wait $a || { tail -30 "$WORK/train-glm.log"; exit 3; }
+    wait $a || { tail -30 "$WORK/train-glm.log"; kill $b 2>/dev/null; wait $b || true; exit 3; }
     wait $b || { tail -30 "$WORK/train-gpt.log"; exit 3; }
 else
     train glm glm || { tail -30 "$WORK/train-glm.log"; exit 3; }
@@ -79,7 +119,11 @@ stamp "3. export (FP16) and evaluation"
 for n in glm gpt; do
     rm -rf "$WORK/$n-fp16"
     $PY tools/ship_model.py "$WORK/run-$n" "$WORK/$n-fp16" > "$WORK/ship-$n.log"
-    timeout "$EVAL_SECONDS" $PY -m glm130b eval --model "$WORK/$n-fp16" --device "$EVAL_DEVICE" --no-progress \
+    secs=$EVAL_SECONDS
+    if [ -n "$RETURN" ]; then  # leave the packaging about 60 s before the deadline
+        left=$(( DEADLINE_S - ($(date +%s) - T0) - 60 )); if [ "$left" -lt "$secs" ]; then secs=$(( left > 10 ? left : 10 )); fi
+    fi
+    timeout "$secs" $PY -m glm130b eval --model "$WORK/$n-fp16" --device "$EVAL_DEVICE" --no-progress \
         ${EVAL_LIMIT:+--limit $EVAL_LIMIT} --output "$WORK/eval-$n.json" "${TASKS[@]}" > "$WORK/eval-$n.log" 2>&1 \
         || { cat "$WORK/eval-$n.log"; exit 4; }
     cat "$WORK/eval-$n.log"
@@ -94,15 +138,14 @@ $PY tools/compare_objectives.py --doc "$DOC" --run "GLM=$WORK/run-glm:$WORK/eval
 stamp "5. packaging the GLM model (limit $SHIP_LIMIT_MB MB)"
 limit=$(( SHIP_LIMIT_MB * 1000000 ))
 size() { stat -c %s "$1/model.safetensors"; }
-pick="$WORK/glm-fp16"; kind=fp16
-if [ "$(size "$pick")" -gt $limit ]; then
-    rm -rf "$WORK/glm-int8"; $PY -m glm130b quantize --model "$WORK/glm-fp16" --bits 8 --dtype fp16 --out "$WORK/glm-int8"
-    pick="$WORK/glm-int8"; kind=int8
-    if [ "$(size "$pick")" -gt $limit ]; then
-        rm -rf "$WORK/glm-int4"; $PY -m glm130b quantize --model "$WORK/glm-fp16" --bits 4 --dtype fp16 --out "$WORK/glm-int4"
-        pick="$WORK/glm-int4"; kind=int4
-    fi
-fi
+pick="$WORK/glm-fp16"; kind=fp16; qargs=""
+for bits in 8 4; do
+    [ "$(size "$pick")" -gt $limit ] || break
+    qargs="--bits $bits"; kind="int$bits"
+    if [ "$bits" = 4 ] && [ -n "$HEAD_BITS" ]; then qargs="$qargs --head-bits $HEAD_BITS"; kind="$kind-head$HEAD_BITS"; fi
+    rm -rf "$WORK/glm-$kind"; $PY -m glm130b quantize --model "$WORK/glm-fp16" $qargs --dtype fp16 --out "$WORK/glm-$kind"
+    pick="$WORK/glm-$kind"
+done
 rm -rf "$WORK/ship" && mkdir -p "$WORK/ship" && cp -r "$pick" "$WORK/ship/glm-base"
 cp "$WORK/eval-glm.json" "$WORK/ship/glm-base/eval.json"
 cat > "$WORK/ship/glm-base/REGENERATE.md" <<EOT
@@ -110,31 +153,8 @@ Shipped as $kind ($(( $(size "$pick") / 1000000 )) MB; FP16 is $(( $(size "$WORK
 The FP16 model is regenerated by one command (same seed, data, steps and schedule; GPU runs are
 not bit-exact):
     PRESET=$PRESET SEQ=$SEQ BATCH=$BATCH STEPS=$STEPS_RUN LR=$LR WARMUP=$WARMUP tools/train_base.sh
-(its FP16 export is then $WORK/glm-fp16; $kind from it: glm130b quantize --model $WORK/glm-fp16 --bits ${kind#int} --dtype fp16 --out DIR).
+(its FP16 export is then $WORK/glm-fp16${qargs:+; $kind from it: glm130b quantize --model $WORK/glm-fp16 $qargs --dtype fp16 --out DIR}).
 EOT
 $PY -m glm130b info --model "$WORK/ship/glm-base"
 
-if [ -n "$RETURN" ]; then
-    stamp "6. what comes back -> $RETURN"
-    mkdir -p "$RETURN"
-    gzip -1 -c "$pick/model.safetensors" | split -b 15000000 - "$RETURN/weights.gz.part-"
-    keep="$WORK/keep" && rm -rf "$keep" && mkdir -p "$keep/glm-base"
-    (cd "$WORK/ship/glm-base" && cp $(ls | grep -vx model.safetensors) "$keep/glm-base/")
-    for n in glm gpt; do
-        mkdir -p "$keep/$n"
-        cp "$WORK/run-$n/metrics.jsonl" "$WORK/run-$n/train_config.json" "$WORK/eval-$n.json" "$WORK/eval-$n.log" \
-            "$WORK/train-$n.log" "$keep/$n/" 2>/dev/null || true
-    done
-    $PY - "$DOC" > "$keep/table.md" <<'EOF'
-import sys
-text = open(sys.argv[1]).read()
-print(text[text.index("<!-- glm-vs-gpt:begin -->"):text.index("<!-- glm-vs-gpt:end -->") + 24])
-EOF
-    tar -C "$keep" -czf "$RETURN/base.tgz" .
-    total=$(du -cb "$RETURN"/* | tail -1 | cut -f1); files=$(ls "$RETURN" | wc -l)
-    ls -la "$RETURN"
-    if [ "$total" -gt $(( 63 * 1048576 )) ] || [ "$files" -gt 8 ]; then
-        echo "WARNING: $RETURN holds $files files, $total bytes: over what one call brings back (8 files, 64 MiB)"
-    fi
-fi
 stamp "done: $WORK/ship/glm-base ($kind)"

@@ -39,6 +39,8 @@ from glm130b.quant.weights import (
     QuantizedLinear,
     check_settings,
     quantize_model,
+    stores_table_as_head,
+    table_from_head,
     with_quantization_entry,
 )
 
@@ -60,7 +62,10 @@ def save_model(directory: str | Path, model: GLMModel, tokenizer, dtype: torch.d
     with_quantization_entry(model)
     with staging_folder(directory, f"could not save the model to {directory}") as tmp:
         state = {}
+        skip = "word_embeddings.weight" if stores_table_as_head(model) else None  # the quantized head's rows
         for name, tensor in model.state_dict().items():
+            if name == skip:
+                continue
             tensor = tensor.detach().cpu()
             if dtype is not None and tensor.is_floating_point() and not name.endswith(".scales"):
                 tensor = tensor.to(dtype)
@@ -301,9 +306,14 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
             tensor = tensor.to(dtype)
         _set_tensor(model, name, tensor.to(device))
         seen.add(name)
-    if head_bits is not None and not saved and config.tie_word_embeddings:  # the head from the table
-        model.lm_head.set_weight(model.word_embeddings.weight)
-        seen.update({"lm_head.qweight", "lm_head.scales"})
+    if head_bits is not None and config.tie_word_embeddings:
+        if not saved:  # the head from the table, then the table from the head: one table
+            model.lm_head.set_weight(model.word_embeddings.weight)
+            seen.update({"lm_head.qweight", "lm_head.scales"})
+            table_from_head(model.word_embeddings.weight, model.lm_head)
+        elif "word_embeddings.weight" not in seen:  # stored once, as the quantized head
+            _set_tensor(model, "word_embeddings.weight", model.lm_head.dequantized_weight(dtype).to(device))
+            seen.add("word_embeddings.weight")
     missing = sorted(set(expected) - seen)
     if missing:
         raise CheckpointError(f"{weights}: missing {len(missing)} tensors, e.g. {missing[0]!r}")
@@ -407,6 +417,9 @@ def _load_shard(directory: Path, config: GLMConfig, device, dtype: torch.dtype, 
             if tensor.data_ptr() != local.data_ptr():
                 local.copy_(tensor)
             seen.add(name)
+    if "lm_head" in shells and config.tie_word_embeddings and "word_embeddings.weight" not in seen:
+        table_from_head(local_of("word_embeddings.weight"), shells["lm_head"].local)  # stored once, as the head
+        seen.add("word_embeddings.weight")
     missing = sorted(set(targets) - seen)
     if missing:
         raise CheckpointError(f"{directory / WEIGHTS}: missing {len(missing)} tensors, e.g. {missing[0]!r}")

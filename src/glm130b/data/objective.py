@@ -206,7 +206,7 @@ class GLMSampleBuilder:
 
         Every stream token lands in exactly one sample; the last samples may be shorter (padded).
         The iteration ends with the documents. When the instructions run out, samples drawn for
-        them fall back to pretraining. `skip` builds and drops that many samples first.
+        them fall back to pretraining, and so does a pair whose answer does not fit seq_len. `skip` builds and drops that many samples first.
         Continues from the position in `state_dict()`: pass the same inputs from the start.
         """
         if not _is_int(skip) or skip < 0:
@@ -237,9 +237,13 @@ class GLMSampleBuilder:
                 if pair is None:
                     pairs = None
                 else:
-                    make = self.causal_instruction_sample if causal else self.instruction_sample
-                    sample = make(*_unpack_pair(pair))
+                    prompt_ids, answer_ids = _unpack_pair(pair)
                     self._instructions += 1
+                    # an answer longer than the window (room: [gMASK] and <sop>, or <eos>) is
+                    # passed over, so a short --seq-len trains on the pairs that fit
+                    if len(answer_ids) <= L - (1 if causal else 2):
+                        make = self.causal_instruction_sample if causal else self.instruction_sample
+                        sample = make(prompt_ids, answer_ids)
             if sample is None:
                 if causal:
                     sample = self.causal_sample(buf[: L + 1])

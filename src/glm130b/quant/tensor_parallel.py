@@ -57,18 +57,22 @@ def _head_weight(model):
 def quantize_shards(model, bits: int, group_size: int | None = None, head_bits: int | None = None) -> None:
     """Swap each layer's four DTensor linears for ShardQuantizedLinear over the local shard, and
     with `head_bits` the output head for this rank's vocabulary rows, quantized per row (the
-    tied table stays for the lookups, as quantize_head does in one process)."""
-    from glm130b.quant.weights import QuantizedLinear, check_settings
+    tied table's rows then take the head's dequantized values, as quantize_head does in one
+    process)."""
+    from glm130b.quant.weights import QuantizedLinear, check_settings, table_from_head
 
     check_settings(bits, group_size)
     if head_bits is not None:
         check_settings(head_bits)
+        tied = getattr(model, "lm_head", None) is None
         weight = _head_weight(model)
         local = weight.to_local()
         plain = torch.nn.Linear(local.shape[1], local.shape[0], bias=False, device="meta")
         plain.weight = torch.nn.Parameter(local, requires_grad=False)
-        model.lm_head = ShardQuantizedLinear(QuantizedLinear.from_linear(plain, head_bits), "vocab",
-                                             weight.device_mesh)
+        head = QuantizedLinear.from_linear(plain, head_bits)
+        model.lm_head = ShardQuantizedLinear(head, "vocab", weight.device_mesh)
+        if tied:  # one table, as quantize_head makes it in one process
+            table_from_head(local, head)
     for _matrix, parent, attr, dist_linear, style in _tp_linears(model):
         weight, bias = dist_linear.weight.to_local(), dist_linear.bias
         colwise_bias = bias is not None and style == "colwise"

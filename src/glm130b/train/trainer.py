@@ -11,11 +11,13 @@ checkpoints, the final model folder) sits behind an engine, `SingleProcessTraini
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
 import queue
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -207,44 +209,52 @@ def training_device(cfg: TrainConfig) -> torch.device:
 class TimeBudget:
     """Fix a run's step count so that it ends `cfg.time_budget_s` seconds after it started.
 
-    The first steps include compiling and warming up, so the rate is measured over steps
-    SKIP..DECIDE_AT; at DECIDE_AT the remaining time over that step time gives the steps left
-    (at most cfg.steps). Deciding early, inside the warm-up when there is one, leaves the
-    learning-rate schedule as if the number had been given. With `cfg.steps_file` the first run
-    to decide writes its number (an exclusive create) and every other run takes it, so runs side
-    by side train equal steps. Saving the final model and checkpoint comes after the budget. A
-    run resumed after deciding keeps its count; resumed before, it decides with a new budget."""
+    The count is decided once, at the first step that is at least DECIDE_AT steps into this
+    process and DECIDE_SHARE of the budget in (so that runs started side by side have all
+    finished compiling and share the GPU while it measures): the median of the last WINDOW step
+    times, into the time left, gives the steps left (at most cfg.steps). Before the decision the
+    cosine term runs against cfg.steps (the cap), so those steps get a learning rate up to a few
+    percent above what `--steps N` would give; from the decision on the schedule is that of N.
+    With `cfg.steps_file` the first run to decide writes its number (an exclusive create) and
+    every other run takes it: runs side by side train equal steps. If a run still overruns the
+    budget by OVERRUN, it stops there (and says so). Saving the model comes after the budget. A
+    run resumed after its decision keeps the count; resumed before, it decides on a new budget
+    counted from the resume."""
 
-    SKIP, DECIDE_AT = 3, 20
+    DECIDE_AT, DECIDE_SHARE, WINDOW, OVERRUN = 20, 0.25, 20, 1.15
 
-    def __init__(self, cfg: TrainConfig, start: float, log):
-        self.cfg, self.start, self.log = cfg, start, log
+    def __init__(self, cfg: TrainConfig, start: float, log, first_step: int = 0):
+        self.cfg, self.start, self.log, self.first_step = cfg, start, log, first_step
         self.decided = not cfg.time_budget_s
-        self.t_skip: float | None = None
+        self.ends: list[float] = []  # when the recent steps ended
 
     def after_step(self, step: int, now: float) -> int | None:
         """The decided step count at the deciding step, else None."""
-        if self.decided:
+        if not self.cfg.time_budget_s:
             return None
-        if step == self.SKIP:
-            self.t_skip = now
-        decide_at = min(self.DECIDE_AT, self.cfg.steps)
-        if step < decide_at:
+        self.ends = [*self.ends[-self.WINDOW:], now]
+        spent = now - self.start
+        if self.decided or (step - self.first_step < min(self.DECIDE_AT, self.cfg.steps - self.first_step)
+                            or spent < self.DECIDE_SHARE * self.cfg.time_budget_s) and step < self.cfg.steps:
             return None
         self.decided = True
-        if self.t_skip is not None and step > self.SKIP:
-            per_step = (now - self.t_skip) / (step - self.SKIP)
-        else:  # a very short run: the mean over every step so far
-            per_step = (now - self.start) / step
-        left = max(0.0, self.cfg.time_budget_s - (now - self.start))
-        steps = max(step, min(self.cfg.steps, step + int(left / per_step)))
+        per_step = statistics.median(b - a for a, b in itertools.pairwise(self.ends)) if len(self.ends) > 1 \
+            else spent / max(1, step - self.first_step)
+        left = max(0.0, self.cfg.time_budget_s - spent)
+        steps = max(step, min(self.cfg.steps, step + int(left / max(per_step, 1e-9))))
         how = f"{per_step * 1e3:.0f} ms a step, {left:.0f} s of the {self.cfg.time_budget_s:.0f} s budget left"
         if self.cfg.steps_file:
-            steps, writer = _shared_steps(Path(self.cfg.steps_file), steps)
+            shared, writer = _shared_steps(Path(self.cfg.steps_file), steps)
             if not writer:
-                how += f"; {steps} taken from {self.cfg.steps_file}"
+                how += f"; {shared} taken from {self.cfg.steps_file}"
+                if shared < step:  # this run is already past it: a partner more than ~3x slower
+                    how += f", already passed: stopping here, {step - shared} steps more than the other run"
+            steps = max(step, shared)
         self.log(f"time budget: {steps} steps ({how})")
         return steps
+
+    def overdue(self, now: float) -> bool:
+        return bool(self.cfg.time_budget_s) and now - self.start > self.OVERRUN * self.cfg.time_budget_s
 
 
 def _shared_steps(path: Path, steps: int, wait_s: float = 600.0) -> tuple[int, bool]:
@@ -545,6 +555,7 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg: GLMConfig, progress: bool, lo
 
 def run_job(cfg: TrainConfig, job: Job, progress: bool = True, log=print, parallel=None) -> dict:
     """The training loop over `job` (see Job); `parallel` is (layout, device) under torchrun."""
+    cfg = dataclasses.replace(cfg)  # a time budget fixes its steps on this copy, not the caller's
     model = job.model
     model.train()
     n_parameters = model.num_parameters()
@@ -582,8 +593,8 @@ def run_job(cfg: TrainConfig, job: Job, progress: bool = True, log=print, parall
         step, extra = restore(data_too=True)
         tokens_seen = extra.get("tokens", 0)
         log(f"resuming {out} from step {step}")
-        if cfg.time_budget_s and step >= TimeBudget.DECIDE_AT:  # keep the step count the budget decided
-            cfg.steps = int(extra.get("config", {}).get("steps", cfg.steps))
+        if cfg.time_budget_s and extra.get("budget_steps"):  # keep the step count the budget decided
+            cfg.steps = int(extra["budget_steps"])
         schedule_note(extra.get("config", {}), cfg, step, log)
         saved = extra.get("layout")
         if parallel is not None and saved and saved != {"pp": cfg.pp, "dp": cfg.dp, "tp": cfg.tp}:
@@ -597,7 +608,8 @@ def run_job(cfg: TrainConfig, job: Job, progress: bool = True, log=print, parall
 
     def checkpoint() -> None:
         extra = {"objective": objective_state, "guard": guard.state_dict(), "scaler": precision.state_dict(),
-                 "tokens": tokens_seen, "config": dataclasses.asdict(cfg)}
+                 "tokens": tokens_seen, "config": dataclasses.asdict(cfg),
+                 "budget_steps": cfg.steps if cfg.time_budget_s and budget.decided else None}
         # the model folder (or adapter) first: it is what the run is for, and smaller than a checkpoint
         job.save_folder(engine, out, step)
         try:
@@ -622,8 +634,8 @@ def run_job(cfg: TrainConfig, job: Job, progress: bool = True, log=print, parall
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not (progress and engine.is_main), unit="step",
                dynamic_ncols=True)
     start, losses, first_loss, tokens_at_start = time.perf_counter(), [], None, tokens_seen
-    budget = TimeBudget(cfg, start, log)
-    budget.decided = budget.decided or step >= TimeBudget.DECIDE_AT  # resumed after deciding
+    budget = TimeBudget(cfg, start, log, first_step=step)
+    budget.decided = budget.decided or bool(cfg.resume and extra.get("budget_steps"))  # resumed after deciding
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -670,7 +682,12 @@ def run_job(cfg: TrainConfig, job: Job, progress: bool = True, log=print, parall
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{n_tokens / dt:.0f}", lr=f"{lr:.1e}",
                             gnorm=f"{grad_norm:.2f}", scale=f"{precision.scale:.0f}")
-            decided = budget.after_step(step, time.perf_counter())
+            now = time.perf_counter()
+            decided = budget.after_step(step, now)
+            if decided is None and budget.overdue(now) and step < cfg.steps:
+                log(f"time budget: {now - start:.0f} s spent of {cfg.time_budget_s:.0f}; stopping at step {step} of "
+                    f"{cfg.steps}")
+                decided = step
             if decided is not None:
                 cfg.steps = decided  # checkpoints and train_config.json record it: a resume keeps it
                 bar.total = decided
