@@ -53,7 +53,7 @@ fi
 # decode 300, plan 150; TEST_SECONDS, DECODE_SECONDS, PLAN_SECONDS, VARIANTS override):
 # the decode benchmark (ChatGLM-6B shape, BF16/INT8/INT4, eager and compiled, the HBM roofline,
 # transformers as the peer) and the planner against the measured peak memory.
-# MODE=base (issue #21), one device call of at most 600 s: TIME_BUDGET (380 s) of training for each
+# MODE=base (issue #21), one device call of at most 600 s: TIME_BUDGET (360 s) of training for each
 # of the two runs side by side, then export, evaluation on the GPU, the table and the package;
 # $OUT gets the gzipped weights in 15 MB parts, base.tgz and this log (docs/shipped-model.md).
 if [ "${MODE:-train}" = base ]; then
