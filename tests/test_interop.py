@@ -141,6 +141,26 @@ def test_quantize_while_converting(tmp_path):
     assert torch.allclose(logits(q), logits(expected), atol=1e-4)
 
 
+def test_a_folder_with_a_quantized_head_converts(tmp_path, capsys):
+    """A tied model quantized with --head-bits stores its table once, as the head: `convert --to
+    ours` rebuilds the table and keeps the same logits; the official SAT layout has no quantized
+    head, so `--to sat` is one error line."""
+    from glm130b.checkpoint import load_model, save_model
+    from glm130b.tokenizer import default_tokenizer
+
+    cfg = GLMConfig.from_preset("tiny", max_seq_len=64)
+    torch.manual_seed(2)
+    model = quantize_model(GLMModel(cfg).eval(), 4, head_bits=8)
+    save_model(tmp_path / "q", model, default_tokenizer())
+    assert "word_embeddings.weight" not in load_file(tmp_path / "q" / "model.safetensors")
+    assert convert(tmp_path / "q", tmp_path / "copy", "--from", "ours", "--to", "ours") == 0
+    copied, _ = load_model(tmp_path / "copy")
+    assert torch.equal(logits(copied), logits(model))
+    capsys.readouterr()
+    assert convert(tmp_path / "q", tmp_path / "sat", "--from", "ours", "--to", "sat") == 2
+    assert "quantized output head" in capsys.readouterr().err and not (tmp_path / "sat").exists()
+
+
 def test_chatglm_6b_hf_folder(tmp_path):
     """A ChatGLM-6B style folder (its config keys, two .bin shards + index, untied lm_head,
     inv_freq buffers, 2D rotary, GELU tanh FFN) converts to the same logits."""

@@ -476,10 +476,23 @@ def model_from_state(cfg: GLMConfig, state: dict[str, torch.Tensor], source: str
         model = GLMModel(cfg)
     scheme = cfg.extra.get("quantization")
     if scheme:
-        quantize_model(model, scheme["bits"], scheme.get("group_size"))
+        quantize_model(model, scheme["bits"], scheme.get("group_size"), scheme.get("head_bits"))
+        if stores_table_as_head(model) and "word_embeddings.weight" not in state \
+                and {"lm_head.qweight", "lm_head.scales"} <= set(state):
+            state = {**state, "word_embeddings.weight": _table_of_head(cfg, scheme["head_bits"], state)}
     check_state_dict(state, model, source)
     model.load_state_dict(state, strict=True, assign=True)  # (the FP32 rotary frequencies are built, not loaded)
     return model.eval()
+
+
+def _table_of_head(cfg: GLMConfig, bits: int, state: dict) -> torch.Tensor:
+    """A tied table stored once, as the quantized head: its dequantized rows, in the dtype of the
+    state's other floating tensors."""
+    head = QuantizedLinear(cfg.hidden_size, cfg.vocab_size, bits, None, bias=False, device="meta")
+    head.qweight, head.scales = state["lm_head.qweight"], state["lm_head.scales"]
+    dtype = next((t.dtype for n, t in state.items() if t.is_floating_point() and not n.endswith(".scales")),
+                 torch.float32)
+    return head.dequantized_weight(dtype)
 
 
 def load_folder_tokenizer(directory: Path, config: GLMConfig):

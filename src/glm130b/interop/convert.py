@@ -78,6 +78,9 @@ def convert(src, dst, from_fmt: str, to_fmt: str, tp: int | None = None, bits: i
         raise CheckpointError(f"{src} is quantized ({quantized.get('bits')}-bit): "
                               + ("--bits needs the full-precision model" if bits is not None else
                                  "the HF layout holds full-precision weights; convert the unquantized model"))
+    if quantized and quantized.get("head_bits") and to_fmt == "sat":
+        raise CheckpointError(f"{src} has a quantized output head (--head-bits), which the official SAT layout "
+                              "does not have: convert a folder quantized without --head-bits")
     if max_seq_len:
         cfg = GLMConfig.from_dict({**cfg.to_dict(), "max_seq_len": max_seq_len})
     if tokenizer_path:
