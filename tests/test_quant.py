@@ -428,6 +428,12 @@ def test_quantized_head_round_trip_and_logits(tiny_model, tokenizer, fp32_dir, t
     loaded, _ = load_model(tmp_path / "q")
     assert quantization_info(loaded)["head_bits"] == 8
     assert torch.equal(loaded.word_embeddings.weight, model.word_embeddings.weight)
+    if tied:  # a table changed since (full fine-tuning, say) is not the head's rows: it is stored
+        changed = copy.deepcopy(model)
+        with torch.no_grad():
+            changed.word_embeddings.weight[5] += 1.0
+        save_model(tmp_path / "changed", changed, tokenizer)
+        assert torch.equal(load_model(tmp_path / "changed")[0].word_embeddings.weight, changed.word_embeddings.weight)
     torch.testing.assert_close(loaded(ids, context_lengths=ctx), model(ids, context_lengths=ctx), rtol=1e-5, atol=1e-5)
     with pytest.raises(QuantizationError, match="8-bit head"):
         load_model(tmp_path / "q", bits=4, head_bits=4)

@@ -320,12 +320,13 @@ def test_time_budgeted_run_records_its_steps_and_a_resume_keeps_them(tmp_path):
     number of steps run; `--resume` of the finished run keeps that count (it would train on to
     the cap otherwise); a steps file without a budget is one error line."""
     out = tmp_path / "run"
-    done = cli(out, 10**6, "--time-budget", "3")
+    done = cli(out, 10**6, "--time-budget", "8")
     assert done.returncode == 0, done.stderr[-2000:]
     decided = json.loads((out / "train_config.json").read_text())["steps"]
     assert 20 <= decided < 10**6 and "time budget:" in done.stdout
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")][-1] == decided
-    resumed = cli(out, 10**6, "--time-budget", "3", "--resume")
+    assert json.loads((out / "meta.json").read_text())["train_config"]["steps"] == decided  # the model folder's too
+    resumed = cli(out, 10**6, "--time-budget", "8", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads(resumed.stdout[resumed.stdout.index("{"):])["steps"] == decided
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")][-1] == decided

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,6 +245,9 @@ class GLMSampleBuilder:
                     if len(answer_ids) <= L - (1 if causal else 2):
                         make = self.causal_instruction_sample if causal else self.instruction_sample
                         sample = make(prompt_ids, answer_ids)
+                    else:  # (Python shows this once)
+                        warnings.warn(f"instruction answers longer than the {L}-token window allows are passed over "
+                                      f"(one of {len(answer_ids)} tokens)", RuntimeWarning, stacklevel=2)
             if sample is None:
                 if causal:
                     sample = self.causal_sample(buf[: L + 1])

@@ -416,9 +416,15 @@ def table_from_head(table: torch.Tensor, head: QuantizedLinear) -> None:
 
 
 def stores_table_as_head(model: nn.Module) -> bool:
-    """Whether a saved folder leaves out the tied lookup table (it is the quantized head's rows)."""
-    return bool(getattr(model.config, "tie_word_embeddings", False)) and \
-        isinstance(getattr(model, "lm_head", None), QuantizedLinear)
+    """Whether a saved folder leaves out the tied lookup table: it is the quantized head's rows
+    (a table changed since, by full fine-tuning say, is stored)."""
+    head = getattr(model, "lm_head", None)
+    if not (getattr(model.config, "tie_word_embeddings", False) and isinstance(head, QuantizedLinear)):
+        return False
+    table = model.word_embeddings.weight
+    if table.is_meta or head.qweight.is_meta:
+        return True
+    return bool(torch.equal(table.detach(), head.dequantized_weight(table.dtype).to(table.device)))
 
 
 def _linear_of(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:

@@ -554,8 +554,8 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg: GLMConfig, progress: bool, lo
 
 
 def run_job(cfg: TrainConfig, job: Job, progress: bool = True, log=print, parallel=None) -> dict:
-    """The training loop over `job` (see Job); `parallel` is (layout, device) under torchrun."""
-    cfg = dataclasses.replace(cfg)  # a time budget fixes its steps on this copy, not the caller's
+    """The training loop over `job` (see Job); `parallel` is (layout, device) under torchrun.
+    With a time budget, `cfg.steps` is set to the decided count (the job's saved folder records it)."""
     model = job.model
     model.train()
     n_parameters = model.num_parameters()
@@ -593,8 +593,13 @@ def run_job(cfg: TrainConfig, job: Job, progress: bool = True, log=print, parall
         step, extra = restore(data_too=True)
         tokens_seen = extra.get("tokens", 0)
         log(f"resuming {out} from step {step}")
-        if cfg.time_budget_s and extra.get("budget_steps"):  # keep the step count the budget decided
-            cfg.steps = int(extra["budget_steps"])
+        decided = extra.get("budget_steps")
+        if decided is None and (extra.get("config") or {}).get("time_budget_s") and step >= TimeBudget.DECIDE_AT:
+            decided = extra["config"].get("steps")  # a checkpoint written before budget_steps was recorded
+        if cfg.time_budget_s and decided:  # keep the step count the budget decided (or its safety stop)
+            if decided != cfg.steps:
+                log(f"time budget: resuming with the {decided} steps decided before (not {cfg.steps})")
+            cfg.steps = int(decided)
         schedule_note(extra.get("config", {}), cfg, step, log)
         saved = extra.get("layout")
         if parallel is not None and saved and saved != {"pp": cfg.pp, "dp": cfg.dp, "tp": cfg.tp}:
@@ -635,7 +640,7 @@ def run_job(cfg: TrainConfig, job: Job, progress: bool = True, log=print, parall
                dynamic_ncols=True)
     start, losses, first_loss, tokens_at_start = time.perf_counter(), [], None, tokens_seen
     budget = TimeBudget(cfg, start, log, first_step=step)
-    budget.decided = budget.decided or bool(cfg.resume and extra.get("budget_steps"))  # resumed after deciding
+    budget.decided = budget.decided or bool(cfg.resume and cfg.time_budget_s and extra.get("budget_steps"))
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -687,7 +692,7 @@ def run_job(cfg: TrainConfig, job: Job, progress: bool = True, log=print, parall
             if decided is None and budget.overdue(now) and step < cfg.steps:
                 log(f"time budget: {now - start:.0f} s spent of {cfg.time_budget_s:.0f}; stopping at step {step} of "
                     f"{cfg.steps}")
-                decided = step
+                decided, budget.decided = step, True  # final: a resume keeps it
             if decided is not None:
                 cfg.steps = decided  # checkpoints and train_config.json record it: a resume keeps it
                 bar.total = decided
