@@ -25,6 +25,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from glm130b.errors import GLMError
+from glm130b.model.masks import step_allowed
 
 MODE_ENV = "GLM130B_COMPILE_MODE"
 CACHE_ROUND = 256  # static cache lengths are rounded up to a multiple: a few shapes, a few graphs
@@ -84,10 +85,7 @@ def decode_one(model, packed: torch.Tensor, cache) -> torch.Tensor:
     """FP32 logits [B, V] of one token per row, written into the static cache at the slots
     `cache.write_at`; `packed` as step_inputs made it (under tensor parallelism the vocabulary
     slices are gathered inside the step)."""
-    j = torch.arange(cache.max_len, device=packed.device).view(1, -1)
-    allowed = (j < packed[:, CONTEXT:CONTEXT + 1]) | \
-        ((j >= packed[:, PART_B:PART_B + 1]) & (j <= packed[:, SLOT:SLOT + 1]))  # = masks.step_allowed
-    allowed = allowed.view(-1, 1, 1, cache.max_len)
+    allowed = step_allowed(packed[:, CONTEXT], packed[:, PART_B], packed[:, SLOT], cache.max_len, packed.device)
     positions = packed[:, POSITION:]  # [B, 1], or [B, 2] -> [B, 2, 1] (= masks.step_positions)
     positions = positions if positions.shape[1] == 1 else positions.unsqueeze(-1)
     h = model.run_blocks(model.embed(packed[:, TOKEN:TOKEN + 1]), positions, allowed, cache)

@@ -59,7 +59,7 @@ def quantize_shards(model, bits: int, group_size: int | None = None, head_bits: 
     with `head_bits` the output head for this rank's vocabulary rows, quantized per row (the
     tied table's rows then take the head's dequantized values, as quantize_head does in one
     process)."""
-    from glm130b.quant.weights import QuantizedLinear, check_settings, table_from_head
+    from glm130b.quant.weights import QuantizedLinear, _linear_of, check_settings, table_from_head
 
     check_settings(bits, group_size)
     if head_bits is not None:
@@ -67,19 +67,14 @@ def quantize_shards(model, bits: int, group_size: int | None = None, head_bits: 
         tied = getattr(model, "lm_head", None) is None
         weight = _head_weight(model)
         local = weight.to_local()
-        plain = torch.nn.Linear(local.shape[1], local.shape[0], bias=False, device="meta")
-        plain.weight = torch.nn.Parameter(local, requires_grad=False)
-        head = QuantizedLinear.from_linear(plain, head_bits)
+        head = QuantizedLinear.from_linear(_linear_of(local, None), head_bits)
         model.lm_head = ShardQuantizedLinear(head, "vocab", weight.device_mesh)
         if tied:  # one table, as quantize_head makes it in one process
             table_from_head(local, head)
     for _matrix, parent, attr, dist_linear, style in _tp_linears(model):
         weight, bias = dist_linear.weight.to_local(), dist_linear.bias
         colwise_bias = bias is not None and style == "colwise"
-        plain = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=colwise_bias, device="meta")
-        plain.weight = torch.nn.Parameter(weight, requires_grad=False)
-        if colwise_bias:
-            plain.bias = torch.nn.Parameter(bias.to_local(), requires_grad=False)
+        plain = _linear_of(weight, bias.to_local() if colwise_bias else None)
         row_bias = bias.full_tensor() if bias is not None and style == "rowwise" else None
         setattr(parent, attr, ShardQuantizedLinear(QuantizedLinear.from_linear(plain, bits, group_size), style,
                                                    dist_linear.weight.device_mesh, row_bias))

@@ -34,7 +34,7 @@ from glm130b.config import ConfigError, GLMConfig
 from glm130b.data.heldout import training_documents
 from glm130b.data.instructions import builtin_instructions, cycle
 from glm130b.data.objective import OBJECTIVES, GLMSampleBuilder, ObjectiveConfig, collate, read_instructions
-from glm130b.io import SaveError, check_new_folder, free_bytes
+from glm130b.io import SaveError, atomic_write_text, check_new_folder, free_bytes
 from glm130b.model.glm import GLMModel, glm_loss
 from glm130b.train import distributed
 from glm130b.train.metrics import MetricsLog
@@ -223,19 +223,19 @@ class TimeBudget:
 
     DECIDE_AT, DECIDE_SHARE, WINDOW, OVERRUN = 20, 0.25, 20, 1.15
 
-    def __init__(self, cfg: TrainConfig, start: float, log, first_step: int = 0):
+    def __init__(self, cfg: TrainConfig, start: float, log, first_step: int = 0, decided: bool = False):
         self.cfg, self.start, self.log, self.first_step = cfg, start, log, first_step
-        self.decided = not cfg.time_budget_s
+        self.decided = decided or not cfg.time_budget_s  # (a resumed run that had decided)
         self.ends: list[float] = []  # when the recent steps ended
 
     def after_step(self, step: int, now: float) -> int | None:
         """The decided step count at the deciding step, else None."""
-        if not self.cfg.time_budget_s:
+        if self.decided:
             return None
         self.ends = [*self.ends[-self.WINDOW:], now]
         spent = now - self.start
-        if self.decided or (step - self.first_step < min(self.DECIDE_AT, self.cfg.steps - self.first_step)
-                            or spent < self.DECIDE_SHARE * self.cfg.time_budget_s) and step < self.cfg.steps:
+        early = step - self.first_step < self.DECIDE_AT or spent < self.DECIDE_SHARE * self.cfg.time_budget_s
+        if early and step < self.cfg.steps:
             return None
         self.decided = True
         per_step = statistics.median(b - a for a, b in itertools.pairwise(self.ends)) if len(self.ends) > 1 \
@@ -579,6 +579,7 @@ def run_job(cfg: TrainConfig, job: Job, progress: bool = True, log=print, parall
     data = job.data
     out = Path(cfg.out)
     step, tokens_seen = 0, 0
+    budget_kept = False  # a resumed run keeps the step count its time budget decided
 
     def restore(data_too: bool) -> tuple[int, dict]:
         state_step, extra, rng = engine.load_latest(out, log=log)
@@ -594,12 +595,10 @@ def run_job(cfg: TrainConfig, job: Job, progress: bool = True, log=print, parall
         tokens_seen = extra.get("tokens", 0)
         log(f"resuming {out} from step {step}")
         decided = extra.get("budget_steps")
-        if decided is None and (extra.get("config") or {}).get("time_budget_s") and step >= TimeBudget.DECIDE_AT:
-            decided = extra["config"].get("steps")  # a checkpoint written before budget_steps was recorded
         if cfg.time_budget_s and decided:  # keep the step count the budget decided (or its safety stop)
             if decided != cfg.steps:
                 log(f"time budget: resuming with the {decided} steps decided before (not {cfg.steps})")
-            cfg.steps = int(decided)
+            cfg.steps, budget_kept = int(decided), True
         schedule_note(extra.get("config", {}), cfg, step, log)
         saved = extra.get("layout")
         if parallel is not None and saved and saved != {"pp": cfg.pp, "dp": cfg.dp, "tp": cfg.tp}:
@@ -630,8 +629,13 @@ def run_job(cfg: TrainConfig, job: Job, progress: bool = True, log=print, parall
     stream = BatchStream(samples, data, cfg.batch_size, ahead=2 if on_accelerator else 0, pin=on_accelerator,
                          trim=job.trim)
     out.mkdir(parents=True, exist_ok=True)
+
+    def write_config() -> None:  # the run's options (a time budget's decided count included)
+        if engine.is_main:
+            atomic_write_text(out / "train_config.json", json.dumps(cfg.record(), indent=2) + "\n")
+
+    write_config()
     if engine.is_main:
-        (out / "train_config.json").write_text(json.dumps(cfg.record(), indent=2) + "\n")
         metrics = MetricsLog(out, resume_step=step)
     else:
         metrics = _NoMetrics()
@@ -639,8 +643,7 @@ def run_job(cfg: TrainConfig, job: Job, progress: bool = True, log=print, parall
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not (progress and engine.is_main), unit="step",
                dynamic_ncols=True)
     start, losses, first_loss, tokens_at_start = time.perf_counter(), [], None, tokens_seen
-    budget = TimeBudget(cfg, start, log, first_step=step)
-    budget.decided = budget.decided or bool(cfg.resume and cfg.time_budget_s and extra.get("budget_steps"))
+    budget = TimeBudget(cfg, start, log, first_step=step, decided=budget_kept)
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -697,8 +700,7 @@ def run_job(cfg: TrainConfig, job: Job, progress: bool = True, log=print, parall
                 cfg.steps = decided  # checkpoints and train_config.json record it: a resume keeps it
                 bar.total = decided
                 bar.refresh()
-                if engine.is_main:
-                    (out / "train_config.json").write_text(json.dumps(cfg.record(), indent=2) + "\n")
+                write_config()
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 checkpoint()
             if fault_step and step == fault_step:
