@@ -227,3 +227,79 @@ def test_the_base_plan_runs_in_a_time_budget_and_returns_few_files(tmp_path):
     assert len(files) <= 8 and "base.tgz" in files
     joined = gzip.decompress(b"".join((back / f).read_bytes() for f in files if f.startswith("weights.gz.part-")))
     assert joined == (work / "ship" / "glm-base" / "model.safetensors").read_bytes()
+
+
+def _train_base(tmp_path, **env):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PY": sys.executable, "PRESET": "tiny", "DEVICE": "cpu", "PRECISION": "fp32", "COMPILE": "",
+           "EVAL_LIMIT": "3", "DOC": str(tmp_path / "table.md"), "OMP_NUM_THREADS": "1", **env}
+    for name in ("TIME_BUDGET", "TOKENS", "STEPS", "SEQ", "BATCH", "LR", "WARMUP"):
+        if name not in env or env[name] is None:
+            env.pop(name, None)
+    return subprocess.run(["bash", str(root / "tools" / "train_base.sh")], env=env, capture_output=True, text=True,
+                          errors="replace", timeout=600)
+
+
+def _record(folder, objective="glm", seq_len=64):
+    """An earlier run's record as base.tgz brings it back (train_config.json, metrics, eval)."""
+    folder.mkdir(parents=True)
+    label = "gpt" if objective == "causal" else "glm"
+    cfg = {"preset": "tiny", "seq_len": seq_len, "batch_size": 4, "steps": 3, "lr": 0.001, "warmup_steps": 1,
+           "objective": objective, "grad_accum": 1}
+    (folder / "train_config.json").write_text(json.dumps(cfg))
+    (folder / "metrics.jsonl").write_text("")
+    (folder / f"eval-{label}.json").write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"OBJECTIVES": "glm bert"}, "OBJECTIVES takes glm and/or gpt, not 'bert'"),
+    ({"OBJECTIVES": "gpt", "SEQ": "128"}, "SEQ=128, but the earlier glm run"),
+    ({"OBJECTIVES": "glm"}, "is a glm run; OBJECTIVES must then name only the other one"),
+    ({"OBJECTIVES": "gpt", "TIME_BUDGET": "60"}, "leave TOKENS and TIME_BUDGET unset"),
+    ({"OBJECTIVES": "gpt", "PREVIOUS": "missing"}, "is not an earlier run's record"),
+])
+def test_the_base_plan_refuses_a_previous_run_it_cannot_equal(tmp_path, env, says):
+    """PREVIOUS (an earlier call's run of the other objective) fixes the sizes of this call's run;
+    a setting that would break equal tokens, or a record that is not one, stops before training."""
+    record = _record(tmp_path / "rec")
+    env = {"PREVIOUS": str(record), "WORK": str(tmp_path / "work"), **env}
+    if env["PREVIOUS"] == "missing":
+        env["PREVIOUS"] = str(tmp_path / "nothing")
+    out = _train_base(tmp_path, **env)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert says in out.stderr
+    assert not (tmp_path / "work" / "run-gpt").exists()
+
+
+@pytest.mark.slow  # two tiny training runs in two calls, each evaluated and (GLM) packaged
+def test_the_base_plan_over_two_calls_trains_equal_tokens_and_writes_one_table(tmp_path):
+    """OBJECTIVES=glm in one call (the whole GPU to the shipped model), then OBJECTIVES=gpt with
+    PREVIOUS = the first call's record from base.tgz: the GPT run trains the recorded steps of the
+    recorded shape, and the table holds both rows; the second call packages nothing."""
+    import tarfile
+
+    common = {"EVAL_LIMIT": "3", "SIDE_BY_SIDE": "1"}
+    first = _train_base(tmp_path, OBJECTIVES="glm", SEQ="64", BATCH="4", STEPS="3", WORK=str(tmp_path / "w1"),
+                        RETURN=str(tmp_path / "r1"), **common)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "4. no table: only glm here" in first.stdout
+    assert not (tmp_path / "w1" / "run-gpt").exists()
+    with tarfile.open(tmp_path / "r1" / "base.tgz") as tar:
+        tar.extractall(tmp_path / "rec", filter="data")
+    second = _train_base(tmp_path, OBJECTIVES="gpt", PREVIOUS=str(tmp_path / "rec" / "glm"), WORK=str(tmp_path / "w2"),
+                         RETURN=str(tmp_path / "r2"), **common)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    glm = json.loads((tmp_path / "rec" / "glm" / "train_config.json").read_text())
+    gpt = json.loads((tmp_path / "w2" / "run-gpt" / "train_config.json").read_text())
+    assert gpt["objective"] == "causal"
+    for key in ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "preset"):
+        assert gpt[key] == glm[key], key
+    text = (tmp_path / "table.md").read_text()
+    assert "| GLM | glm | tiny |" in text and "| GPT | causal | tiny |" in text and "GLM in an earlier call" in text
+    assert sorted(p.name for p in (tmp_path / "r2").iterdir()) == ["base.tgz"]  # nothing packaged

@@ -56,6 +56,8 @@ fi
 # MODE=base (issue #21), one device call of at most 600 s: TIME_BUDGET (360 s) of training for each
 # of the two runs side by side, then export, evaluation on the GPU, the table and the package;
 # $OUT gets the gzipped weights in 15 MB parts, base.tgz and this log (docs/shipped-model.md).
+# The first lent session gives the GLM run the whole GPU: OBJECTIVES=glm TIME_BUDGET=400 MODE=base ...;
+# a later one trains the GPT baseline at its recorded size: OBJECTIVES=gpt PREVIOUS=models/glm-base/training.
 if [ "${MODE:-train}" = base ]; then
     stamp "2. issue #21: tools/train_base.sh"
     WORK=/tmp/base-plan RETURN="$OUT" bash tools/train_base.sh || echo "train_base.sh failed (exit $?)"

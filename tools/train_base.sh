@@ -16,6 +16,11 @@
 #      one base.tgz (package files, eval JSONs and logs, metrics, train configs, the table).
 #      `cat weights.gz.part-* | gunzip > model.safetensors` joins them.
 # On a GPU:     RETURN=$OUT tools/train_base.sh                    (TIME_BUDGET=360 by default)
+# Over two GPU sessions (each run gets the whole GPU): OBJECTIVES=glm TIME_BUDGET=400 in the first;
+#               in a later one OBJECTIVES=gpt PREVIOUS=models/glm-base/training, which trains the GPT
+#               run the steps, batch, length, preset and schedule the GLM run recorded there (equal
+#               tokens) and puts both in the table. PREVIOUS=DIR: an earlier run of the other
+#               objective (train_config.json, metrics.jsonl, eval-LABEL.json: base.tgz's LABEL/ folder).
 # CPU check:    PRESET=tiny SEQ=64 BATCH=4 STEPS=3 DEVICE=cpu PRECISION=fp32 COMPILE= EVAL_LIMIT=4 \
 #               SIDE_BY_SIDE=0 DOC=/tmp/table.md WORK=/tmp/base-check RETURN=/tmp/base-return tools/train_base.sh
 set -euo pipefail
@@ -23,6 +28,40 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PY:-python3}
+OBJECTIVES=${OBJECTIVES:-glm gpt}  # the runs trained here (glm: the GLM objective; gpt: plain causal)
+PREVIOUS=${PREVIOUS:+$(realpath -m "$PREVIOUS")}
+label_objective() { if [ "$1" = gpt ]; then echo causal; else echo "$1"; fi; }
+for n in $OBJECTIVES; do
+    case $n in glm|gpt) ;; *) echo "error: OBJECTIVES takes glm and/or gpt, not '$n'" >&2; exit 2 ;; esac
+done
+if [ -n "$PREVIOUS" ]; then  # equal tokens with an earlier run: its recorded sizes, or an error
+    PREVIOUS_SETTINGS=$($PY - "$PREVIOUS" "$OBJECTIVES" <<'EOF'
+import json, os, sys
+from pathlib import Path
+folder, here = Path(sys.argv[1]), sys.argv[2].split()
+try:
+    cfg = json.loads((folder / "train_config.json").read_text())
+    label = "gpt" if cfg.get("objective") == "causal" else "glm"
+    for need in ("metrics.jsonl", f"eval-{label}.json"):
+        (folder / need).stat()
+except (OSError, ValueError) as e:
+    sys.exit(f"error: PREVIOUS={folder} is not an earlier run's record "
+             f"(train_config.json, metrics.jsonl, eval-LABEL.json): {e}")
+if label in here:
+    sys.exit(f"error: PREVIOUS={folder} is a {label} run; OBJECTIVES must then name only the other one")
+recorded = {"PRESET": cfg["preset"], "SEQ": cfg["seq_len"], "BATCH": cfg["batch_size"], "STEPS": cfg["steps"],
+            "LR": cfg["lr"], "WARMUP": cfg["warmup_steps"]}
+for name, value in recorded.items():  # a setting given here must agree with the record
+    if os.environ.get(name) and os.environ[name] != str(value):
+        sys.exit(f"error: {name}={os.environ[name]}, but the earlier {label} run in {folder} used {value}: "
+                 "equal tokens need the same")
+if cfg.get("grad_accum", 1) != 1 or os.environ.get("TOKENS") or os.environ.get("TIME_BUDGET"):
+    sys.exit("error: with PREVIOUS the step count comes from the earlier run; leave TOKENS and TIME_BUDGET unset")
+print(" ".join(f"{k}={v}" for k, v in recorded.items()), f"PREVIOUS_LABEL={label}")
+EOF
+) || exit 2
+    declare $PREVIOUS_SETTINGS
+fi
 WORK=$(realpath -m "${WORK:-runs/base-plan}")
 RETURN=${RETURN:+$(realpath -m "$RETURN")}
 DEADLINE_S=${DEADLINE_S:-560}  # with RETURN: the evaluation is cut to end by then (the device call ends at 600)
@@ -62,7 +101,8 @@ bring_back() {  # on every exit with RETURN: what exists goes back (a failed eva
     stamp "6. what comes back -> $RETURN (exit $rc)"
     mkdir -p "$RETURN"
     local pkg="$WORK/ship/glm-base" keep="$WORK/keep" total files n f
-    if [ ! -f "$pkg/model.safetensors" ] && [ -f "$WORK/run-glm/model.safetensors" ]; then  # never packaged
+    if [ ! -f "$pkg/model.safetensors" ] && [[ " $OBJECTIVES " == *" glm "* ]] \
+            && [ -f "$WORK/run-glm/model.safetensors" ]; then  # never packaged
         pkg="$WORK/rescue"; rm -rf "$pkg"
         $PY -m glm130b quantize --model "$WORK/run-glm" --bits 4 ${HEAD_BITS:+--head-bits $HEAD_BITS} --dtype fp16 \
             --out "$pkg" > "$WORK/rescue.log" 2>&1 || true
@@ -72,7 +112,7 @@ bring_back() {  # on every exit with RETURN: what exists goes back (a failed eva
     fi
     rm -rf "$keep" && mkdir -p "$keep/glm-base"
     if [ -d "$pkg" ]; then find "$pkg" -maxdepth 1 -type f ! -name model.safetensors -exec cp {} "$keep/glm-base/" \; ; fi
-    for n in glm gpt; do
+    for n in $OBJECTIVES; do  # (only this call's runs: a warm machine may keep older ones)
         mkdir -p "$keep/$n"
         for f in "$WORK/run-$n/metrics.jsonl" "$WORK/run-$n/train_config.json" "$WORK/eval-$n.json" \
                  "$WORK/eval-$n.log" "$WORK/train-$n.log" "$WORK/ship-$n.log"; do
@@ -99,7 +139,8 @@ stamp "1. base corpus"
 if [ -n "$TIME_BUDGET" ]; then  # --steps is then a cap (configs/base.yaml's 2400 would be one)
     size=(--time-budget "$TIME_BUDGET" --steps-file "$WORK/steps.json" --steps "${MAX_STEPS:-100000}"); what="$TIME_BUDGET s each"
 else size=(--steps "$STEPS"); what="$STEPS steps each"; fi
-stamp "2. training $PRESET, $what, $BATCH x $SEQ tokens a step, GLM and causal ($DEVICE, $PRECISION $COMPILE)"
+runs=($OBJECTIVES)
+stamp "2. training $PRESET, $what, $BATCH x $SEQ tokens a step: ${runs[*]} ($DEVICE, $PRECISION $COMPILE)"
 rm -f "$WORK/steps.json"
 common=(--config configs/base.yaml --preset "$PRESET" "${size[@]}" --batch-size "$BATCH" --seq-len "$SEQ"
         --warmup-steps "$WARMUP" --lr "$LR" --device "$DEVICE" --precision "$PRECISION" --sources base
@@ -109,17 +150,20 @@ train() {  # label objective
     $PY -m glm130b train "${common[@]}" --objective "$2" --out "$WORK/run-$1" $COMPILE > "$WORK/train-$1.log" 2>&1
 }
 if [ "$SIDE_BY_SIDE" = 1 ]; then
-    train glm glm & a=$!; train gpt causal & b=$!
-    wait $a || { tail -30 "$WORK/train-glm.log"; pkill -TERM -P $b; kill $b 2>/dev/null; wait $b || true; exit 3; }
-    wait $b || { tail -30 "$WORK/train-gpt.log"; exit 3; }
+    pids=(); for n in "${runs[@]}"; do train "$n" "$(label_objective "$n")" & pids+=($!); done
+    for i in "${!runs[@]}"; do
+        wait "${pids[$i]}" && continue
+        tail -30 "$WORK/train-${runs[$i]}.log"  # a failed run stops its partner (and its Python)
+        for p in "${pids[@]}"; do pkill -TERM -P "$p" || true; kill "$p" 2>/dev/null || true; wait "$p" || true; done
+        exit 3
+    done
 else
-    train glm glm || { tail -30 "$WORK/train-glm.log"; exit 3; }
-    train gpt causal || { tail -30 "$WORK/train-gpt.log"; exit 3; }
+    for n in "${runs[@]}"; do train "$n" "$(label_objective "$n")" || { tail -30 "$WORK/train-$n.log"; exit 3; }; done
 fi
-for n in glm gpt; do stamp "$n:"; grep -h "time budget" "$WORK/train-$n.log" || true; tail -c 400 "$WORK/train-$n.log"; echo; done
+for n in "${runs[@]}"; do stamp "$n:"; grep -h "time budget" "$WORK/train-$n.log" || true; tail -c 400 "$WORK/train-$n.log"; echo; done
 
-stamp "3. export (FP16) and evaluation (both at once)"
-for n in glm gpt; do
+stamp "3. export (FP16) and evaluation (all at once)"
+for n in "${runs[@]}"; do
     rm -rf "$WORK/$n-fp16"
     $PY tools/ship_model.py "$WORK/run-$n" "$WORK/$n-fp16" > "$WORK/ship-$n.log"
 done
@@ -131,19 +175,27 @@ evaluate() {  # label
     timeout "$secs" $PY -m glm130b eval --model "$WORK/$1-fp16" --device "$EVAL_DEVICE" --no-progress \
         ${EVAL_LIMIT:+--limit $EVAL_LIMIT} --output "$WORK/eval-$1.json" "${TASKS[@]}" > "$WORK/eval-$1.log" 2>&1
 }
-evaluate glm & a=$!; evaluate gpt & b=$!
+pids=(); for n in "${runs[@]}"; do evaluate "$n" & pids+=($!); done
 failed=0
-wait $a || failed=1
-wait $b || failed=1
-for n in glm gpt; do cat "$WORK/eval-$n.log"; done
+for p in "${pids[@]}"; do wait "$p" || failed=1; done
+for n in "${runs[@]}"; do cat "$WORK/eval-$n.log"; done
 [ $failed = 0 ] || { stamp "an evaluation failed or ran out of time (its log is above)"; exit 4; }
 
-STEPS_RUN=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['steps'])" "$WORK/run-glm/train_config.json")
-stamp "4. GLM vs GPT table -> $DOC"
-$PY tools/compare_objectives.py --doc "$DOC" --run "GLM=$WORK/run-glm:$WORK/eval-glm.json" \
-    --run "GPT=$WORK/run-gpt:$WORK/eval-gpt.json" \
-    --note "$(date -u +%Y-%m-%d), $STEPS_RUN steps of $BATCH x $SEQ, $DEVICE ${EVAL_LIMIT:+(eval --limit $EVAL_LIMIT)}"
+STEPS_RUN=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['steps'])" "$WORK/run-${runs[0]}/train_config.json")
+table=()  # each objective from this call, or from PREVIOUS
+for n in glm gpt; do
+    if [ -f "$WORK/eval-$n.json" ] && [[ " $OBJECTIVES " == *" $n "* ]]; then table+=(--run "${n^^}=$WORK/run-$n:$WORK/eval-$n.json")
+    elif [ "${PREVIOUS_LABEL:-}" = "$n" ]; then table+=(--run "${n^^}=$PREVIOUS:$PREVIOUS/eval-$n.json"); fi
+done
+if [ ${#table[@]} = 4 ]; then
+    stamp "4. GLM vs GPT table -> $DOC"
+    $PY tools/compare_objectives.py --doc "$DOC" "${table[@]}" \
+        --note "$(date -u +%Y-%m-%d), $STEPS_RUN steps of $BATCH x $SEQ, $DEVICE${PREVIOUS:+ (${PREVIOUS_LABEL^^} in an earlier call)} ${EVAL_LIMIT:+(eval --limit $EVAL_LIMIT)}"
+else
+    stamp "4. no table: only ${runs[*]} here; the other objective in a later call: OBJECTIVES=... PREVIOUS=<this run's record>"
+fi
 
+if [[ " $OBJECTIVES " != *" glm "* ]]; then stamp "done (no GLM run here: nothing to package)"; exit 0; fi
 stamp "5. packaging the GLM model (limit $SHIP_LIMIT_MB MB)"
 limit=$(( SHIP_LIMIT_MB * 1000000 ))
 size() { stat -c %s "$1/model.safetensors"; }
@@ -161,7 +213,7 @@ cat > "$WORK/ship/glm-base/REGENERATE.md" <<EOT
 Shipped as $kind ($(( $(size "$pick") / 1000000 )) MB; FP16 is $(( $(size "$WORK/glm-fp16") / 1000000 )) MB).
 The FP16 model is regenerated by one command (same seed, data and steps; GPU runs are not
 bit-exact, and a time-budgeted run's steps before its decision had a slightly higher learning rate):
-    PRESET=$PRESET SEQ=$SEQ BATCH=$BATCH STEPS=$STEPS_RUN LR=$LR WARMUP=$WARMUP tools/train_base.sh
+    OBJECTIVES=glm PRESET=$PRESET SEQ=$SEQ BATCH=$BATCH STEPS=$STEPS_RUN LR=$LR WARMUP=$WARMUP tools/train_base.sh
 (its FP16 export is then $WORK/glm-fp16${qargs:+; $kind from it: glm130b quantize --model $WORK/glm-fp16 $qargs --dtype fp16 --out DIR}).
 EOT
 $PY -m glm130b info --model "$WORK/ship/glm-base"
