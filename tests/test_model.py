@@ -203,3 +203,37 @@ def test_fp16_rotary_matches_the_official_fp16_angles(oracle, kind):
         got = half.eval()(ids, pos, allowed=allowed)
     assert (got - ref[f"{kind}.logits_fp16rope"]).abs().max().item() < 1e-4
     assert (got - ref[f"{kind}.logits"]).abs().max().item() > 1e-4  # the two targets differ: a real check
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_rotary_frequencies_move_with_the_model_and_keep_dtype_and_values(precision):
+    """`.to(device)`/`.to_empty()` move each layer's frequencies (a plain attribute); `.half()`
+    and `.to(dtype)` leave their dtype and values alone."""
+    cfg = GLMConfig.from_preset("tiny", vocab_size=256, rotary_precision=precision)
+    model = GLMModel(cfg)
+    want = [m.attention.inv_freq.clone() for m in model.layers]
+    model.to(torch.bfloat16).half()
+    assert all(torch.equal(m.attention.inv_freq, w) for m, w in zip(model.layers, want, strict=True))
+    model.to("meta")
+    assert all(m.attention.inv_freq.device.type == "meta" for m in model.layers)
+    model.to_empty(device="cpu")  # computed again, exactly as built
+    got = [m.attention.inv_freq for m in model.layers]
+    assert all(g.device.type == "cpu" and g.dtype == w.dtype and torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+def test_a_compiled_model_moved_to_a_device_compiles_once():
+    """The frequencies move with `.to(device)`, so a compiled forward does not find them on the CPU
+    at its first call and compile again at the second (as training with --compile on a GPU did).
+    The meta device stands in for a GPU."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = GLMModel(GLMConfig.from_preset("tiny", vocab_size=256)).to("meta")
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    ids = torch.zeros(2, 16, dtype=torch.long, device="meta")
+    ctx = torch.tensor([4, 6], device="meta")
+    for _ in range(2):
+        compiled(ids, context_lengths=ctx)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()

@@ -100,12 +100,28 @@ class SelfAttention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         # A plain FP32 attribute, not a buffer: `.half()`/`.to(dtype)` must not round the
-        # frequencies, and building on the meta device must not lose them.
-        rotary_dim = self.head_dim if config.rotary == "1d" else self.head_dim // 2
-        self.inv_freq = rotary_inv_freq(rotary_dim, config.rotary_base, device="cpu")
-        if config.rotary_precision == "fp16":
-            self.inv_freq = self.inv_freq.half()
+        # frequencies, and building on the meta device must not lose them. `_apply` moves it.
+        self._rotary = (self.head_dim if config.rotary == "1d" else self.head_dim // 2, config.rotary_base,
+                        torch.float16 if config.rotary_precision == "fp16" else torch.float32)
+        self.inv_freq = self._rotary_frequencies("cpu")
         self.use_sdpa = True
+
+    def _rotary_frequencies(self, device) -> torch.Tensor:
+        dim, base, dtype = self._rotary  # computed on the CPU, as the official code does, then moved
+        return rotary_inv_freq(dim, base, device="cpu").to(dtype).to(device)
+
+    def _apply(self, fn, recurse=True):
+        """`.to(device)`, `.cuda()`, `.to_empty()` move the frequencies too (their dtype and values
+        stay): a compiled forward must not find them on another device at its first call and
+        recompile when they move."""
+        super()._apply(fn, recurse)
+        try:
+            where = fn(torch.empty(0, device=self.inv_freq.device)).device
+        except Exception:  # noqa: BLE001 - a conversion for other tensors: the forward moves them lazily
+            return self
+        if where != self.inv_freq.device:
+            self.inv_freq = self._rotary_frequencies(where)
+        return self
 
     def forward(
         self,
