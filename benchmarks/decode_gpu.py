@@ -92,30 +92,46 @@ def prefill_seconds(engine: Engine, prompt: int, vocab: int) -> float:
     return timed(lambda: Batch(engine, make_rows(1, prompt, vocab), 2), engine.device)
 
 
-def build_variants(base, names: list[str], dtype: torch.dtype, group_size: int | None) -> dict:
-    """name -> (model, engine): `bf16`/`fp16`/`fp32`, `int8`, `int4`, each with `_compiled`."""
-    out = {}
+def build_variants(base, names: list[str], dtype: torch.dtype, group_size: int | None) -> tuple[dict, dict]:
+    """name -> (model, engine): `bf16`/`fp16`/`fp32`, `int8`, `int4`, each with `_compiled`; and
+    name -> INT4 layers in tinygemm's layout (0 means the slow dequantizing path: say so)."""
+    out, tinygemm = {}, {}
     for name in names:
         kind = name.removesuffix("_compiled")
         if kind in DTYPES:
             m = base if DTYPES[kind] == dtype else copy.deepcopy(base).to(DTYPES[kind])
         elif kind in ("int8", "int4"):
             m = quantize_model(copy.deepcopy(base), 8 if kind == "int8" else 4, group_size)
-            compact_cuda_int4(m)  # as the CLI loads it: on a GPU, INT4 held once, in tinygemm's layout
+            compacted = compact_cuda_int4(m)  # as the CLI loads it: on a GPU, INT4 held once, tinygemm's layout
+            if kind == "int4" and next(base.parameters()).is_cuda:
+                tinygemm[name] = compacted
         else:
             raise SystemExit(f"unknown variant {name!r}: use bf16, fp16, fp32, int8, int4 (with _compiled)")
         out[name] = (m, Engine(m, fused_decode=False, compile_decode=name.endswith("_compiled") or False))
-    return out
+    return out, tinygemm
 
 
 # --------------------------------------------------------------------------------------------
 def hf_peer(cfg: GLMConfig, device, dtype, prompt: int, steps: int, batch: int, rounds: int) -> dict | None:
-    """transformers' GPT-NeoX of the benchmark's shape, eager `generate` (greedy, its KV cache)."""
+    """transformers' GPT-NeoX of the benchmark's shape, eager `generate` (greedy, its KV cache);
+    None without transformers, {"error": ...} when it fails (the run goes on without it)."""
     try:
-        import transformers
-        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+        import transformers  # noqa: F401
     except ImportError:
         return None
+    try:
+        return _hf_peer(cfg, device, dtype, prompt, steps, batch, rounds)
+    except Exception as e:  # noqa: BLE001 - an API drift or out of memory in the peer must not lose our figures
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _hf_peer(cfg: GLMConfig, device, dtype, prompt: int, steps: int, batch: int, rounds: int) -> dict:
+    import transformers
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
     hc = GPTNeoXConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                        num_attention_heads=cfg.num_heads, intermediate_size=cfg.ffn_hidden_size,
                        max_position_embeddings=prompt + steps + 8, rotary_pct=0.5, tie_word_embeddings=False,
@@ -153,7 +169,7 @@ def gpu_name(device: torch.device) -> str:
     return cpu_name()
 
 
-def summarize(args, cfg, device, bw, res, peer, compile_failures) -> dict:
+def summarize(args, cfg, device, bw, res, peer, compile_failures, tinygemm) -> dict:
     """The JSON of the figures so far (written after each variant with --out, so a run cut short
     by a time limit still leaves what it measured)."""
     out: dict = {"device": gpu_name(device), "torch": torch.__version__, "preset": args.preset, "dtype": args.dtype,
@@ -164,6 +180,7 @@ def summarize(args, cfg, device, bw, res, peer, compile_failures) -> dict:
                  "bandwidth_sources_gbs": {k: x / 1e9 for k, x in bw.items() if k != "best"},
                  "prompt_tokens": args.prompt, "new_tokens": args.new_tokens, "batch": args.batch, "variants": {},
                  "compile_failures": compile_failures}
+    key = f"batch{args.batch}_tok_s"
     for n, r in res.items():
         if r["error"] or r["b1"] == float("inf"):
             out["variants"][n] = {"error": r["error"] or "not measured"}
@@ -172,8 +189,10 @@ def summarize(args, cfg, device, bw, res, peer, compile_failures) -> dict:
         roof = bw["best"] / r["bytes_per_token"]
         out["variants"][n] = {"cudagraph_skips_so_far": r.get("cudagraph_skips"),
                               "weight_bytes_per_token": r["bytes_per_token"], "prefill_tok_s": args.prompt / r["prefill"],
-                              "tok_s": b1, f"batch{args.batch}_tok_s": args.batch * args.new_tokens / r["bn"],
+                              "tok_s": b1, key: args.batch * args.new_tokens / r["bn"] if r["bn"] < float("inf") else None,
                               "roofline_tok_s": roof, "roofline_fraction": b1 / roof}
+        if n in tinygemm:
+            out["variants"][n]["int4_layers_in_tinygemm_layout"] = tinygemm[n]
     v = {n: r for n, r in out["variants"].items() if "error" not in r}
 
     def best(kind: str) -> dict | None:
@@ -191,10 +210,10 @@ def summarize(args, cfg, device, bw, res, peer, compile_failures) -> dict:
             out[f"{n}_vs_eager"] = v[n]["tok_s"] / v[n.removesuffix("_compiled")]["tok_s"]
     if peer:
         out["peer"] = peer
-        if ref:
+        if ref and "error" not in peer:
             out[f"{args.dtype}_vs_transformers"] = ref["tok_s"] / peer["tok_s"]
-            key = f"batch{args.batch}_tok_s"
-            out[f"{args.dtype}_batch{args.batch}_vs_transformers"] = ref[key] / peer[key]
+            if ref[key]:
+                out[f"{args.dtype}_batch{args.batch}_vs_transformers"] = ref[key] / peer[key]
     if device.type == "cuda":
         out["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
@@ -253,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             torch.set_default_dtype(default)
         names = [v for v in args.variants.split(",") if v]
-        variants = build_variants(base, names, dtype, args.group_size)
+        variants, tinygemm = build_variants(base, names, dtype, args.group_size)
         bw = memory_bandwidth(device, args.bandwidth_gib)
         res = {n: {"bytes_per_token": bytes_per_token(m), "prefill": float("inf"), "b1": float("inf"),
                    "bn": float("inf"), "error": None} for n, (m, _) in variants.items()}
@@ -264,30 +283,34 @@ def main(argv: list[str] | None = None) -> None:
                 prefill_seconds(engine, args.prompt, cfg.vocab_size)
             except Exception as e:  # noqa: BLE001 - recorded; the variant is skipped
                 res[n]["error"] = f"{type(e).__name__}: {e}"[:300]
+        # batch 1 (and prefill) of every variant first, then batch N: each compiled variant compiles
+        # a graph per batch size, so a run cut short by its time limit loses batch-N figures first
+        phases = [("prefill", lambda e: prefill_seconds(e, args.prompt, cfg.vocab_size)),
+                  ("b1", lambda e: decode_seconds(e, 1, args.prompt, args.new_tokens, cfg.vocab_size, args.warmup)),
+                  ("bn", lambda e: decode_seconds(e, args.batch, args.prompt, args.new_tokens, cfg.vocab_size,
+                                                  args.warmup))]
         for _ in range(args.rounds):
-            for n, (_m, engine) in variants.items():
-                r = res[n]
-                if r["error"]:
-                    continue
-                try:
-                    r["prefill"] = min(r["prefill"], prefill_seconds(engine, args.prompt, cfg.vocab_size))
-                    r["b1"] = min(r["b1"], decode_seconds(engine, 1, args.prompt, args.new_tokens, cfg.vocab_size,
-                                                          args.warmup))
-                    r["bn"] = min(r["bn"], decode_seconds(engine, args.batch, args.prompt, args.new_tokens,
-                                                          cfg.vocab_size, args.warmup))
-                except Exception as e:  # noqa: BLE001 - one variant failing must not lose the others
-                    r["error"] = f"{type(e).__name__}: {e}"[:300]
-                if engine._decoder is not None and engine._decoder.failed:
-                    failures[n] = engine._decoder.failed
-                if n.endswith("_compiled"):  # a skipped CUDA graph only logs: make it part of the figures
-                    r["cudagraph_skips"] = cudagraph_skips()
-                write_json(args.out, summarize(args, cfg, device, bw, res, peer, failures))
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            for group in (phases[:2], phases[2:]):
+                for n, (_m, engine) in variants.items():
+                    r = res[n]
+                    if r["error"]:
+                        continue
+                    try:
+                        for what, measure in group:
+                            r[what] = min(r[what], measure(engine))
+                    except Exception as e:  # noqa: BLE001 - one variant failing must not lose the others
+                        r["error"] = f"{type(e).__name__}: {e}"[:300]
+                    if engine._decoder is not None and engine._decoder.failed:
+                        failures[n] = engine._decoder.failed
+                    if n.endswith("_compiled"):  # a skipped CUDA graph only logs: make it part of the figures
+                        r["cudagraph_skips"] = cudagraph_skips()
+                    write_json(args.out, summarize(args, cfg, device, bw, res, peer, failures, tinygemm))
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
         del variants, base
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    out = summarize(args, cfg, device, bw, res, peer, failures)
+    out = summarize(args, cfg, device, bw, res, peer, failures, tinygemm)
     out["seconds"] = time.perf_counter() - t_start
     write_json(args.out, out)
     if args.json:
@@ -303,9 +326,13 @@ def main(argv: list[str] | None = None) -> None:
         if "error" in r:
             print(f"{n:<16} failed: {r['error']}")
             continue
+        bn = r[f"batch{args.batch}_tok_s"]
         print(f"{n:<16}{r['weight_bytes_per_token'] / 1e9:>9.2f}{r['prefill_tok_s']:>14.0f}{r['tok_s']:>10.1f}"
-              f"{r['roofline_fraction']:>9.0%}{r[f'batch{args.batch}_tok_s']:>11.1f}")
-    if peer:
+              f"{r['roofline_fraction']:>9.0%}{'-' if bn is None else f'{bn:.1f}':>11}"
+              + ("" if r.get("int4_layers_in_tinygemm_layout", 1) else "  (INT4 NOT in tinygemm's layout: slow path)"))
+    if peer and "error" in peer:
+        print(f"peer transformers failed: {peer['error']}")
+    elif peer:
         print(f"peer transformers {peer['version']} {peer['model']} (same shape, eager generate): "
               f"{peer['tok_s']:.1f} tok/s b1, {peer[f'batch{args.batch}_tok_s']:.1f} b{args.batch}, "
               f"prefill {peer['prefill_tok_s']:.0f}")

@@ -454,3 +454,31 @@ def test_gpu_decode_benchmark_runs_on_the_cpu():
     assert result["variants"]["int4"]["weight_bytes_per_token"] < result["variants"]["fp32"]["weight_bytes_per_token"]
     assert result["compile_failures"] == {}
     assert {"int4_vs_fp32", "fp32_compiled_vs_eager", "bandwidth_gbs"} <= set(result)
+
+
+def test_gpu_decode_benchmark_keeps_its_figures_when_the_peer_fails_or_batch_n_is_cut(monkeypatch):
+    """A failing transformers peer is recorded as an error (no ratio against it) instead of ending
+    the run; a variant measured at batch 1 but cut before batch N keeps its batch-1 figures."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    from glm130b.config import GLMConfig
+
+    pytest.importorskip("transformers")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    decode_gpu = __import__("decode_gpu")
+
+    def broken(*_a, **_k):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(decode_gpu, "_hf_peer", broken)
+    cfg = GLMConfig(name="t", vocab_size=256, hidden_size=64, num_layers=1, num_heads=2, ffn_hidden_size=128)
+    peer = decode_gpu.hf_peer(cfg, torch.device("cpu"), torch.float32, 8, 4, 2, 1)
+    assert peer == {"error": "RuntimeError: CUDA out of memory"}
+    args = argparse.Namespace(preset="t", dtype="fp32", prompt=8, new_tokens=4, batch=2)
+    res = {"fp32": {"bytes_per_token": 1e6, "prefill": 0.1, "b1": 0.2, "bn": float("inf"), "error": None}}
+    out = decode_gpu.summarize(args, cfg, torch.device("cpu"), {"best": 1e9, "copy": 1e9}, res, peer, {}, {})
+    assert out["variants"]["fp32"]["tok_s"] == pytest.approx(20.0) and out["variants"]["fp32"]["batch2_tok_s"] is None
+    assert out["peer"] == peer and not any("transformers" in k for k in out)
+    sys.modules.pop("decode_gpu", None)
