@@ -482,3 +482,18 @@ def test_gpu_decode_benchmark_keeps_its_figures_when_the_peer_fails_or_batch_n_i
     assert out["variants"]["fp32"]["tok_s"] == pytest.approx(20.0) and out["variants"]["fp32"]["batch2_tok_s"] is None
     assert out["peer"] == peer and not any("transformers" in k for k in out)
     sys.modules.pop("decode_gpu", None)
+
+
+def test_fp16_int8_on_a_gpu_scales_before_the_product_so_large_activations_stay_finite():
+    """The row-scaled INT8 form sums unscaled integers: with FP16 activations of GLM-130B's size
+    those sums pass 65504 (inf), so the CUDA routing takes the scaled (dequantized) product for
+    FP16. Checked on the CPU by calling the CUDA router (`_cuda_linear`) on CPU tensors."""
+    layer = _layer(64, 4096, 8, None)
+    layer.qweight.fill_(100)  # every product 100 * x: a row's unscaled sum is 100 * sum(x)
+    x = torch.full((2, 4096), 40.0)  # 4096 * 40 * 100 = 1.6e7 unscaled; scaled it stays small
+    ref = K.reference_linear(x, layer)
+    assert torch.isinf(K._int8_row_scaled_linear(x.half(), layer)).any()  # the hazard is real
+    y = K._cuda_linear(x.half(), layer)
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), ref, rtol=2e-3, atol=1e-2)
+    assert K._cuda_linear(x.bfloat16(), layer).dtype == torch.bfloat16  # BF16 keeps the row-scaled form

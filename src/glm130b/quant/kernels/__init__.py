@@ -202,15 +202,18 @@ def _cuda_linear(x: torch.Tensor, module) -> torch.Tensor:
             return _tinygemm_linear(x, module)
         except (RuntimeError, ValueError, AttributeError):  # shape or build not supported: fall back once
             module._cache["tinygemm"] = False
-    if module.bits == 8 and (module.group_size is None or module.scales.shape[1] == 1):
+    if module.bits == 8 and (module.group_size is None or module.scales.shape[1] == 1) and x.dtype != torch.float16:
         return _int8_row_scaled_linear(x, module)
-    return reference_linear(x, module)
+    return reference_linear(x, module)  # (FP16: the unscaled sums below can pass FP16's 65504)
 
 
 def _int8_row_scaled_linear(x: torch.Tensor, module) -> torch.Tensor:
     """Per-row INT8: (x @ q^T) * s, gpt-fast's form. The scale of a row factors out of its dot
-    product, so the integers (exact in BF16/FP16) go into the product and the FP32 matrix is
-    never built; compiled (infer/compiled.py), inductor fuses the cast into the product."""
+    product, so the integers (exact in BF16) go into the product and the FP32 matrix is never
+    built; compiled (infer/compiled.py), inductor fuses the cast into the product (at one row of
+    x; at more rows the BF16 matrix is built). Not for FP16 activations: the unscaled dot products
+    (|q| up to 127 over thousands of inputs, GLM-130B's activations reach the hundreds) can pass
+    FP16's 65504, so FP16 dequantizes first (scaled weights, as the official kernels do)."""
     y = F.linear(x, module.qweight.to(x.dtype)) * module.scales.view(-1).to(x.dtype)
     return y if module.bias is None else y + module.bias.to(x.dtype)
 
