@@ -295,8 +295,9 @@ def test_time_budget_fixes_the_step_count_from_the_measured_step_time(tmp_path):
     # where the window's median is the shared rate: 29.9375 / 0.25 -> 119 more
     assert _budget_run(40.0, 0.125, slow_until=7.0)[:2] == (148, 29)
     shared = str(tmp_path / "steps.json")
-    first, _, _ = _budget_run(40.0, 0.125, steps_file=shared)
-    second, _, messages = _budget_run(80.0, 0.0625, steps_file=shared)  # its own rate would give far more
+    first, at, _ = _budget_run(40.0, 0.125, steps_file=shared)
+    assert at == 89  # with a steps file, 40% of the budget (16 s): partners side by side have compiled
+    second, _, messages = _budget_run(50.0, 0.0625, steps_file=shared)  # its own rate would give far more
     assert first == second == 280 and "taken from" in messages[0]
     assert json.loads(Path(shared).read_text()) == {"steps": 280}
     # resumed at step 500 (before deciding): 20 steps and a quarter of a new budget, counted from the resume

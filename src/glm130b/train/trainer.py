@@ -210,8 +210,9 @@ class TimeBudget:
     """Fix a run's step count so that it ends `cfg.time_budget_s` seconds after it started.
 
     The count is decided once, at the first step that is at least DECIDE_AT steps into this
-    process and DECIDE_SHARE of the budget in (so that runs started side by side have all
-    finished compiling and share the GPU while it measures): the median of the last WINDOW step
+    process and DECIDE_SHARE of the budget in (SHARED_DECIDE_SHARE with a steps file: runs started
+    side by side must all have finished compiling, and share the GPU, while the first to decide
+    measures; one that decided while another compiled would overrun): the median of the last WINDOW step
     times, into the time left, gives the steps left (at most cfg.steps). Before the decision the
     cosine term runs against cfg.steps (the cap), so those steps get a learning rate up to a few
     percent above what `--steps N` would give; from the decision on the schedule is that of N.
@@ -221,7 +222,7 @@ class TimeBudget:
     run resumed after its decision keeps the count; resumed before, it decides on a new budget
     counted from the resume."""
 
-    DECIDE_AT, DECIDE_SHARE, WINDOW, OVERRUN = 20, 0.25, 20, 1.15
+    DECIDE_AT, DECIDE_SHARE, SHARED_DECIDE_SHARE, WINDOW, OVERRUN = 20, 0.25, 0.4, 20, 1.15
 
     def __init__(self, cfg: TrainConfig, start: float, log, first_step: int = 0, decided: bool = False):
         self.cfg, self.start, self.log, self.first_step = cfg, start, log, first_step
@@ -234,7 +235,8 @@ class TimeBudget:
             return None
         self.ends = [*self.ends[-self.WINDOW:], now]
         spent = now - self.start
-        early = step - self.first_step < self.DECIDE_AT or spent < self.DECIDE_SHARE * self.cfg.time_budget_s
+        share = self.SHARED_DECIDE_SHARE if self.cfg.steps_file else self.DECIDE_SHARE
+        early = step - self.first_step < self.DECIDE_AT or spent < share * self.cfg.time_budget_s
         if early and step < self.cfg.steps:
             return None
         self.decided = True
