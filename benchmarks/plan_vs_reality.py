@@ -44,6 +44,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -415,6 +416,9 @@ def main() -> int:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
+    # a time limit's SIGTERM ends the parent through an exception, so subprocess.run kills the running
+    # child too (else it would go on holding its GPU memory under whatever runs next)
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     if args.device is None:
         import torch  # is_available() creates no CUDA context here (the children measure theirs)
 

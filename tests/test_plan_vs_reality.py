@@ -37,3 +37,38 @@ def test_cpu_smoke_run_reports_plan_and_peak():
     assert {"parameters", "gradients", "optimizer", "activations"} <= set(train["plan"])
     assert train["line_checks"]["optimizer"]["ratio"] == pytest.approx(1.0, rel=1e-3)
     assert len(train["measured"]["losses"]) == 2
+
+
+def test_a_time_limit_on_the_parent_ends_its_running_child_too(tmp_path):
+    """`timeout` sends SIGTERM to the parent only; the parent then kills the configuration it is
+    measuring instead of leaving it running (on a GPU, holding memory under the next job)."""
+    import os
+    import signal
+    import time
+
+    args = ["--device", "cpu", "--preset", "tiny", "--seq", "96", "--new", "8", "--bits", "16,8,4", "--batch", "1,2",
+            "--out", str(tmp_path / "out.json")]
+    parent = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+    if not children.exists():
+        parent.kill()
+        pytest.skip("no /proc/PID/task/PID/children here")
+    deadline, child = time.monotonic() + 120, None
+    while time.monotonic() < deadline and parent.poll() is None:
+        pids = children.read_text().split()
+        if pids:
+            child = int(pids[0])
+            break
+        time.sleep(0.05)
+    assert child is not None, "no configuration started"
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=60) == 128 + signal.SIGTERM
+    for _ in range(200):  # the child is gone (killed and reaped by the parent)
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the child {child} outlived its parent")

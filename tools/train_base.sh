@@ -137,7 +137,9 @@ stamp "1. base corpus"
 [ -f data/eval/heldout_ppl_base.jsonl.gz ] || $PY tools/build_heldout.py --base
 
 if [ -n "$TIME_BUDGET" ]; then  # --steps is then a cap (configs/base.yaml's 2400 would be one)
-    size=(--time-budget "$TIME_BUDGET" --steps-file "$WORK/steps.json" --steps "${MAX_STEPS:-100000}"); what="$TIME_BUDGET s each"
+    size=(--time-budget "$TIME_BUDGET" --steps "${MAX_STEPS:-100000}"); what="$TIME_BUDGET s each"
+    # several runs share one count (equal steps); a run alone decides on its own (earlier: docs/training.md)
+    if [ "$(wc -w <<< "$OBJECTIVES")" -gt 1 ]; then size+=(--steps-file "$WORK/steps.json"); fi
 else size=(--steps "$STEPS"); what="$STEPS steps each"; fi
 runs=($OBJECTIVES)
 stamp "2. training $PRESET, $what, $BATCH x $SEQ tokens a step: ${runs[*]} ($DEVICE, $PRECISION $COMPILE)"
