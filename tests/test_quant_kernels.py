@@ -87,6 +87,15 @@ def test_int4_vnni_kernel_within_its_bound(ext, group, shape):
     within the bound above of the reference (and exact FP32 rounding for groups it does not take)."""
     if not ext.int4_vnni:
         pytest.skip("no AVX-512 VNNI on this CPU")
+    before_rows = ext.int8_activation_min_rows()
+    ext.set_int8_activation_min_rows(2**62)  # the 16-bit kernel at every batch (the 8-bit one is the default)
+    try:
+        _check_vnni16_bound(group, shape)
+    finally:
+        ext.set_int8_activation_min_rows(before_rows)
+
+
+def _check_vnni16_bound(group, shape):
     n, k = shape
     layer = _layer(n, k, 4, group)
     w = layer.dequantized_weight()
@@ -194,14 +203,16 @@ def test_variant_dense_kernels_match_reference(variant, dtype):
 def test_long_prefills_stay_on_the_int8_activation_kernel_where_it_runs():
     from types import SimpleNamespace
 
-    def ext(q8, vnni, on=True):
-        return SimpleNamespace(q8=q8, int4_vnni=vnni, int_activations_enabled=lambda: on)
+    def ext(q8, vnni, on=True, q8_from=1):
+        return SimpleNamespace(q8=q8, int4_vnni=vnni, int_activations_enabled=lambda: on,
+                               int8_activation_min_rows=lambda: q8_from)
 
     assert K._int8_activation_gemm(ext(True, False), _layer(8, 256, 4, None))
     assert K._int8_activation_gemm(ext(True, False), _layer(8, 256, 4, 128))
     assert K._int8_activation_gemm(ext(True, False), _layer(8, 256, 8, 32))
     assert not K._int8_activation_gemm(ext(True, False), _layer(8, 256, 4, 32))  # half a block
-    assert not K._int8_activation_gemm(ext(True, True), _layer(8, 256, 4, None))  # AVX-512 VNNI: BLAS
+    assert K._int8_activation_gemm(ext(True, True), _layer(8, 256, 4, None))  # AVX-512 VNNI: the 8-bit one too
+    assert not K._int8_activation_gemm(ext(True, True, q8_from=2**62), _layer(8, 256, 4, None))  # 16-bit: BLAS
     assert not K._int8_activation_gemm(ext(True, False, on=False), _layer(8, 256, 8, None))
     assert not K._int8_activation_gemm(ext(False, False), _layer(8, 256, 8, None))
 

@@ -2,12 +2,12 @@
 
 * CPU: the fused dequantizing GEMV/GEMM of gemv.h (compiled at first use, see cpu.py), for
   every batch size up to `BLAS_MIN_ROWS` rows of x; above that (long prefills) the weight is
-  dequantized in row blocks and multiplied with PyTorch's BLAS, which is faster there. INT4 at
-  small batch uses AVX-512 VNNI integer dot products with 16-bit fixed-point activations where
-  the CPU has them (about 1.4x the FP32-activation kernel's bandwidth; see gemv.h for the
-  error bound, below FP16 activations'); without AVX-512 VNNI, INT8 and INT4 (decoding, prefills) use
-  8-bit activations per block of 32 units (llama.cpp's Q8_0 scheme: AVX2 maddubs, AVX-VNNI,
-  NEON sdot). `set_int_activations(False)` or GLM130B_INT_ACT=0 turns both off.
+  dequantized in row blocks and multiplied with PyTorch's BLAS, which is faster there. INT8 and
+  INT4 (decoding, prefills) use integer dot products with 8-bit activations per block of 32
+  units (llama.cpp's Q8_0 scheme: AVX-512 VL or AVX-VNNI vpdpbusd, AVX2 maddubs, NEON sdot).
+  With AVX-512 VNNI, GLM130B_Q8_MIN_ROWS=N keeps products of fewer than N rows on the earlier
+  kernels (INT4 x 16-bit fixed-point activations with VNNI, a smaller error; INT8 on the FP32
+  kernel). `set_int_activations(False)` or GLM130B_INT_ACT=0 turns the integer kernels off.
 * CUDA: INT4 through PyTorch's tinygemm kernel `torch._weight_int4pack_mm` (BF16 activations;
   the packed layout is built once per module and cached); INT8 and anything tinygemm cannot
   take (odd shapes, group sizes other than 32/64/128/256) dequantize in the activation dtype
@@ -60,8 +60,8 @@ def cpu_kernels_available() -> bool:
 
 
 def set_int_activations(on: bool) -> bool:
-    """Use (default) or skip the integer-activation kernels: INT4 x 16-bit activations with
-    AVX-512 VNNI, else INT8 / INT4 x 8-bit activations (AVX2, AVX-VNNI, NEON).
+    """Use (default) or skip the integer-activation kernels: INT8 / INT4 x 8-bit activations
+    (and INT4 x 16-bit activations with AVX-512 VNNI below GLM130B_Q8_MIN_ROWS rows).
     Off, every product runs on the exact FP32-activation kernels. Returns the previous setting."""
     ext = _cpu.get()
     if ext is None:
@@ -78,9 +78,12 @@ def int_kernel_name(ext) -> str:
     """Which integer-activation kernel this build runs (empty: none)."""
     if ext is None or not ext.int_activations_enabled():
         return ""
+    q8 = f"int8/int4 x int8 {ext.q8_dot}" if ext.q8 else ""
     if ext.int4_vnni:
-        return "int4 x int16 VNNI"
-    return f"int8/int4 x int8 {ext.q8_dot}" if ext.q8 else ""
+        rows = ext.int8_activation_min_rows()
+        if rows > 1 or not q8:
+            return "int4 x int16 VNNI" + (f", {q8} from {rows} rows" if q8 and rows < 2**40 else "")
+    return q8
 
 
 def backend_info() -> dict:
@@ -122,10 +125,13 @@ def quantized_linear(x: torch.Tensor, module) -> torch.Tensor:
 
 
 def _int8_activation_gemm(ext, module) -> bool:
-    """Whether the 8-bit-activation kernel (CPUs without AVX-512 VNNI) takes this product: it also
-    beats dequantize + BLAS for long prefills (AVX2 build, one thread, 256-1024 rows: 1.0-1.2x
-    for INT8, 1.3-2.4x for INT4)."""
-    if not (ext.q8 and not ext.int4_vnni and ext.int_activations_enabled()):
+    """Whether the 8-bit-activation kernel takes this long prefill too: it beats dequantize + BLAS
+    (one thread, 256-1024 rows of a 2752 x 1024 product: AVX2 build 1.0-1.2x for INT8, 1.3-2.4x
+    for INT4; AVX-512 build on a Zen 4 0.98-1.13x and 1.4-2.0x). With AVX-512 VNNI, only where
+    GLM130B_Q8_MIN_ROWS lets it run (by default it does)."""
+    if not (ext.q8 and ext.int_activations_enabled()):
+        return False
+    if ext.int4_vnni and ext.int8_activation_min_rows() > BLAS_MIN_ROWS:
         return False
     g, k = module.group_size, module.in_features
     return g is None or g >= k or g % (64 if module.bits == 4 else 32) == 0

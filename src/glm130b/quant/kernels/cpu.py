@@ -136,6 +136,9 @@ def get():
                     "using the slower pure-PyTorch path", RuntimeWarning, stacklevel=3)
         if module is not None and "0" in (os.environ.get("GLM130B_INT_ACT"), os.environ.get("GLM130B_INT4_VNNI")):
             module.set_int_activations(False)  # the exact FP32-activation kernels everywhere
+        rows = os.environ.get("GLM130B_Q8_MIN_ROWS", "")
+        if module is not None and rows.isdigit():  # AVX-512 VNNI: rows from which the 8-bit kernel takes over
+            module.set_int8_activation_min_rows(int(rows))
         _state["module"] = module
         return module
 
@@ -174,6 +177,12 @@ def _build(isa: str | None = None):
         )
 
 
+def _int_kernel_name(module) -> str:
+    from glm130b.quant.kernels import int_kernel_name  # (the package imports this module)
+
+    return int_kernel_name(module)
+
+
 def main() -> int:
     """Build (or load) the kernels now, as `make setup` does, so no later command compiles;
     prints what was built, returns 1 if the build failed."""
@@ -182,7 +191,7 @@ def main() -> int:
         print(f"glm130b kernels: not built ({error()}); commands will use the PyTorch fallback")
         return 1
     print(f"glm130b kernels: {module.isa} ({' '.join(isa_flags()) or 'no ISA flags'}), "
-          f"integer kernel: {'int4 x int16 VNNI' if module.int4_vnni else module.q8_dot or 'none'}, "
+          f"integer kernel: {_int_kernel_name(module) or 'none'}, "
           f"cache {cache_root() / build_key()}")
     return 0
 

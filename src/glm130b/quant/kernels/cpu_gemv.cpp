@@ -91,6 +91,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_int_activation_rows", [](int64_t rows) { q8_max_rows().store(rows); },
         "largest batch (rows of x) the 8-bit-activation kernel takes");
   m.def("int_activation_rows", []() { return q8_max_rows().load(); });
+  m.def("set_int8_activation_min_rows", [](int64_t rows) { q8_min_rows().store(rows); },
+        "AVX-512 VNNI builds: rows of x from which INT8/INT4 products take the 8-bit-activation kernel");
+  m.def("int8_activation_min_rows", []() { return q8_min_rows().load(); });
   m.attr("int4_vnni") = bool(GLM_I4_VNNI);
   m.attr("q8") = bool(GLM_Q8);
   m.attr("q8_dot") = Q8_DOT;

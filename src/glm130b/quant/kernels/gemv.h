@@ -762,6 +762,16 @@ inline std::atomic<int64_t>& q8_max_rows() {  // batch sizes it takes (larger on
   static std::atomic<int64_t> rows{INT64_MAX};  // all: prefill products measured 1.2-1.5x the FP32 kernel
   return rows;
 }
+// AVX-512 VNNI builds: from this many rows of x, INT8 and INT4 take the 8-bit kernel (vpdpbusd on
+// 256 bits), below it the INT4 x int16 VNNI kernel / the FP32 kernel for INT8. From 1 row (all of
+// them): on a Zen 4, one thread, the 8-bit kernel was 1.2-2.2x the others at 1-128 rows of a
+// 2752 x 1024 product, and end to end (benchmarks/decode.py) prefill 1.5-2x, decode 1.1-1.4x
+// (docs/inference.md). GLM130B_Q8_MIN_ROWS sets it (a large number: the previous kernels).
+constexpr int64_t Q8_MIN_ROWS_VNNI = 1;
+inline std::atomic<int64_t>& q8_min_rows() {
+  static std::atomic<int64_t> rows{Q8_MIN_ROWS_VNNI};
+  return rows;
+}
 
 struct Q8X {  // one call's x in blocks of QB units
   int64_t M = 0, nb = 0, bytes = 0;  // bytes of x per block: INT8 32, INT4 64 (32 even, 32 odd inputs)
@@ -869,12 +879,13 @@ struct Scratch {  // per-call buffers of gemv(), reusable across calls
   Q8X q8;
 };
 
-// Which integer-activation kernel (if any) takes this product: the 16-bit VNNI one for INT4
-// where the CPU has AVX-512 VNNI; else the 8-bit one for INT8 / INT4.
+// Which integer-activation kernel (if any) takes this product: the 8-bit one for INT8 / INT4
+// (with AVX-512 VNNI from q8_min_rows() rows of x; below that the 16-bit VNNI one for INT4).
 enum IntKernel { NONE, VNNI16, Q8 };
 inline IntKernel int_kernel(const Problem& p, int fmt, int64_t M) {
   if ((fmt != I4 && fmt != I8) || !int_act_enabled()) return NONE;
 #if GLM_I4_VNNI
+  if (GLM_Q8 && M >= q8_min_rows().load() && q8_fits(p)) return Q8;  // many rows: x reused from L2
   if (fmt == I4) return vnni_fits(p) ? VNNI16 : NONE;
   return NONE;  // INT8 with AVX-512: the FP32 kernel streams it at memory speed
 #else
