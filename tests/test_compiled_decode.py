@@ -96,9 +96,7 @@ def test_tensor_parallel_static_step_equals_one_process(tmp_path, tokenizer, mon
     the logits gathered inside the step; the tokens are one process's plain engine's.
     ("default": compiled by inductor with the collectives in the graph; slow.)"""
     from glm130b.checkpoint import load_model, save_model
-    from glm130b.quant import quantize_model
-
-    from glm130b.quant import kernels
+    from glm130b.quant import kernels, quantize_model
 
     monkeypatch.setenv("GLM130B_KV_CACHE", "fp32")  # the spawned ranks inherit it
     if mode == "default":  # inductor's graph dequantizes exactly: the reference takes no 8-bit activations either
