@@ -31,6 +31,7 @@ PY=${PY:-python3}
 OBJECTIVES=${OBJECTIVES:-glm gpt}  # the runs trained here (glm: the GLM objective; gpt: plain causal)
 PREVIOUS=${PREVIOUS:+$(realpath -m "$PREVIOUS")}
 label_objective() { if [ "$1" = gpt ]; then echo causal; else echo "$1"; fi; }
+trains() { [[ " $OBJECTIVES " == *" $1 "* ]]; }  # is run $1 trained in this call?
 for n in $OBJECTIVES; do
     case $n in glm|gpt) ;; *) echo "error: OBJECTIVES takes glm and/or gpt, not '$n'" >&2; exit 2 ;; esac
 done
@@ -101,8 +102,7 @@ bring_back() {  # on every exit with RETURN: what exists goes back (a failed eva
     stamp "6. what comes back -> $RETURN (exit $rc)"
     mkdir -p "$RETURN"
     local pkg="$WORK/ship/glm-base" keep="$WORK/keep" total files n f
-    if [ ! -f "$pkg/model.safetensors" ] && [[ " $OBJECTIVES " == *" glm "* ]] \
-            && [ -f "$WORK/run-glm/model.safetensors" ]; then  # never packaged
+    if [ ! -f "$pkg/model.safetensors" ] && trains glm && [ -f "$WORK/run-glm/model.safetensors" ]; then  # never packaged
         pkg="$WORK/rescue"; rm -rf "$pkg"
         $PY -m glm130b quantize --model "$WORK/run-glm" --bits 4 ${HEAD_BITS:+--head-bits $HEAD_BITS} --dtype fp16 \
             --out "$pkg" > "$WORK/rescue.log" 2>&1 || true
@@ -186,7 +186,7 @@ for n in "${runs[@]}"; do cat "$WORK/eval-$n.log"; done
 STEPS_RUN=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['steps'])" "$WORK/run-${runs[0]}/train_config.json")
 table=()  # each objective from this call, or from PREVIOUS
 for n in glm gpt; do
-    if [ -f "$WORK/eval-$n.json" ] && [[ " $OBJECTIVES " == *" $n "* ]]; then table+=(--run "${n^^}=$WORK/run-$n:$WORK/eval-$n.json")
+    if [ -f "$WORK/eval-$n.json" ] && trains "$n"; then table+=(--run "${n^^}=$WORK/run-$n:$WORK/eval-$n.json")
     elif [ "${PREVIOUS_LABEL:-}" = "$n" ]; then table+=(--run "${n^^}=$PREVIOUS:$PREVIOUS/eval-$n.json"); fi
 done
 if [ ${#table[@]} = 4 ]; then
@@ -197,7 +197,7 @@ else
     stamp "4. no table: only ${runs[*]} here; the other objective in a later call: OBJECTIVES=... PREVIOUS=<this run's record>"
 fi
 
-if [[ " $OBJECTIVES " != *" glm "* ]]; then stamp "done (no GLM run here: nothing to package)"; exit 0; fi
+if ! trains glm; then stamp "done (no GLM run here: nothing to package)"; exit 0; fi
 stamp "5. packaging the GLM model (limit $SHIP_LIMIT_MB MB)"
 limit=$(( SHIP_LIMIT_MB * 1000000 ))
 size() { stat -c %s "$1/model.safetensors"; }

@@ -177,21 +177,17 @@ def _build(isa: str | None = None):
         )
 
 
-def _int_kernel_name(module) -> str:
-    from glm130b.quant.kernels import int_kernel_name  # (the package imports this module)
-
-    return int_kernel_name(module)
-
-
 def main() -> int:
     """Build (or load) the kernels now, as `make setup` does, so no later command compiles;
     prints what was built, returns 1 if the build failed."""
+    from glm130b.quant.kernels import int_kernel_name  # (the package imports this module)
+
     module = get()
     if module is None:
         print(f"glm130b kernels: not built ({error()}); commands will use the PyTorch fallback")
         return 1
     print(f"glm130b kernels: {module.isa} ({' '.join(isa_flags()) or 'no ISA flags'}), "
-          f"integer kernel: {_int_kernel_name(module) or 'none'}, "
+          f"integer kernel: {int_kernel_name(module) or 'none'}, "
           f"cache {cache_root() / build_key()}")
     return 0
 

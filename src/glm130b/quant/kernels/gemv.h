@@ -884,12 +884,13 @@ struct Scratch {  // per-call buffers of gemv(), reusable across calls
 enum IntKernel { NONE, VNNI16, Q8 };
 inline IntKernel int_kernel(const Problem& p, int fmt, int64_t M) {
   if ((fmt != I4 && fmt != I8) || !int_act_enabled()) return NONE;
+  const bool q8 = GLM_Q8 && M <= q8_max_rows().load() && q8_fits(p);
 #if GLM_I4_VNNI
-  if (GLM_Q8 && M >= q8_min_rows().load() && q8_fits(p)) return Q8;  // many rows: x reused from L2
+  if (q8 && M >= q8_min_rows().load()) return Q8;  // (by default every batch: see q8_min_rows)
   if (fmt == I4) return vnni_fits(p) ? VNNI16 : NONE;
-  return NONE;  // INT8 with AVX-512: the FP32 kernel streams it at memory speed
+  return NONE;  // INT8 below q8_min_rows: the FP32 kernel
 #else
-  return GLM_Q8 && M <= q8_max_rows().load() && q8_fits(p) ? Q8 : NONE;
+  return q8 ? Q8 : NONE;
 #endif
 }
 
