@@ -65,3 +65,12 @@ def test_the_report_names_the_kernels_an_emulated_avx2_cpu_gets(session, monkeyp
     report = session.cpu_report()
     assert report["kernel_isa"] == "avx2" and report["cores"] >= 1
     assert set(report["flags"]) <= set(session.FLAGS)
+
+
+def test_a_missing_or_broken_json_file_is_one_clear_error(session, tmp_path, capsys):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"variants": ')  # a run killed mid-write would leave this (the tool writes atomically)
+    for path in (tmp_path / "missing.json", broken):
+        with pytest.raises(SystemExit) as exit_:
+            session.main(["--from-json", str(path)])
+        assert exit_.value.code == 2 and "not a benchmark JSON file" in capsys.readouterr().err

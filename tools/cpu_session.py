@@ -28,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from glm130b.io import atomic_write_text  # noqa: E402
 from glm130b.quant.kernels import cpu as kernel_build  # noqa: E402
 
 # (our variant, llama.cpp's type): like for like (llama.cpp's Q8_0 file keeps its tied output in
@@ -105,7 +106,7 @@ def run_benchmark(threads: int, run: int, out: Path, env: dict, variants: str, r
         print(done.stderr[-2000:], flush=True)
         return None
     result = json.loads(done.stdout[done.stdout.index("{"):])
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -175,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.from_json:
-        results = [json.loads(Path(f).read_text()) for f in args.from_json]
+        try:
+            results = [json.loads(Path(f).read_text()) for f in args.from_json]
+        except (OSError, ValueError) as e:
+            parser.error(f"--from-json: not a benchmark JSON file: {e}")
         print("\n".join(table(results) + [""] + targets(results)))
         return 0
     out.mkdir(parents=True, exist_ok=True)
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update(AVX2_ENV)  # (before anything reads them: the report's kernel ISA, torch's capability)
     report = cpu_report()
     report["emulated_avx2"] = args.emulate_avx2
-    (out / "cpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "cpu.json", json.dumps(report, indent=2) + "\n")
     print(f"{report['cpu']} ({report['machine']}, {report['cores']} cores): {' '.join(report['flags'])}; "
           f"our kernels: {report['kernel_isa']}; torch: {report['torch_capability']}", flush=True)
     env = ensure_peers(out, dict(os.environ), build=not args.no_build, avx2=args.emulate_avx2)
