@@ -31,13 +31,14 @@ def test_standalone_header_on_this_machine(tmp_path):
 
     avx2 = {"avx2", "fma", "f16c"} <= cpu_features()
     out = _build_and_run("g++", ["-mavx2", "-mfma", "-mf16c"] if avx2 else [], [], tmp_path)
-    assert ("isa avx2" in out) == avx2
+    assert ("isa avx2" in out) == avx2 and ("tile 1" in out) == avx2
 
 
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None or shutil.which("qemu-aarch64") is None,
                     reason="needs g++-aarch64-linux-gnu and qemu-user (Debian packages; `make test` installs them as root)")
-@pytest.mark.parametrize("march,dot", [("armv8.2-a+dotprod", "sdot"), ("armv8-a", "smull")])
-def test_arm_neon_kernels_under_qemu(tmp_path, march, dot):
+@pytest.mark.parametrize("march,dot,tile", [("armv8.2-a+dotprod", "sdot", 1), ("armv8-a", "smull", 0)])
+def test_arm_neon_kernels_under_qemu(tmp_path, march, dot, tile):
+    """(The 8-row tile kernel needs sdot's 4 bytes per lane: without it, the row kernel at every batch.)"""
     out = _build_and_run("aarch64-linux-gnu-g++", ["-static", f"-march={march}"], ["qemu-aarch64", "-cpu", "max"],
                          tmp_path)
-    assert "isa neon" in out and f"dot {dot} (NEON)" in out and "q8 1" in out
+    assert "isa neon" in out and f"dot {dot} (NEON)" in out and "q8 1" in out and f"tile {tile}" in out

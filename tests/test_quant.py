@@ -312,7 +312,9 @@ PEAK_SCRIPT = textwrap.dedent("""
 
 
 def _peak_bytes(warm: Path, path: Path, *bits) -> int:
-    env = {**os.environ, "GLM130B_NO_KERNELS": "1"}
+    # Allocations from 1 MiB up are mmapped and given back on free, so the peak counts live
+    # tensors, not what glibc's heap happened to keep (that varied 0.40-0.77x run to run).
+    env = {**os.environ, "GLM130B_NO_KERNELS": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(warm), str(path), *map(str, bits)],
                          capture_output=True, text=True, env=env, check=True).stdout
     r = json.loads(out.strip().splitlines()[-1])

@@ -154,32 +154,61 @@ def _variant_linear(ext, x, layer, threads):
     return ext.linear(x, layer.qweight, layer.scales, layer.group_size or 0, layer.bias, fmt, threads)
 
 
+@pytest.fixture(scope="module", params=["default"] + _x86_variants())
+def q8_build(request):
+    """Every build here with the 8-bit-activation kernel: this CPU's own (AVX-512 VNNI: vpdpbusd)
+    and the x86 variants it can also run (AVX2: maddubs; AVX-VNNI)."""
+    if os.environ.get("GLM130B_NO_KERNELS"):
+        pytest.skip("GLM130B_NO_KERNELS is set")
+    ext = cpu_build.get() if request.param == "default" else cpu_build.variant(request.param)
+    if ext is None or not ext.q8 or (ext.int4_vnni and ext.int8_activation_min_rows() > 1):
+        pytest.skip("this build does not take the 8-bit-activation kernel at every batch")
+    return ext
+
+
+def _with_tile_rows(ext, rows, x, layer, threads):
+    """The product with the 8-row tile kernel taking products from `rows` rows of x."""
+    before = ext.int8_tile_min_rows()
+    ext.set_int8_tile_min_rows(rows)
+    try:
+        return _variant_linear(ext, x, layer, threads)
+    finally:
+        ext.set_int8_tile_min_rows(before)
+
+
 @needs_kernels
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("group", [None, 64, 128, 6])
 @pytest.mark.parametrize("shape", SHAPES + [(64, 2752)])
-def test_int8_activation_kernels_within_their_bound(variant, bits, group, shape):
-    """The AVX2 (maddubs) and AVX-VNNI builds: INT8 / INT4 x 8-bit activations (decode batches
-    and short prefills) within the bound above; with integer activations off, the exact FP32 kernels (rounding only)."""
-    assert variant.q8 and not variant.int4_vnni and "avx512" not in variant.isa
+def test_int8_activation_kernels_within_their_bound(q8_build, bits, group, shape):
+    """INT8 / INT4 x 8-bit activations (decode batches and prefills) within the bound above, on
+    the row kernel (small batches) and the 8-row tile kernel (from 8 rows of x), which sum the
+    same integers and so agree to FP32 rounding; with integer activations off, the exact FP32
+    kernels (rounding only)."""
+    ext = q8_build
     n, k = shape
     layer = _layer(n, k, bits, group)
     w = layer.dequantized_weight()
-    for batch in (1, 2, 4, 5, 8, 9):
+    tile = ext.q8_tile
+    assert tile or ext.isa in ("scalar", "neon")
+    for batch in (1, 2, 4, 5, 8, 9, 19):
         x = torch.randn(batch, k) * torch.linspace(0.01, 4.0, k)  # small and large inputs side by side
         x[0, : k // 3] = 0.0  # zero blocks
         ref = K.reference_linear(x, layer)
         rounding = 2e-6 * (k ** 0.5) * ref.abs().max().item() + 1e-6
         for threads in (1, 2):
-            y = _variant_linear(variant, x, layer, threads)
+            y = _variant_linear(ext, x, layer, threads)
             bound = q8_error_bound(x, w, bits) + rounding
             assert bool(((y - ref).abs() <= bound).all()), (shape, group, batch, threads)
-            before = variant.int_activations_enabled()
-            variant.set_int_activations(False)
+            if tile:
+                rows = _with_tile_rows(ext, 2**62, x, layer, threads)
+                assert (rows - y).abs().max().item() <= rounding, (shape, group, batch, threads)
+            before = ext.int_activations_enabled()
+            ext.set_int_activations(False)
             try:
-                exact = _variant_linear(variant, x, layer, threads)
+                exact = _variant_linear(ext, x, layer, threads)
             finally:
-                variant.set_int_activations(before)
+                ext.set_int_activations(before)
             assert (exact - ref).abs().max().item() <= rounding, (shape, group, batch, threads)
         takes = group in (None, 64, 128) or group >= k  # whole blocks of 32 units, or per row
         if takes and k >= 64:  # the integer path ran: its error is not FP32 rounding

@@ -127,13 +127,14 @@ int main() {
   for (int fmt : {F32, BF16, I8, I4})
     for (auto& sh : shapes)
       for (int64_t G : {0, 6, 64, 128})
-        for (int64_t M : {1, 2, 4, 5, 8, 9})
+        for (int64_t M : {1, 2, 4, 5, 8, 9, 19})  // 8 and more: the 8-row tile kernel where built
           for (int threads : {1, 2}) {
             if ((fmt == F32 || fmt == BF16) && G) continue;
             check(fmt, sh[0], sh[1], G, M, threads);
             ++n;
           }
-  std::printf("isa %s lanes %d q8 %d dot %s: %d products, %d failures\n", ISA, LANES, int(GLM_Q8), Q8_DOT, n, failures);
+  std::printf("isa %s lanes %d q8 %d tile %d dot %s: %d products, %d failures\n", ISA, LANES, int(GLM_Q8),
+              int(GLM_Q8_TILE), Q8_DOT, n, failures);
   if (failures == 0) std::printf("ok\n");
   return failures ? 1 : 0;
 }

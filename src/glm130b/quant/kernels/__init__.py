@@ -4,7 +4,8 @@
   every batch size up to `BLAS_MIN_ROWS` rows of x; above that (long prefills) the weight is
   dequantized in row blocks and multiplied with PyTorch's BLAS, which is faster there. INT8 and
   INT4 (decoding, prefills) use integer dot products with 8-bit activations per block of 32
-  units (llama.cpp's Q8_0 scheme: AVX-512 VL or AVX-VNNI vpdpbusd, AVX2 maddubs, NEON sdot).
+  units (llama.cpp's Q8_0 scheme: AVX-512 VL or AVX-VNNI vpdpbusd, AVX2 maddubs, NEON sdot);
+  from 8 rows of x on tiles of 8 weight rows (GLM130B_Q8_TILE_MIN_ROWS).
   With AVX-512 VNNI, GLM130B_Q8_MIN_ROWS=N keeps products of fewer than N rows on the earlier
   kernels (INT4 x 16-bit fixed-point activations with VNNI, a smaller error; INT8 on the FP32
   kernel). `set_int_activations(False)` or GLM130B_INT_ACT=0 turns the integer kernels off.

@@ -14,6 +14,8 @@ half-way does not wedge later ones (buildlock.py).
 
 GLM130B_INT_ACT=0 (or the older GLM130B_INT4_VNNI=0) keeps every product on the exact
 FP32-activation kernels, where an integer-activation kernel (gemv.h) would run.
+GLM130B_Q8_TILE_MIN_ROWS=N sets the rows of x from which the 8-bit-activation kernel runs on
+8-row weight tiles (default 8; a large N keeps the one-row-at-a-time kernel everywhere).
 
 If compilation fails (no compiler, no Python headers, GLM130B_NO_KERNELS=1) `get()` returns
 None once with a warning, and callers fall back to plain PyTorch (correct, but slower).
@@ -139,6 +141,9 @@ def get():
         rows = os.environ.get("GLM130B_Q8_MIN_ROWS", "")
         if module is not None and rows.isdigit():  # AVX-512 VNNI: rows from which the 8-bit kernel takes over
             module.set_int8_activation_min_rows(int(rows))
+        rows = os.environ.get("GLM130B_Q8_TILE_MIN_ROWS", "")
+        if module is not None and rows.isdigit() and module.q8_tile:  # rows from which the 8-row tile kernel runs
+            module.set_int8_tile_min_rows(int(rows))
         _state["module"] = module
         return module
 

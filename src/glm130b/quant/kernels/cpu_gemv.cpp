@@ -94,6 +94,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_int8_activation_min_rows", [](int64_t rows) { q8_min_rows().store(rows); },
         "AVX-512 VNNI builds: rows of x from which INT8/INT4 products take the 8-bit-activation kernel");
   m.def("int8_activation_min_rows", []() { return q8_min_rows().load(); });
+#if GLM_Q8_TILE
+  m.def("set_int8_tile_min_rows", [](int64_t rows) { q8_tile_min_rows().store(rows); },
+        "rows of x from which the 8-bit-activation kernel runs on 8-row weight tiles");
+  m.def("int8_tile_min_rows", []() { return q8_tile_min_rows().load(); });
+#endif
+  m.attr("q8_tile") = bool(GLM_Q8_TILE);
   m.attr("int4_vnni") = bool(GLM_I4_VNNI);
   m.attr("q8") = bool(GLM_Q8);
   m.attr("q8_dot") = Q8_DOT;

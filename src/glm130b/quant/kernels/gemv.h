@@ -685,22 +685,56 @@ inline vi dot_us(vi acc, __m256i u, __m256i s) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 #endif
 }
-// acc + sum over 32 bytes of w: (low nibble) * x[0..32) + (high nibble) * x[32..64)
-inline vi dot_u4(vi acc, const uint8_t* w, const int8_t* x) {
-  const __m256i v = load32(w), nib = _mm256_set1_epi8(0x0F);
-  const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+using vq = __m256i;  // 32 bytes
+inline vq load_vq(const void* p) { return load32(p); }
+inline vq bcast4(const int8_t* x) {  // x[0..4) in every 4-byte lane
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  return _mm256_set1_epi32(v);
+}
+inline vi vi_set1(int32_t c) { return _mm256_set1_epi32(c); }
+inline vi vi_add(vi a, vi b) { return _mm256_add_epi32(a, b); }
+inline void split_nibbles(vq v, vq& lo, vq& hi) {
+  const __m256i nib = _mm256_set1_epi8(0x0F);
+  lo = _mm256_and_si256(v, nib);
+  hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+}
+// acc + lo . xl + hi . xh (nibbles 0..15 times signed bytes, 4 bytes per int32 lane)
+inline vi dot_nib(vi acc, vq lo, vq hi, vq xl, vq xh) {
 #if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
-  return dot_us(dot_us(acc, lo, load32(x)), hi, load32(x + 32));
+  return dot_us(dot_us(acc, lo, xl), hi, xh);
 #else  // both halves summed in 16 bits first (|sum| <= 4 * 15 * 127), then one madd
-  const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, load32(x)), _mm256_maddubs_epi16(hi, load32(x + 32)));
+  const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
   return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 #endif
 }
-// acc + w[0..32) . x[0..32), both signed: |w| times x with w's sign (llama.cpp's trick)
-inline vi dot_s8(vi acc, const int8_t* w, const int8_t* x) {
-  const __m256i v = load32(w);
-  return dot_us(acc, _mm256_sign_epi8(v, v), _mm256_sign_epi8(load32(x), v));
+// acc + sum over 32 bytes of w: (low nibble) * x[0..32) + (high nibble) * x[32..64)
+inline vi dot_u4(vi acc, const uint8_t* w, const int8_t* x) {
+  vq lo, hi;
+  split_nibbles(load32(w), lo, hi);
+  return dot_nib(acc, lo, hi, load32(x), load32(x + 32));
 }
+// Signed INT8 weights against signed x. With vpdpbusd: w + 128 (w xor 0x80) is unsigned, and
+// the block's base (quantize_x8) subtracts 128 * sum(x8). With maddubs that would saturate its
+// 16-bit pairs, so there: |w| times x with w's sign (llama.cpp's trick).
+struct W8 { vq u, w; };  // a weight vector as the dot product takes it
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+constexpr int32_t W8_OFFSET = 128;
+constexpr int TILE_CHAINS = 2;  // vpdpbusd's latency (4-5 cycles): two independent sums per x row
+inline W8 w8_prep(vq w) { return {_mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80))), w}; }
+inline vi w8_dot(vi acc, const W8& w, vq x) { return dot_us(acc, w.u, x); }
+#else
+constexpr int32_t W8_OFFSET = 0;
+constexpr int TILE_CHAINS = 1;  // (maddubs' products are independent; only their 1-cycle adds chain)
+inline W8 w8_prep(vq w) { return {_mm256_sign_epi8(w, w), w}; }
+inline vi w8_dot(vi acc, const W8& w, vq x) { return dot_us(acc, w.u, _mm256_sign_epi8(x, w.w)); }
+#endif
+// acc + w[0..32) . x[0..32), both signed
+inline vi dot_s8(vi acc, const int8_t* w, const int8_t* x) { return w8_dot(acc, w8_prep(load32(w)), load32(x)); }
+// the 8-row tile kernel's float side: acc + a * s[0..8), and y[0..8) += a
+inline qf qf_fmav(qf a, const float* s, qf acc) { return _mm256_fmadd_ps(a, _mm256_loadu_ps(s), acc); }
+inline void qf_addto(float* y, qf a) { _mm256_storeu_ps(y, _mm256_add_ps(_mm256_loadu_ps(y), a)); }
+#define GLM_Q8_TILE 1
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 constexpr const char* Q8_DOT = "vpdpbusd (AVX-512 VL)";
 #elif defined(__AVXVNNI__)
@@ -741,6 +775,43 @@ inline vi dot_s8(vi acc, const int8_t* w, const int8_t* x) {
   acc.b = dot16(acc.b, vld1q_s8(w + 16), vld1q_s8(x + 16));
   return acc;
 }
+constexpr int32_t W8_OFFSET = 0;  // sdot multiplies signed bytes as they are
+#if defined(__ARM_FEATURE_DOTPROD)  // the 8-row tile kernel needs sdot's 4 bytes per lane (smull pairs bytes differently)
+struct vq { int8x16_t a, b; };
+inline vq load_vq(const void* p) {
+  const int8_t* q = static_cast<const int8_t*>(p);
+  return {vld1q_s8(q), vld1q_s8(q + 16)};
+}
+inline vq bcast4(const int8_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  const int8x16_t b = vreinterpretq_s8_s32(vdupq_n_s32(v));
+  return {b, b};
+}
+inline vi vi_set1(int32_t c) { return {vdupq_n_s32(c), vdupq_n_s32(c)}; }
+inline vi vi_add(vi a, vi b) { return {vaddq_s32(a.a, b.a), vaddq_s32(a.b, b.b)}; }
+constexpr int TILE_CHAINS = 2;  // sdot's latency: two independent sums per x row
+inline void split_nibbles(vq v, vq& lo, vq& hi) {
+  const int8x16_t nib = vdupq_n_s8(0x0F);
+  lo = {vandq_s8(v.a, nib), vandq_s8(v.b, nib)};
+  hi = {vreinterpretq_s8_u8(vshrq_n_u8(vreinterpretq_u8_s8(v.a), 4)),
+        vreinterpretq_s8_u8(vshrq_n_u8(vreinterpretq_u8_s8(v.b), 4))};
+}
+inline vi dot_nib(vi acc, vq lo, vq hi, vq xl, vq xh) {
+  return {vdotq_s32(vdotq_s32(acc.a, lo.a, xl.a), hi.a, xh.a), vdotq_s32(vdotq_s32(acc.b, lo.b, xl.b), hi.b, xh.b)};
+}
+struct W8 { vq w; };
+inline W8 w8_prep(vq w) { return {w}; }
+inline vi w8_dot(vi acc, const W8& w, vq x) { return {vdotq_s32(acc.a, w.w.a, x.a), vdotq_s32(acc.b, w.w.b, x.b)}; }
+inline qf qf_fmav(qf a, const float* s, qf acc) {
+  return {vfmaq_f32(acc.a, a.a, vld1q_f32(s)), vfmaq_f32(acc.b, a.b, vld1q_f32(s + 4))};
+}
+inline void qf_addto(float* y, qf a) {
+  vst1q_f32(y, vaddq_f32(vld1q_f32(y), a.a));
+  vst1q_f32(y + 4, vaddq_f32(vld1q_f32(y + 4), a.b));
+}
+#define GLM_Q8_TILE 1
+#endif
 #if defined(__ARM_FEATURE_DOTPROD)
 constexpr const char* Q8_DOT = "sdot (NEON)";
 #else
@@ -749,6 +820,10 @@ constexpr const char* Q8_DOT = "smull (NEON)";
 #else
 #define GLM_Q8 0
 constexpr const char* Q8_DOT = "";
+constexpr int32_t W8_OFFSET = 0;
+#endif
+#ifndef GLM_Q8_TILE
+#define GLM_Q8_TILE 0
 #endif
 
 inline std::atomic<bool>& int_act_enabled() {  // integer-activation kernels on (default) or off (exact FP32 kernels)
@@ -777,7 +852,7 @@ struct Q8X {  // one call's x in blocks of QB units
   int64_t M = 0, nb = 0, bytes = 0;  // bytes of x per block: INT8 32, INT4 64 (32 even, 32 odd inputs)
   std::vector<int8_t> q;           // [M][nb][bytes]
   std::vector<float> step;         // [M][nb]
-  std::vector<int32_t> base;       // [M][nb]: INT4: -8 * sum(x8), the nibbles' + 8; INT8: 0
+  std::vector<int32_t> base;       // [M][nb]: -offset * sum(x8) for weights stored + offset (INT4: 8; INT8: W8_OFFSET)
   const int8_t* block(int64_t m, int64_t b) const { return q.data() + (m * nb + b) * bytes; }
 };
 
@@ -810,7 +885,7 @@ inline void quantize_x8(const float* x, int64_t M, int64_t K, int64_t Ku, int fm
         sum += q[i];
       }
       qx.step[m * qx.nb + b] = amax / 127.f;
-      qx.base[m * qx.nb + b] = i4 ? -8 * sum : 0;
+      qx.base[m * qx.nb + b] = i4 ? -8 * sum : -W8_OFFSET * sum;
     }
 }
 
@@ -844,7 +919,7 @@ inline void q8_row(const Problem& p, const Q8X& qx, int64_t row, int64_t m0) {
         const int64_t mb = (m0 + m) * nb + b;
         vi d;
         if constexpr (FMT == I4) d = dot_u4(vi_first(qx.base[mb]), wb, qx.block(m0 + m, b));
-        else d = dot_s8(vi_first(0), wb, qx.block(m0 + m, b));
+        else d = dot_s8(vi_first(qx.base[mb]), wb, qx.block(m0 + m, b));
         acc[m] = acc_block(d, qx.step[mb], acc[m]);
       }
     }
@@ -856,8 +931,116 @@ inline void q8_row(const Problem& p, const Q8X& qx, int64_t row, int64_t m0) {
   for (int m = 0; m < M; ++m) p.y[(m0 + m) * p.N + row] += qf_sum(tot[m]);
 }
 
+#if GLM_Q8_TILE
+// The same products for 8 weight rows at once, for prefills and larger batches (from
+// q8_tile_min_rows() rows of x). The row kernel above spends most of its instructions per
+// (row, block, x row) outside the dot product: the int32 -> float conversion, the step's
+// multiply, the horizontal sum. Here each 32-bit lane of a vector holds one of 8 weight rows
+// (4 of its bytes), x's 4 bytes are broadcast to all lanes, so one conversion and one multiply
+// serve 8 rows, and each x row's 8 outputs are one vector store. That needs the 8 rows'
+// bytes interleaved 4 at a time (llama.cpp repacks its weights so at load time); here a tile
+// of 8 rows is interleaved into a scratch buffer per call, a cost shared by all rows of x,
+// so the stored layout stays the canonical one.
+constexpr int TR = 8;        // weight rows per tile: one per 32-bit lane of 32 bytes
+constexpr int TILE_MAXM = 4;  // rows of x per pass over a tile (6 or 8 measured no faster on a Zen 4)
+inline std::atomic<int64_t>& q8_tile_min_rows() {
+  static std::atomic<int64_t> rows{8};
+  return rows;
+}
+
+// rows [r0, r0 + 8) of the weight as tiles: for block b and 4-byte quad q (of QB = 32 bytes),
+// the quads of the 8 rows side by side at out[(b * 8 + q) * 32 + 4 * row]; zeros past the row
+// (x is zero there too). Scales as sc[group * 8 + row].
+inline void pack_tile(const Problem& p, int64_t r0, int64_t nb, int8_t* out, float* sc) {
+  for (int r = 0; r < TR; ++r) {
+    const int8_t* src = static_cast<const int8_t*>(p.w) + (r0 + r) * p.Ku;  // INT8 and INT4 units are bytes
+    for (int64_t b = 0; b < nb; ++b) {
+      const int8_t* blk = src + b * QB;
+      int8_t part[QB] = {};
+      if ((b + 1) * QB > p.Ku) {  // the row's last, partial block
+        std::memcpy(part, blk, static_cast<size_t>(p.Ku - b * QB));
+        blk = part;
+      }
+      int8_t* dst = out + b * QB * TR + 4 * r;
+#pragma GCC unroll 8
+      for (int q = 0; q < QB / 4; ++q) std::memcpy(dst + q * 4 * TR, blk + 4 * q, 4);
+    }
+    for (int64_t g = 0; g < p.ng; ++g) sc[g * TR + r] = p.scales[(r0 + r) * p.ng + g];
+  }
+}
+
+// y[m0 .. m0 + M)[r0 .. r0 + 8) += the tile's rows times x rows m0 .. m0 + M.
+template <int FMT, int M>
+inline void q8_tile(const Problem& p, const Q8X& qx, const int8_t* tile, const float* sc, int64_t r0, int64_t m0) {
+  const int64_t nb = qx.nb, bpg = p.Gu == p.Ku ? nb : p.Gu / QB;
+  qf tot[M];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) tot[m] = qf_zero();
+  for (int64_t g0 = 0; g0 < nb; g0 += bpg) {
+    const int64_t g1 = std::min(nb, g0 + bpg);
+    qf acc[M];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) acc[m] = qf_zero();
+    for (int64_t b = g0; b < g1; ++b) {
+      const int8_t* wb = tile + b * QB * TR;
+      const int8_t* xb[M];
+      vi d[TILE_CHAINS][M];  // independent sums (quads q % TILE_CHAINS), so dot products overlap
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        xb[m] = qx.block(m0 + m, b);
+        d[0][m] = vi_set1(qx.base[(m0 + m) * nb + b]);
+#pragma GCC unroll 4
+        for (int c = 1; c < TILE_CHAINS; ++c) d[c][m] = vi_set1(0);
+      }
+#pragma GCC unroll 8
+      for (int q = 0; q < QB / 4; ++q) {
+        const vq w = load_vq(wb + q * 4 * TR);
+        vi* dc = d[q % TILE_CHAINS];
+        if constexpr (FMT == I4) {  // low nibbles meet x's even inputs, high ones its odd ones (Q8X)
+          vq lo, hi;
+          split_nibbles(w, lo, hi);
+#pragma GCC unroll 8
+          for (int m = 0; m < M; ++m) dc[m] = dot_nib(dc[m], lo, hi, bcast4(xb[m] + 4 * q), bcast4(xb[m] + QB + 4 * q));
+        } else {
+          const W8 w8 = w8_prep(w);
+#pragma GCC unroll 8
+          for (int m = 0; m < M; ++m) dc[m] = w8_dot(dc[m], w8, bcast4(xb[m] + 4 * q));
+        }
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+#pragma GCC unroll 4
+        for (int c = 1; c < TILE_CHAINS; ++c) d[0][m] = vi_add(d[0][m], d[c][m]);
+        acc[m] = acc_block(d[0][m], qx.step[(m0 + m) * nb + b], acc[m]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) tot[m] = qf_fmav(acc[m], sc + (g0 / bpg) * TR, tot[m]);
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) qf_addto(p.y + (m0 + m) * p.N + r0, tot[m]);
+}
+#endif
+
 template <int FMT>
 inline void q8_work(const Problem& p, const Q8X& qx, int64_t begin, int64_t end) {
+#if GLM_Q8_TILE
+  if (qx.M >= q8_tile_min_rows().load()) {
+    thread_local std::vector<int8_t> tile;
+    thread_local std::vector<float> sc;
+    tile.resize(static_cast<size_t>(qx.nb * QB * TR));
+    sc.resize(static_cast<size_t>(p.ng * TR));
+    for (; begin + TR <= end; begin += TR) {
+      pack_tile(p, begin, qx.nb, tile.data(), sc.data());
+      for (int64_t m0 = 0; m0 < qx.M; m0 += TILE_MAXM) switch (std::min<int64_t>(TILE_MAXM, qx.M - m0)) {
+          case 1: q8_tile<FMT, 1>(p, qx, tile.data(), sc.data(), begin, m0); break;
+          case 2: q8_tile<FMT, 2>(p, qx, tile.data(), sc.data(), begin, m0); break;
+          case 3: q8_tile<FMT, 3>(p, qx, tile.data(), sc.data(), begin, m0); break;
+          default: q8_tile<FMT, 4>(p, qx, tile.data(), sc.data(), begin, m0); break;
+        }
+    }  // the last rows (fewer than a tile): the row kernel below
+  }
+#endif
   // rows in tiles of about 64 KiB, which stay in L2 while every batch chunk of x passes over them
   const int64_t tile = std::max<int64_t>(4, 65536 / std::max<int64_t>(1, p.Ku));
   for (int64_t t0 = begin; t0 < end; t0 += tile) {
