@@ -455,6 +455,26 @@ def test_cuda_int4_uses_tinygemm_where_it_can():
     assert layer._cache.get("tinygemm"), "tinygemm path was not taken for a supported shape"
 
 
+@needs_kernels
+def test_kernel_benchmark_runs_and_times_both_kernels(ext):
+    """benchmarks/kernels.py: row and tile kernel (and BLAS) for each shape; timings not asserted.
+    The knob it turns is restored afterwards."""
+    import importlib.util
+    from pathlib import Path
+
+    if not ext.q8_tile:
+        pytest.skip("no tile kernel in this build")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    before = ext.int8_tile_min_rows()
+    r = bench.measure(ext, 4, 64, 256, 9, 1, 1)
+    assert ext.int8_tile_min_rows() == before
+    assert r["rows"] == 9 and r["shape"] == [64, 256]
+    assert all(r[key] > 0 for key in ("row_ms", "tile_ms", "blas_ms", "row_over_tile", "blas_over_tile"))
+
+
 def test_decode_benchmark_quick_run_has_the_keys():
     """benchmarks/decode.py --quick --json runs end to end (timings are not asserted)."""
     import json
