@@ -2,7 +2,7 @@
 // tests/test_native_kernels.py for the host and, with an aarch64 cross-compiler, for ARM
 // (NEON, with and without the dot-product extension) and run under qemu-aarch64.
 //
-// Every format (FP32, BF16, INT8, INT4), per-row and group scales, batch 1-9, odd widths,
+// Every format (FP32, BF16, INT8, INT4), per-row and group scales, batch 1-9 and 19, odd widths,
 // 1 and 2 threads, with the integer-activation kernels on (checked against their rounding
 // bound) and off (FP32 rounding only). Prints the ISA and "ok", or the first failure.
 #define GLM_NO_TORCH

@@ -657,10 +657,13 @@ struct QuantX {};
 // kernels.BLAS_MIN_ROWS rows) where the 16-bit VNNI kernel above does not run and the groups are
 // whole blocks (or one per row); `set_int_activations(False)` turns it off.
 //
-// The ISA specifics are three helpers on 32 weight units: dot_u4 (packed nibbles), dot_s8
-// (int8 weights), and acc_block (int32 lanes -> float, times the step): AVX2 `maddubs` +
-// `madd` (the sign trick for signed INT8), AVX-VNNI / AVX-512 VL `vpdpbusd`, NEON `sdot` (or
-// `smull` + pairwise adds without the dot-product extension).
+// Two kernels share the arithmetic: q8_row (one weight row at a time: decoding, small batches)
+// and q8_tile (8 interleaved rows, one per 32-bit lane: from q8_tile_min_rows() rows of x).
+// The ISA specifics are small helpers on 32 weight units: dot_nib / dot_u4 (packed nibbles),
+// w8_prep + w8_dot / dot_s8 (int8 weights), acc_block (int32 lanes -> float, times the step),
+// transpose_quads (the tile's interleave): AVX2 `maddubs` + `madd` (the sign trick for signed
+// INT8), AVX-VNNI / AVX-512 VL `vpdpbusd` (INT8 stored + 128), NEON `sdot` (or `smull` +
+// pairwise adds without the dot-product extension; no tile kernel there).
 // ------------------------------------------------------------------------------------------
 #if defined(__AVX2__) && defined(__FMA__)
 #define GLM_Q8 1
@@ -882,34 +885,80 @@ struct Q8X {  // one call's x in blocks of QB units
 
 inline bool q8_fits(const Problem& p) { return p.Gu == p.Ku || p.Gu % QB == 0; }
 
+// One block of n = 32 or 64 inputs v (in the kernel's order) to int8 q = round(v / step),
+// step = absmax / 127 (round half to even, as nearbyint); returns the step, and the sum of q.
+inline float quantize_block(const float* v, int n, int8_t* q, int32_t& sum) {
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 mx = _mm256_setzero_ps();
+  for (int i = 0; i < n; i += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(v + i), absmask));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  const float amax = _mm_cvtss_f32(h);
+  const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' lane interleave
+  __m256i total = _mm256_setzero_si256();
+  for (int i = 0; i < n; i += 32) {
+    __m256i r[4];
+    for (int j = 0; j < 4; ++j) {  // the current rounding mode: to nearest even
+      r[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + i + 8 * j), inv));
+      total = _mm256_add_epi32(total, r[j]);
+    }
+    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permutevar8x32_epi32(b, order));
+  }
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+  sum = _mm_cvtsi128_si32(t);
+  return amax / 127.f;
+#else
+  float amax = 0.f;
+  for (int i = 0; i < n; ++i) amax = std::max(amax, std::fabs(v[i]));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  sum = 0;
+  for (int i = 0; i < n; ++i) {
+    q[i] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(v[i] * inv))));
+    sum += q[i];
+  }
+  return amax / 127.f;
+#endif
+}
+
 inline void quantize_x8(const float* x, int64_t M, int64_t K, int64_t Ku, int fmt, Q8X& qx) {
   const bool i4 = fmt == I4;
   qx.M = M;
   qx.nb = (Ku + QB - 1) / QB;
   qx.bytes = i4 ? 2 * QB : QB;
-  qx.q.assign(static_cast<size_t>(M * qx.nb * qx.bytes), 0);
-  qx.step.assign(static_cast<size_t>(M * qx.nb), 0.f);
-  qx.base.assign(static_cast<size_t>(M * qx.nb), 0);
-  std::vector<float> v(static_cast<size_t>(qx.bytes));
+  qx.q.resize(static_cast<size_t>(M * qx.nb * qx.bytes));  // every byte is written below
+  qx.step.resize(static_cast<size_t>(M * qx.nb));
+  qx.base.resize(static_cast<size_t>(M * qx.nb));
+  alignas(32) float v[2 * QB];
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < qx.nb; ++b) {
-      // the block's inputs in the order the kernel reads them, zero past K
+      // the block's inputs in the order the kernel reads them (INT4: 32 even, then 32 odd), zero past K
       const int64_t k0 = b * QB * (i4 ? 2 : 1);
-      for (int64_t i = 0; i < qx.bytes; ++i) {
-        const int64_t k = i4 ? k0 + 2 * (i % QB) + i / QB : k0 + i;
-        v[i] = k < K ? x[m * K + k] : 0.f;
+      const float* xr = x + m * K;
+      const float* src = v;
+      if (k0 + qx.bytes <= K) {
+        if (i4)
+          for (int64_t i = 0; i < QB; ++i) {
+            v[i] = xr[k0 + 2 * i];
+            v[QB + i] = xr[k0 + 2 * i + 1];
+          }
+        else
+          src = xr + k0;
+      } else {
+        for (int64_t i = 0; i < qx.bytes; ++i) {
+          const int64_t k = i4 ? k0 + 2 * (i % QB) + i / QB : k0 + i;
+          v[i] = k < K ? xr[k] : 0.f;
+        }
       }
-      float amax = 0.f;
-      for (float f : v) amax = std::max(amax, std::fabs(f));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      int8_t* q = qx.q.data() + (m * qx.nb + b) * qx.bytes;
       int32_t sum = 0;
-      for (int64_t i = 0; i < qx.bytes; ++i) {
-        q[i] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(v[i] * inv))));
-        sum += q[i];
-      }
-      qx.step[m * qx.nb + b] = amax / 127.f;
-      qx.base[m * qx.nb + b] = i4 ? -8 * sum : -W8_OFFSET * sum;
+      const int64_t mb = m * qx.nb + b;
+      qx.step[mb] = quantize_block(src, static_cast<int>(qx.bytes), qx.q.data() + mb * qx.bytes, sum);
+      qx.base[mb] = i4 ? -8 * sum : -W8_OFFSET * sum;
     }
 }
 
