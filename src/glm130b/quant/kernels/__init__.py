@@ -127,8 +127,9 @@ def quantized_linear(x: torch.Tensor, module) -> torch.Tensor:
 
 def _int8_activation_gemm(ext, module) -> bool:
     """Whether the 8-bit-activation kernel takes this long prefill too: it beats dequantize + BLAS
-    (one thread, 256-1024 rows of a 2752 x 1024 product: AVX2 build 1.0-1.2x for INT8, 1.3-2.4x
-    for INT4; AVX-512 build on a Zen 4 0.98-1.13x and 1.4-2.0x). With AVX-512 VNNI, only where
+    (one thread, 256 rows of a 2752 x 1024 product on a Zen 4, 8-row tile kernel: AVX2 build
+    1.15-1.3x for INT8, 1.8-2.9x for INT4; AVX-512 build 2.5-3.5x and 3.3-4.1x; benchmarks/kernels.py).
+    With AVX-512 VNNI, only where
     GLM130B_Q8_MIN_ROWS lets it run (by default it does)."""
     if not (ext.q8 and ext.int_activations_enabled()):
         return False
