@@ -16,24 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+from pathlib import Path
 
 import torch
 
-from glm130b.quant.kernels import FMT
-from glm130b.quant.kernels import cpu as cpu_build
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import best_time  # noqa: E402 - the benchmarks' one timer (best of n after a warm-up)
+
+from glm130b.quant.kernels import FMT  # noqa: E402
+from glm130b.quant.kernels import cpu as cpu_build  # noqa: E402
 
 SHAPES = [(2752, 1024), (1024, 2752)]  # (out, in): the benchmark model's FFN matrices
-
-
-def best_of(fn, repeat: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def measure(ext, bits: int, n: int, k: int, rows: int, threads: int, repeat: int) -> dict:
@@ -55,12 +48,12 @@ def measure(ext, bits: int, n: int, k: int, rows: int, threads: int, repeat: int
     before = ext.int8_tile_min_rows()
     try:
         ext.set_int8_tile_min_rows(2**62)
-        row = best_of(product, repeat)
+        row = best_time(product, repeat)
         ext.set_int8_tile_min_rows(1)
-        tile = best_of(product, repeat)
+        tile = best_time(product, repeat)
     finally:
         ext.set_int8_tile_min_rows(before)
-    dense = best_of(blas, repeat)
+    dense = best_time(blas, repeat)
     return {"bits": bits, "shape": [n, k], "rows": rows, "row_ms": row * 1e3, "tile_ms": tile * 1e3,
             "blas_ms": dense * 1e3, "row_over_tile": row / tile, "blas_over_tile": dense / tile,
             "tile_gmac_s": rows * n * k / tile / 1e9}
