@@ -428,8 +428,8 @@ inline void split_rows(int64_t N, int64_t volume, int64_t threads, Fn&& fn) {
 #pragma omp parallel num_threads(static_cast<int>(nt))
   {
     const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
-    const int64_t begin = ((N * t / n) / 4) * 4;
-    const int64_t end = t + 1 == n ? N : ((N * (t + 1) / n) / 4) * 4;
+    const int64_t begin = ((N * t / n) / 8) * 8;  // whole tiles of 8 rows (q8_tile) per thread
+    const int64_t end = t + 1 == n ? N : ((N * (t + 1) / n) / 8) * 8;
     if (begin < end) fn(begin, end);
   }
 }
