@@ -138,12 +138,11 @@ def get():
                     "using the slower pure-PyTorch path", RuntimeWarning, stacklevel=3)
         if module is not None and "0" in (os.environ.get("GLM130B_INT_ACT"), os.environ.get("GLM130B_INT4_VNNI")):
             module.set_int_activations(False)  # the exact FP32-activation kernels everywhere
-        rows = os.environ.get("GLM130B_Q8_MIN_ROWS", "")
-        if module is not None and rows.isdigit():  # AVX-512 VNNI: rows from which the 8-bit kernel takes over
-            module.set_int8_activation_min_rows(int(rows))
-        rows = os.environ.get("GLM130B_Q8_TILE_MIN_ROWS", "")
-        if module is not None and rows.isdigit() and module.q8_tile:  # rows from which the 8-row tile kernel runs
-            module.set_int8_tile_min_rows(int(rows))
+        for var, setter in (("GLM130B_Q8_MIN_ROWS", "set_int8_activation_min_rows"),  # AVX-512 VNNI: 8-bit kernel
+                            ("GLM130B_Q8_TILE_MIN_ROWS", "set_int8_tile_min_rows")):  # 8-row tiles (where built)
+            rows = os.environ.get(var, "")
+            if module is not None and rows.isdigit() and hasattr(module, setter):
+                getattr(module, setter)(int(rows))
         _state["module"] = module
         return module
 
