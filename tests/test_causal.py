@@ -73,8 +73,10 @@ def test_causal_instruction_sample():
     assert s.loss_mask.tolist() == [0.0] * 12 + [1.0] * 4  # the answer and <eos> only
     empty = b.causal_instruction_sample([], [500])
     assert empty.input_ids[:2].tolist() == [IDS.eos, 500] and empty.targets[:2].tolist() == [500, IDS.eos]
+    assert b.max_answer_tokens == 15  # the answer and <eos> fill the window
+    assert b.causal_instruction_sample([100], list(range(100, 115))).loss_mask.sum() == 16
     with pytest.raises(ValueError, match="cannot fit seq_len 16"):
-        b.causal_instruction_sample([100], list(range(100, 117)))
+        b.causal_instruction_sample([100], list(range(100, 116)))
     mixed = list(causal_builder(32, instruction_share=0.3).samples(docs(3, 40), iter([([100], [200, 201])] * 1000)))
     assert {s.mode for s in mixed} == {"causal", "instruction"}
 

@@ -193,6 +193,7 @@ def test_instruction_sample_and_truncation():
     assert text == list(range(109, 120)) + [500, 501, 502]  # prompt lost its first 9 tokens
     assert s.context_length == 12 and s.loss_mask.sum() == 4
     assert check_sample(b.instruction_sample([], list(range(100, 114))), 16) == list(range(100, 114))
+    assert b.max_answer_tokens == 14  # [gMASK] and <sop> take the other two
     with pytest.raises(ValueError, match="cannot fit seq_len 16"):
         b.instruction_sample([100], list(range(100, 115)))
     with pytest.raises(ValueError, match="answer_ids is empty"):

@@ -240,9 +240,9 @@ class GLMSampleBuilder:
                 else:
                     prompt_ids, answer_ids = _unpack_pair(pair)
                     self._instructions += 1
-                    # an answer longer than the window (room: [gMASK] and <sop>, or <eos>) is
-                    # passed over, so a short --seq-len trains on the pairs that fit
-                    if len(answer_ids) <= L - (1 if causal else 2):
+                    # an answer longer than the window allows is passed over, so a short
+                    # --seq-len trains on the pairs that fit
+                    if len(answer_ids) <= self.max_answer_tokens:
                         make = self.causal_instruction_sample if causal else self.instruction_sample
                         sample = make(prompt_ids, answer_ids)
                     else:  # (Python shows this once)
@@ -344,16 +344,23 @@ class GLMSampleBuilder:
         block = Block(mask_position=len(prefix), length=n + 1, continues=True)
         return self._assemble(prefix + [self.ids.gmask], [block], [suffix], "gmask", W)
 
+    @property
+    def max_answer_tokens(self) -> int:
+        """The longest instruction answer a window holds: GLM's [gMASK] and `<sop>` take one token
+        each, the causal objective's `<eos>` one."""
+        return self.config.seq_len - (1 if self.config.objective == "causal" else 2)
+
+    def _check_answer(self, answer: Sequence[int]) -> None:
+        if len(answer) > self.max_answer_tokens:
+            raise ValueError(f"instruction answer of {len(answer)} tokens cannot fit seq_len {self.config.seq_len} "
+                             f"(at most {self.max_answer_tokens})")
+
     def instruction_sample(self, prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> Sample:
         """Part A = prompt + [gMASK], Part B = `<sop>` + answer; a long prompt loses its start."""
         prompt = _token_list(prompt_ids, "prompt_ids")
         answer = _token_list(answer_ids, "answer_ids", allow_empty=False)
+        self._check_answer(answer)
         room = self.config.seq_len - 2 - len(answer)  # [gMASK] and <sop> take one each
-        if room < 0:
-            raise ValueError(
-                f"instruction answer of {len(answer)} tokens cannot fit seq_len {self.config.seq_len} "
-                f"(at most {self.config.seq_len - 2})"
-            )
         prompt = prompt[len(prompt) - room :] if len(prompt) > room else prompt
         block = Block(mask_position=len(prompt), length=len(answer) + 1, continues=True)
         return self._assemble(prompt + [self.ids.gmask], [block], [answer], "instruction", 0)
@@ -383,10 +390,9 @@ class GLMSampleBuilder:
         """prompt + answer + `<eos>`, causal; the loss on the answer and `<eos>`. A long prompt
         loses its start, as in `instruction_sample`."""
         prompt = _token_list(prompt_ids, "prompt_ids")
-        answer = _token_list(answer_ids, "answer_ids", allow_empty=False) + [self.ids.eos]
+        self._check_answer(_token_list(answer_ids, "answer_ids", allow_empty=False))
+        answer = list(answer_ids) + [self.ids.eos]
         L = self.config.seq_len
-        if len(answer) > L:
-            raise ValueError(f"instruction answer of {len(answer) - 1} tokens cannot fit seq_len {L} (at most {L - 1})")
         prompt = prompt[max(0, len(prompt) - (L + 1 - len(answer))) :]
         if not prompt:  # the first answer token needs an input to be predicted from
             prompt = [self.ids.eos]
