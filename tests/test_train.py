@@ -49,6 +49,38 @@ def test_resume_after_sigkill_gives_identical_losses(tmp_path):
     assert len(losses(tmp_path / "straight")) == 20
 
 
+def test_packed_instruction_training_resumes_exactly(tmp_path):
+    packed = ("--instructions", "builtin", "--instruction-share", "0.5", "--pack-instructions", "--seq-len", "96")
+    straight = cli(tmp_path / "straight", 14, *packed)
+    assert straight.returncode == 0, straight.stderr
+    killed = cli(tmp_path / "killed", 14, *packed, env={FAULT_ENV: "12"})
+    assert killed.returncode == -signal.SIGKILL
+    resumed = cli(tmp_path / "killed", 14, *packed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+    assert json.loads((tmp_path / "straight" / "train_config.json").read_text())["pack_instructions"] is True
+
+
+def test_packed_rows_reach_the_model_with_their_segments(tmp_path, monkeypatch):
+    from glm130b.model.glm import GLMModel
+
+    seen = []
+    forward = GLMModel.forward
+
+    def spy(self, *args, segments=None, **kwargs):
+        seen.append(segments)
+        return forward(self, *args, segments=segments, **kwargs)
+
+    monkeypatch.setattr(GLMModel, "forward", spy)
+    cfg = TrainConfig(out=str(tmp_path / "run"), steps=3, instructions="builtin", instruction_share=0.5,
+                      pack_instructions=True, **{**SMALL, "seq_len": 96})
+    train(cfg, default_tokenizer(), progress=False)
+    assert len(seen) == 3 and all(s is not None and s.shape[1] == 2 for s in seen)
+    # some row of some batch packs several pairs: a segment starts after position 0
+    assert any((s[:, 0] == torch.arange(s.shape[-1])).logical_and(torch.arange(s.shape[-1]) > 0)
+               .logical_and(s[:, 1] > s[:, 0]).any() for s in seen)
+
+
 def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
     out = tmp_path / "run"
     train(TrainConfig(out=str(out), steps=6, checkpoint_every=2, keep_checkpoints=5, **SMALL),

@@ -95,6 +95,18 @@ def test_parallel_training_matches_single_process(tmp_path, reference, dims):
     assert state["format"] == "dcp" and state["layout"] == {"pp": 1, "dp": 1, "tp": 1, **dims}
 
 
+PACKED = dict(instructions="builtin", instruction_share=0.5, pack_instructions=True, seq_len=96)
+
+
+@pytest.mark.parametrize("dims", [dict(pp=2), pytest.param(dict(tp=2), marks=pytest.mark.slow)], ids=["pp2", "tp2"])
+def test_packed_instruction_rows_train_alike_in_parallel(tmp_path, dims):
+    """Packed rows carry their segments [B, 2, L] to every stage and shard like the other inputs."""
+    reference = tmp_path / "reference"
+    train(config(reference, 2, **PACKED), default_tokenizer(), progress=False)
+    out = run_parallel(tmp_path, "run", 2, **dims, **PACKED)
+    torch.testing.assert_close(losses(out), losses(reference), **TOL)
+
+
 @pytest.mark.slow  # 4 processes each
 @pytest.mark.parametrize("dims,schedule", [(dict(tp=2, dp=2), "1f1b"), (dict(pp=2, tp=2), "1f1b"),
                                             (dict(pp=2, dp=2), "gpipe")], ids=["dp2xtp2", "pp2xtp2", "pp2xdp2-gpipe"])

@@ -59,7 +59,8 @@ def cmd_train(args) -> int:
     values = _options(args, TrainConfig, "training", (
         "preset", "out", "steps", "batch_size", "seq_len", "lr", "warmup_steps", "precision", "seed", "instructions",
         "gmask_prob", "instruction_share", "checkpoint_every", "grad_accum", "resume", "keep_checkpoints", "tp", "pp",
-        "dp", "pipeline_schedule", "microbatches", "device", "compile", "objective", "time_budget_s", "steps_file"))
+        "dp", "pipeline_schedule", "microbatches", "device", "compile", "objective", "time_budget_s", "steps_file",
+        "pack_instructions"))
     if values.get("time_budget_s") and "steps" not in values:  # the budget decides; no cap
         values["steps"] = 10**9
     if getattr(args, "sources", None) is not None:  # --sources: a corpus name ("base") or comma-separated sources
@@ -571,6 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instructions", help='JSONL of {"prompt", "answer"} pairs mixed into training, or "builtin"')
     p.add_argument("--instruction-share", dest="instruction_share", type=float,
                    help="with --instructions: share of samples that are instruction pairs (default 0.05)")
+    p.add_argument("--pack-instructions", dest="pack_instructions", action="store_true", default=None,
+                   help="with --instructions: each instruction sample holds as many pairs as fit, each attending "
+                        "only to itself (instead of one pair and padding)")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
                    help="save a resumable checkpoint (and the model folder) every N steps")
     p.add_argument("--time-budget", dest="time_budget_s", type=float, metavar="SECONDS",

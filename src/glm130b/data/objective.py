@@ -109,6 +109,7 @@ class ObjectiveConfig:
     two_d: bool = False  # 2D positions (GLM-10B / ChatGLM-6B) instead of GLM-130B's 1D
     gmask_min_ratio: float = 0.2  # shortest [gMASK] suffix, as a share of the window
     objective: str = "glm"  # "glm" (blank infilling) or "causal" (next-token prediction, GPT)
+    pack_instructions: bool = False  # an instruction sample holds as many pairs as fit, kept apart
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -139,6 +140,9 @@ class Sample:
     mode: str  # one of MODES
     blocks: tuple[Block, ...]
     num_source_tokens: int
+    # rows packing several pairs (pack_instructions): [2, seq_len] each token's segment start and
+    # the end of its segment's context (masks.attention_allowed); None: one sample, context_length
+    segments: torch.Tensor | None = None
 
 
 class GLMSampleBuilder:
@@ -216,9 +220,9 @@ class GLMSampleBuilder:
         causal = self.config.objective == "causal"
         need = L + 1 if causal else L  # a causal window also needs the token after it
         pieces = self._stream(documents, start=self._tokens)
-        pairs = None if instructions is None else iter(instructions)
+        pairs = None if instructions is None else _Pairs(instructions)
         for _ in range(self._instructions if pairs is not None else 0):
-            if next(pairs, None) is None:
+            if pairs.take() is None:
                 pairs = None
                 break
         buf: list[int] = []
@@ -234,8 +238,11 @@ class GLMSampleBuilder:
                 return
             sample = None
             if self.rng.random() < self.config.instruction_share and pairs is not None:
-                pair = next(pairs, None)
-                if pair is None:
+                if self.config.pack_instructions:
+                    sample = self._packed_instructions(pairs)
+                    if sample is None:
+                        pairs = None
+                elif (pair := pairs.take()) is None:
                     pairs = None
                 else:
                     prompt_ids, answer_ids = _unpack_pair(pair)
@@ -243,11 +250,9 @@ class GLMSampleBuilder:
                     # an answer longer than the window allows is passed over, so a short
                     # --seq-len trains on the pairs that fit
                     if len(answer_ids) <= self.max_answer_tokens:
-                        make = self.causal_instruction_sample if causal else self.instruction_sample
-                        sample = make(prompt_ids, answer_ids)
-                    else:  # (Python shows this once)
-                        warnings.warn(f"instruction answers longer than the {L}-token window allows are passed over "
-                                      f"(one of {len(answer_ids)} tokens)", RuntimeWarning, stacklevel=2)
+                        sample = self._instruction(prompt_ids, answer_ids)
+                    else:
+                        self._pass_over(answer_ids)
             if sample is None:
                 if causal:
                     sample = self.causal_sample(buf[: L + 1])
@@ -343,6 +348,69 @@ class GLMSampleBuilder:
         prefix, suffix = window[: W - n], window[W - n : W]
         block = Block(mask_position=len(prefix), length=n + 1, continues=True)
         return self._assemble(prefix + [self.ids.gmask], [block], [suffix], "gmask", W)
+
+    def _instruction(self, prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> Sample:
+        if self.config.objective == "causal":
+            return self.causal_instruction_sample(prompt_ids, answer_ids)
+        return self.instruction_sample(prompt_ids, answer_ids)
+
+    def _pass_over(self, answer_ids: Sequence[int]) -> None:
+        """A pair whose answer the window cannot hold is skipped (Python warns once), so a short
+        --seq-len trains on the pairs that fit."""
+        warnings.warn(f"instruction answers longer than the {self.config.seq_len}-token window allows are passed "
+                      f"over (one of {len(answer_ids)} tokens)", RuntimeWarning, stacklevel=3)
+
+    def _packed_instructions(self, pairs: _Pairs) -> Sample | None:
+        """One row of as many instruction pairs as fit, in stream order, each its own segment: its
+        own positions from 0 and attention only inside it (`Sample.segments`). The first pair of
+        a row is `instruction_sample`'s (a long prompt loses its start); a later pair that does not
+        fit whole waits for the next instruction row. None when the pairs have run out."""
+        L = self.config.seq_len
+        parts: list[Sample] = []
+        lengths: list[int] = []
+        used = 0
+        while (pair := pairs.peek()) is not None:
+            prompt_ids, answer_ids = _unpack_pair(pair)
+            if len(answer_ids) > self.max_answer_tokens:
+                pairs.take()
+                self._instructions += 1
+                self._pass_over(answer_ids)
+                continue
+            part = self._instruction(prompt_ids, answer_ids)
+            n = int(part.loss_mask.nonzero().max()) + 1  # through the last token with a loss
+            if parts and n > L - used:
+                break
+            pairs.take()
+            self._instructions += 1
+            parts.append(part)
+            lengths.append(n)
+            used += n
+        if not parts:
+            return None
+        return self._pack(parts, lengths)
+
+    def _pack(self, parts: list[Sample], lengths: list[int]) -> Sample:
+        """Samples side by side in one row: each one's first `lengths` tokens, then padding."""
+        L, ids = self.config.seq_len, self.ids
+        pos_dims = parts[0].position_ids.shape[:-1]
+        input_ids = torch.full((L,), ids.pad, dtype=torch.long)
+        targets = torch.full((L,), ids.pad, dtype=torch.long)
+        positions = torch.zeros((*pos_dims, L), dtype=torch.long)
+        loss_mask = torch.zeros(L, dtype=torch.float)
+        starts = torch.arange(L)  # padding: its own segment, context 0 (itself only)
+        ends = torch.zeros(L, dtype=torch.long)
+        at = 0
+        for part, n in zip(parts, lengths, strict=True):
+            span = slice(at, at + n)
+            input_ids[span], targets[span], loss_mask[span] = part.input_ids[:n], part.targets[:n], part.loss_mask[:n]
+            positions[..., span] = part.position_ids[..., :n]
+            starts[span], ends[span] = at, at + part.context_length
+            at += n
+        return Sample(
+            input_ids=input_ids, position_ids=positions, context_length=parts[0].context_length, targets=targets,
+            loss_mask=loss_mask, mode="instruction", blocks=tuple(b for p in parts for b in p.blocks),
+            num_source_tokens=0, segments=torch.stack((starts, ends)),
+        )
 
     @property
     def max_answer_tokens(self) -> int:
@@ -461,20 +529,30 @@ class GLMSampleBuilder:
         )
 
 
-def collate(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
-    """Stack samples into a batch: input_ids, position_ids, targets, loss_mask, context_lengths [B]."""
+def collate(samples: Sequence[Sample], segments: bool = False) -> dict[str, torch.Tensor]:
+    """Stack samples into a batch: input_ids, position_ids, targets, loss_mask, context_lengths [B];
+    and segments [B, 2, L] (masks.attention_allowed) when a sample packs several pairs, or always
+    with `segments` (a run that packs: every batch then has the same inputs, so a compiled model
+    or a pipeline schedule sees one signature)."""
     if not samples:
         raise ValueError("collate needs at least one sample")
     shapes = {(tuple(s.input_ids.shape), tuple(s.position_ids.shape)) for s in samples}
     if len(shapes) != 1:
         raise ValueError(f"samples differ in seq_len or position layout: {sorted(shapes)}")
-    return {
+    batch = {
         "input_ids": torch.stack([s.input_ids for s in samples]),
         "position_ids": torch.stack([s.position_ids for s in samples]),
         "targets": torch.stack([s.targets for s in samples]),
         "loss_mask": torch.stack([s.loss_mask for s in samples]),
         "context_lengths": torch.tensor([s.context_length for s in samples], dtype=torch.long),
     }
+    if segments or any(s.segments is not None for s in samples):
+        L = samples[0].input_ids.shape[-1]
+        batch["segments"] = torch.stack([
+            s.segments if s.segments is not None
+            else torch.stack((torch.zeros(L, dtype=torch.long), torch.full((L,), s.context_length)))
+            for s in samples])
+    return batch
 
 
 # -- instruction data ------------------------------------------------------------------------
@@ -523,6 +601,24 @@ def _token_list(tokens, what: str, allow_empty: bool = True) -> list[int]:
     if out and min(out) < 0:
         raise ValueError(f"{what} holds a negative token id {min(out)}")
     return out
+
+
+class _Pairs:
+    """The instruction pairs with one of lookahead: a packed row looks at the next pair before it
+    takes it (a pair left for the next row is not counted as consumed, so resume finds it again)."""
+
+    def __init__(self, pairs: Iterable):
+        self._it, self._head, self._has = iter(pairs), None, False
+
+    def peek(self):
+        if not self._has:
+            self._head, self._has = next(self._it, None), True
+        return self._head
+
+    def take(self):
+        pair = self.peek()
+        self._has = False
+        return pair
 
 
 def _unpack_pair(pair) -> tuple[Sequence[int], Sequence[int]]:

@@ -26,7 +26,8 @@ from glm130b.train.trainer import TrainConfig
 METHODS = ("lora", "ptuning", "full")
 # TrainConfig's pretraining options, which fine-tuning ignores (tp and pp must stay 1): left out
 # of the run's train_config.json
-PRETRAINING_ONLY = ("preset", "sources", "instructions", "instruction_share", "gmask_prob", "objective",
+PRETRAINING_ONLY = ("preset", "sources", "instructions", "instruction_share", "pack_instructions", "gmask_prob",
+                    "objective",
                     "model_overrides", "tp", "pp", "pipeline_schedule", "microbatches")
 DEFAULT_LR = {"lora": 1e-3, "ptuning": 1e-1, "full": 1e-4}
 

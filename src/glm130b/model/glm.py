@@ -84,6 +84,7 @@ class GLMModel(nn.Module):
         context_lengths: torch.Tensor | None = None,
         allowed: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        segments: torch.Tensor | None = None,
         logits_at: torch.Tensor | None = None,
         return_hidden: bool = False,
         logits: bool = True,
@@ -92,7 +93,8 @@ class GLMModel(nn.Module):
 
         position_ids: [B, L] (1D rotary) or [B, 2, L] (2D); default 0..L-1 (block positions 0).
         The mask is `allowed` [B or 1, 1, L, K] (True = may attend), or, without it, the GLM
-        training mask of `context_lengths` [B] (masks.attention_allowed).
+        training mask of `context_lengths` [B], or of `segments` [B, 2, L] for rows that pack
+        several samples (masks.attention_allowed).
         `cache`: keys/values are written there (and read back) and it advances by L.
         `logits_at` [B]: logits [B, V] of one token per row only (the head is skipped elsewhere).
         `return_hidden`: also each block's output (before the final LayerNorm), as a list.
@@ -102,9 +104,9 @@ class GLMModel(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(b, length, self.config.rotary == "2d", input_ids.device)
         if allowed is None:
-            if context_lengths is None:
-                raise ValueError("pass context_lengths (the GLM context length of each sample) or allowed")
-            allowed = attention_allowed(length, context_lengths, device=input_ids.device)
+            if context_lengths is None and segments is None:
+                raise ValueError("pass context_lengths (the GLM context length of each sample), segments or allowed")
+            allowed = attention_allowed(length, context_lengths, device=input_ids.device, segments=segments)
         h = self.embed(input_ids) if self.embeds else input_ids
         hidden = [] if return_hidden else None
         h = self.run_blocks(h, position_ids, allowed, cache, hidden)

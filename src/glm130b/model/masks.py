@@ -17,7 +17,7 @@ A GLM sequence is Part A (the context, with [MASK]/[sMASK]/[gMASK] blanks) follo
   positions") is 0 in the context and 1, 2, ... inside each Part-B block.
 
 The same rules, in the shapes each user needs (every caller builds its masks and positions here):
-training (`attention_allowed`, `position_ids`), a padded prefill of several contexts
+training (`attention_allowed`, `position_ids`; with `segments`, rows that pack several samples), a padded prefill of several contexts
 (`prefill_inputs`), one decoding step over a KV cache (`step_allowed`, `step_positions`: the
 engine, beam search and the serving batcher), and scoring rows that pack several independent
 blocks after one context (`blocks_allowed`, `position_ids(..., independent=True)`).
@@ -44,13 +44,30 @@ class Block:
     continues: bool = False
 
 
-def attention_allowed(seq_len: int, context_lengths: torch.Tensor | int, device=None) -> torch.Tensor:
-    """Boolean mask [B, 1, L, L] (True = may attend) for a batch with per-sample context lengths."""
+def attention_allowed(seq_len: int, context_lengths: torch.Tensor | int | None = None, device=None,
+                      segments: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask [B, 1, L, L] (True = may attend) for a batch with per-sample context lengths.
+
+    `segments` [B, 2, L] instead: rows that pack several samples side by side (instruction pairs,
+    objective.py). Row 0 holds each token's segment start s_i, row 1 the end of its segment's
+    context c_i (absolute indices); the rule is the one above within each segment:
+    `allowed[i, j] = j >= s_i and (j < c_i or j <= i)`, so no token sees another segment. An
+    unpacked sample is s_i = 0, c_i = its context length; a causal segment has c_i = s_i; a
+    padding token s_i = i, c_i = 0 (itself only).
+    """
+    i = torch.arange(seq_len, device=device).view(1, 1, seq_len, 1)
+    j = torch.arange(seq_len, device=device).view(1, 1, 1, seq_len)
+    if segments is not None:
+        if segments.dim() != 3 or segments.shape[1] != 2 or segments.shape[2] != seq_len:
+            raise ValueError(f"segments must be [B, 2, {seq_len}], got {list(segments.shape)}")
+        segments = segments.to(device=device)
+        starts, ends = segments[:, 0].unsqueeze(1).unsqueeze(-1), segments[:, 1].unsqueeze(1).unsqueeze(-1)
+        return (j >= starts) & ((j < ends) | (j <= i))
+    if context_lengths is None:
+        raise ValueError("pass context_lengths or segments")
     if isinstance(context_lengths, int):
         context_lengths = torch.tensor([context_lengths])
     context_lengths = context_lengths.to(device=device).view(-1, 1, 1, 1)
-    i = torch.arange(seq_len, device=device).view(1, 1, seq_len, 1)
-    j = torch.arange(seq_len, device=device).view(1, 1, 1, seq_len)
     return (j < context_lengths) | (j <= i)
 
 

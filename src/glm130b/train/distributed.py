@@ -311,7 +311,7 @@ class ParallelTraining:
             with precision.autocast():
                 loss = P.pipeline_step(
                     self.parts, self.schedule, b["input_ids"], b["targets"], b["loss_mask"],
-                    position_ids=b["position_ids"], context_lengths=b["context_lengths"],
+                    position_ids=b["position_ids"], context_lengths=b["context_lengths"], segments=b.get("segments"),
                     num_tokens=num_tokens * grad_accum / scale,
                 )
             if earlier is not None:
@@ -319,7 +319,8 @@ class ParallelTraining:
                     tied.weight.grad.add_(earlier)
             return float(loss.detach()) / scale if loss is not None else 0.0
         with precision.autocast(), P.loss_context(self.module):
-            logits = self.module(b["input_ids"], b["position_ids"], context_lengths=b["context_lengths"])
+            logits = self.module(b["input_ids"], b["position_ids"], context_lengths=b["context_lengths"],
+                                 segments=b.get("segments"))
             loss = P.glm_token_loss(logits, P.loss_targets(b["targets"], b["loss_mask"]), num_tokens) / grad_accum
             precision.backward(loss)
         return loss.item()

@@ -453,7 +453,7 @@ class GLMStage(GLMModel):
     stage holds its own `word_embeddings` (the same parameter name): after backward,
     `sync_tied_embedding_grads` sums the two copies' gradients, as Megatron does.
 
-    forward(x, position_ids=None, context_lengths=None, allowed=None): x is input_ids [B, L] on the
+    forward(x, position_ids=None, context_lengths=None, allowed=None, segments=None): x is input_ids [B, L] on the
     first stage and hidden states [B, L, H] elsewhere; the keyword tensors reach every stage.
     """
 
@@ -549,13 +549,14 @@ def pipeline_step(
     position_ids: torch.Tensor | None = None,
     context_lengths: torch.Tensor | None = None,
     allowed: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
     num_tokens=None,
 ) -> torch.Tensor | None:
     """One forward/backward of this rank's data-parallel batch through the pipeline.
 
     Every rank of the pipeline passes the same batch (only the first stage reads input_ids,
-    only the last reads targets/loss_mask). The mask inputs (position_ids, context_lengths or
-    allowed) are keyword tensors split into microbatches and given to every stage. num_tokens
+    only the last reads targets/loss_mask). The mask inputs (position_ids, context_lengths,
+    segments or allowed) are keyword tensors split into microbatches and given to every stage. num_tokens
     defaults to the local loss-token count (pass `global_num_tokens(loss_mask, mesh["dp"])`
     under dp). Ends with the tied-embedding gradient sum. Returns the loss on the last stage
     (the sum of its microbatch losses), None elsewhere.
@@ -564,7 +565,7 @@ def pipeline_step(
     if num_tokens is None:
         num_tokens = global_num_tokens(loss_mask)
     kwargs = {k: v for k, v in (("position_ids", position_ids), ("context_lengths", context_lengths),
-                                ("allowed", allowed)) if v is not None}
+                                ("allowed", allowed), ("segments", segments)) if v is not None}
     losses: list[torch.Tensor] = []
     args = (input_ids,) if module.is_first else ()
     target = loss_targets(targets, loss_mask) if module.is_last else None

@@ -75,6 +75,7 @@ class TrainConfig:
     objective: str = "glm"  # "glm" (blank infilling) or "causal" (the GPT baseline: next-token prediction)
     instruction_share: float = 0.05
     instructions: str | None = None  # JSONL of {"prompt", "answer"}, or "builtin"; None: share 0
+    pack_instructions: bool = False  # an instruction sample holds as many pairs as fit (objective.py)
     sources: tuple[str, ...] = DEFAULT_SOURCES
     checkpoint_every: int = 0  # save a resumable checkpoint (and the model folder) every N steps
     keep_checkpoints: int = 3
@@ -322,9 +323,9 @@ class BatchStream:
     """
 
     def __init__(self, samples: Iterator[dict], builder, batch_size: int, ahead: int = 0,
-                 pin: bool = False, trim: bool = False):
+                 pin: bool = False, trim: bool = False, segments: bool = False):
         self._samples, self._builder, self._batch_size, self._pin = samples, builder, batch_size, pin
-        self._trim = trim
+        self._trim, self._segments = trim, segments
         self._stop = threading.Event()
         self._queue: queue.Queue | None = None
         self._error: BaseException | None = None
@@ -334,7 +335,7 @@ class BatchStream:
             self._thread.start()
 
     def _make(self) -> tuple[dict, dict]:
-        batch = collate([next(self._samples) for _ in range(self._batch_size)])
+        batch = collate([next(self._samples) for _ in range(self._batch_size)], segments=self._segments)
         if self._trim:
             batch = trim_padding(batch)
         if self._pin:
@@ -412,7 +413,8 @@ class SingleProcessTraining:
 
     def _forward_backward(self, batch: dict, precision: Precision, grad_accum: int) -> float:
         with precision.autocast():
-            logits = self.forward(batch["input_ids"], batch["position_ids"], context_lengths=batch["context_lengths"])
+            logits = self.forward(batch["input_ids"], batch["position_ids"], context_lengths=batch["context_lengths"],
+                                  segments=batch.get("segments"))
         loss = glm_loss(logits, batch["targets"], batch["loss_mask"]) / grad_accum
         precision.backward(loss)
         return loss.item()
@@ -527,7 +529,8 @@ class PretrainingData:
         self.builder = GLMSampleBuilder(
             ObjectiveConfig(seq_len=cfg.seq_len, gmask_prob=cfg.gmask_prob,
                             instruction_share=cfg.instruction_share if cfg.instructions else 0.0,
-                            two_d=model_cfg.rotary == "2d", objective=cfg.objective),
+                            two_d=model_cfg.rotary == "2d", objective=cfg.objective,
+                            pack_instructions=cfg.pack_instructions),
             tokenizer, seed=cfg.seed,
         )
         self.cfg, self.tokenizer = cfg, tokenizer
@@ -629,7 +632,7 @@ def run_job(cfg: TrainConfig, job: Job, progress: bool = True, log=print, parall
     objective_state = data.state_dict()  # before the prefetch thread starts moving the stream on
     on_accelerator = device_type != "cpu"
     stream = BatchStream(samples, data, cfg.batch_size, ahead=2 if on_accelerator else 0, pin=on_accelerator,
-                         trim=job.trim)
+                         trim=job.trim, segments=cfg.pack_instructions)
     out.mkdir(parents=True, exist_ok=True)
 
     def write_config() -> None:  # the run's options (a time budget's decided count included)
