@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from glm130b.config import GLMConfig
 from glm130b.data.objective import GLMSampleBuilder, ObjectiveConfig, SpecialIds, collate
@@ -247,12 +249,16 @@ def _train_base(tmp_path, **env):
                           errors="replace", timeout=600)
 
 
-def _record(folder, objective="glm", seq_len=64):
-    """An earlier run's record as base.tgz brings it back (train_config.json, metrics, eval)."""
+def _record(folder, objective="glm", seq_len=64, **data):
+    """An earlier run's record as base.tgz brings it back (train_config.json, metrics, eval), its
+    data settings those of configs/base.yaml unless `data` says otherwise."""
     folder.mkdir(parents=True)
     label = "gpt" if objective == "causal" else "glm"
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "base.yaml").read_text())
     cfg = {"preset": "tiny", "seq_len": seq_len, "batch_size": 4, "steps": 3, "lr": 0.001, "warmup_steps": 1,
-           "objective": objective, "grad_accum": 1}
+           "objective": objective, "grad_accum": 1,
+           **{k: base[k] for k in ("sources", "instructions", "instruction_share", "pack_instructions", "gmask_prob")},
+           **data}
     (folder / "train_config.json").write_text(json.dumps(cfg))
     (folder / "metrics.jsonl").write_text("")
     (folder / f"eval-{label}.json").write_text("{}")
@@ -265,11 +271,14 @@ def _record(folder, objective="glm", seq_len=64):
     ({"OBJECTIVES": "glm"}, "is a glm run; OBJECTIVES must then name only the other one"),
     ({"OBJECTIVES": "gpt", "TIME_BUDGET": "60"}, "leave TOKENS and TIME_BUDGET unset"),
     ({"OBJECTIVES": "gpt", "PREVIOUS": "missing"}, "is not an earlier run's record"),
+    ({"OBJECTIVES": "gpt", "record": {"pack_instructions": False}}, "configs/base.yaml has pack_instructions: True"),
 ])
 def test_the_base_plan_refuses_a_previous_run_it_cannot_equal(tmp_path, env, says):
     """PREVIOUS (an earlier call's run of the other objective) fixes the sizes of this call's run;
-    a setting that would break equal tokens, or a record that is not one, stops before training."""
-    record = _record(tmp_path / "rec")
+    a setting that would break equal tokens (sizes, or data settings that configs/base.yaml no
+    longer shares with the record), or a record that is not one, stops before training."""
+    env = dict(env)
+    record = _record(tmp_path / "rec", **env.pop("record", {}))
     env = {"PREVIOUS": str(record), "WORK": str(tmp_path / "work"), **env}
     if env["PREVIOUS"] == "missing":
         env["PREVIOUS"] = str(tmp_path / "nothing")

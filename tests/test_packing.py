@@ -167,3 +167,19 @@ def test_packing_fills_rows():
         return float(sum((s.input_ids != IDS.pad).sum() for s in rows)) / (128 * len(rows))
 
     assert real_share(True) > 0.8 > 0.3 > real_share(False)
+
+
+def test_trimmed_batches_keep_their_segments_aligned():
+    from glm130b.train.trainer import trim_padding
+
+    L = 128
+    rows = [s for s in builder(L, seed=9).samples(docs(3, seed=2), iter(pairs(60, seed=3, longest=6)))
+            if s.mode == "instruction"]
+    rows = [s for s in rows if (s.input_ids != IDS.pad).sum() < L][:3]  # (rows with padding to trim)
+    batch = collate(rows)
+    trimmed = trim_padding(batch)
+    end = trimmed["input_ids"].shape[-1]
+    assert end < L and trimmed["segments"].shape == (3, 2, end)
+    full = attention_allowed(L, batch["context_lengths"], segments=batch["segments"])
+    cut = attention_allowed(end, trimmed["context_lengths"], segments=trimmed["segments"])
+    assert torch.equal(cut, full[..., :end, :end])

@@ -56,6 +56,15 @@ for name, value in recorded.items():  # a setting given here must agree with the
     if os.environ.get(name) and os.environ[name] != str(value):
         sys.exit(f"error: {name}={os.environ[name]}, but the earlier {label} run in {folder} used {value}: "
                  "equal tokens need the same")
+import yaml  # the data settings come from configs/base.yaml: it must still say what the record says
+here_cfg = yaml.safe_load(Path("configs/base.yaml").read_text())
+norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+for key, default in (("sources", None), ("instructions", None), ("instruction_share", 0.05),
+                     ("pack_instructions", False), ("gmask_prob", 0.7)):
+    mine, theirs = norm(here_cfg.get(key, default)), norm(cfg.get(key, default))
+    if mine != theirs:
+        sys.exit(f"error: configs/base.yaml has {key}: {mine!r}, but the earlier {label} run in {folder} "
+                 f"used {theirs!r}: equal tokens need the same data")
 if cfg.get("grad_accum", 1) != 1 or os.environ.get("TOKENS") or os.environ.get("TIME_BUDGET"):
     sys.exit("error: with PREVIOUS the step count comes from the earlier run; leave TOKENS and TIME_BUDGET unset")
 print(" ".join(f"{k}={v}" for k, v in recorded.items()), f"PREVIOUS_LABEL={label}")
