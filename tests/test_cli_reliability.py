@@ -283,6 +283,18 @@ def test_resume_with_more_steps_says_the_schedule_changes(tmp_path, capsys):
     code, printed, _ = run(capsys, "train", *TINY, "--steps", "4", "--resume", "--out", out)
     assert code == 0
     assert "note: steps 2 -> 4: the learning-rate schedule changes from step 2 on" in printed
+    assert "data stream" not in printed  # the data settings did not change
+
+
+def test_resume_with_other_data_settings_says_so(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, _ = run(capsys, "train", *TINY, "--steps", "2", "--checkpoint-every", "1", "--out", out)
+    assert code == 0
+    code, printed, _ = run(capsys, "train", *TINY, "--steps", "3", "--resume", "--out", out,
+                           "--instructions", "builtin", "--pack-instructions")
+    assert code == 0
+    assert ("note: instructions None -> 'builtin', pack_instructions False -> True: the data stream continues "
+            "from its position with the new settings") in printed
 
 
 def test_a_metrics_line_torn_by_a_kill_does_not_block_resume_or_plot(tmp_path, capsys):

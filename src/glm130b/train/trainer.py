@@ -152,6 +152,23 @@ def schedule_note(saved: dict, cfg: TrainConfig, step: int, log) -> None:
             f"(lr there {before:.3g} -> {lr_at(step, cfg):.3g})")
 
 
+DATA_KEYS = ("seq_len", "sources", "instructions", "instruction_share", "pack_instructions", "gmask_prob",
+             "objective", "seed")
+
+
+def data_note(saved: dict, cfg: TrainConfig, log) -> None:
+    """Resuming with other data settings (a share, packing, the corpus) continues the sample stream
+    from where it stood, under the new settings: say so, since the run is then not the one a
+    straight run of either setting would have trained."""
+    def norm(v):
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    changed = [k for k in DATA_KEYS if k in saved and norm(saved[k]) != norm(getattr(cfg, k, None))]
+    if changed:
+        what = ", ".join(f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
+        log(f"note: {what}: the data stream continues from its position with the new settings")
+
+
 def check_types(cfg) -> None:
     """Each option has its field's type (YAML gives whatever was written: `steps: "ten"`,
     `steps: 2.5`, `batch_size: true`); an int is taken for a float, nothing else is converted."""
@@ -605,6 +622,7 @@ def run_job(cfg: TrainConfig, job: Job, progress: bool = True, log=print, parall
                 log(f"time budget: resuming with the {decided} steps decided before (not {cfg.steps})")
             cfg.steps, budget_kept = int(decided), True
         schedule_note(extra.get("config", {}), cfg, step, log)
+        data_note(extra.get("config", {}), cfg, log)
         saved = extra.get("layout")
         if parallel is not None and saved and saved != {"pp": cfg.pp, "dp": cfg.dp, "tp": cfg.tp}:
             log(f"note: checkpoint written with pp={saved['pp']} dp={saved['dp']} tp={saved['tp']}, "
