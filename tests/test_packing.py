@@ -183,3 +183,19 @@ def test_trimmed_batches_keep_their_segments_aligned():
     full = attention_allowed(L, batch["context_lengths"], segments=batch["segments"])
     cut = attention_allowed(end, trimmed["context_lengths"], segments=trimmed["segments"])
     assert torch.equal(cut, full[..., :end, :end])
+
+
+def test_the_mixture_benchmark_compares_packed_and_unpacked_rows():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "data_mixture.py"), "--config",
+                          str(root / "configs" / "glm-small.yaml"), "--samples", "200", "--json",
+                          "--variants", "0.2:nopack,0.2:pack"], capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    unpacked, packed = json.loads(out.stdout)
+    assert not unpacked["pack_instructions"] and packed["pack_instructions"]
+    assert packed["real_token_share"] > unpacked["real_token_share"]
+    assert packed["pairs_read"] > 2 * unpacked["pairs_read"] and unpacked["pairs_read"] == unpacked["instruction_rows"]
