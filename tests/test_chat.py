@@ -9,7 +9,16 @@ import pytest
 import torch
 from helpers import varied_model
 
-from glm130b.infer.chat import CHATGLM6B, CHATGLM6B_CPP, PLAIN, ChatError, encode_chat, fit_history, render
+from glm130b.infer.chat import (
+    CHATGLM6B,
+    CHATGLM6B_CPP,
+    PLAIN,
+    ChatError,
+    encode_chat,
+    fit_history,
+    render,
+    template_of,
+)
 from glm130b.infer.embed import embed
 from glm130b.tokenizer import default_tokenizer
 
@@ -44,6 +53,35 @@ def test_bad_messages():
                              ([{"role": "robot", "content": "x"}], "role")):
         with pytest.raises(ChatError, match=needle):
             render(PLAIN, messages)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("{{ 1/0 }}", "ZeroDivisionError"),
+    ("{% for m in messages %}", "Unexpected end of template"),
+    ("{{ \"a\" + 1 }}", "TypeError"),
+    ("{% if false %}x{% endif %}", "renders a conversation as empty text"),
+])
+def test_a_broken_template_fails_when_loaded_not_per_request(tmp_path, text, needle):
+    path = tmp_path / "t.jinja"
+    path.write_text(text)
+    with pytest.raises(ChatError, match=needle) as caught:
+        template_of(None, None, str(path))
+    assert str(path) in str(caught.value)
+    config = tmp_path / "model"
+    config.mkdir()
+    (config / "tokenizer_config.json").write_text(json.dumps({"chat_template": text}))
+    with pytest.raises(ChatError, match="tokenizer_config.json"):
+        template_of(config)
+
+
+def test_templates_may_refuse_a_conversation_with_raise_exception(tmp_path):
+    path = tmp_path / "t.jinja"
+    path.write_text('{% for m in messages %}{% if m.role == "system" %}{{ raise_exception("no system role") }}'
+                    "{% endif %}{{ m.content }}{% endfor %}")
+    template = template_of(None, None, str(path))  # the sample conversation has no system message
+    assert render(template, [{"role": "user", "content": "hi"}]) == "hi"
+    with pytest.raises(ChatError, match="no system role"):
+        render(template, [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}])
 
 
 def test_long_history_drops_the_oldest_exchanges():

@@ -172,6 +172,12 @@ def test_quantize_refuses_to_overwrite_like_convert(small_run, tmp_path, capsys)
     ("compile: 1", "compile must be true or false"),
     ("sources: corpus", "sources must be a list of strings"),
     ("lr: 1e-3", "write 1.0e-3"),
+    ("min_lr_ratio: -1", "min_lr_ratio must be in [0, 1]"),
+    ("warmup_steps: -3", "warmup_steps must be >= 0"),
+    ("keep_checkpoints: 0", "keep_checkpoints must be >= 1"),
+    ("weight_decay: -1.0", "weight_decay must be >= 0"),
+    ("sources: [nosuch]", "corpus source 'nosuch' not found"),
+    ("instructions: nofile.jsonl", "instructions: nofile.jsonl: file not found"),
 ])
 def test_config_values_of_the_wrong_type_are_one_line(tmp_path, capsys, yaml_text, needle):
     config = tmp_path / "c.yaml"
@@ -179,6 +185,41 @@ def test_config_values_of_the_wrong_type_are_one_line(tmp_path, capsys, yaml_tex
     code, _, err = run(capsys, "train", "--config", config, "--out", tmp_path / "run")
     one_line_error(code, err, needle)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"layernorm_eps": "x"}, "layernorm_eps must be a positive number, got 'x'"),
+    ({"layernorm_eps": -1}, "layernorm_eps must be a positive number, got -1"),
+    ({"rotary_base": 0}, "rotary_base must be a positive number"),
+    ({"emb_grad_shrink": None}, "emb_grad_shrink must be a positive number"),
+    ({"hidden_size": True}, "hidden_size must be a positive integer, got True"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false"),
+    ({"extra": 5}, "extra must be an object"),
+    ({"extra": {"quantization": 5}}, "extra.quantization must be an object"),
+    ({"max_seq_len": None}, "lacks max_seq_len"),
+])
+@pytest.mark.parametrize("verb", ["generate", "quantize"])
+def test_bad_model_config_fields_are_one_line(tmp_path, capsys, change, needle, verb):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(SHIPPED, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(change)
+    config = {k: v for k, v in config.items() if not (k == "max_seq_len" and v is None)}
+    (folder / "config.json").write_text(json.dumps(config))
+    argv = ["generate", "--model", folder, "hi"] if verb == "generate" else \
+        ["quantize", "--model", folder, "--bits", "8", "--out", tmp_path / "q"]
+    code, _, err = run(capsys, *argv)
+    one_line_error(code, err, needle)
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_port_out_of_range_is_refused_before_loading(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["serve", "--port", "99999"])
+    assert stop.value.code == 2
+    assert "a port is 0 (any free port) to 65535, got 99999" in capsys.readouterr().err
 
 
 # -- demo flags (item 8) ----------------------------------------------------------------------------

@@ -75,6 +75,17 @@ def cmd_train(args) -> int:
     return _summary_on_rank0(run)
 
 
+def _port(text: str) -> int:
+    """A TCP port for argparse: 0 (any free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 (any free port) to 65535, got {port}")
+    return port
+
+
 def _options(args, config_cls, what: str, flags: tuple[str, ...]) -> dict:
     """A run's options: the --config YAML, then the flags that were given; names that
     `config_cls` does not have are one error."""
@@ -657,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with GLM blank infilling (docs/serving.md)")
     p.add_argument("--model", help="model folder (default: the shipped model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    p.add_argument("--port", type=_port, default=8000, help="port to listen on (0: any free port)")
     p.add_argument("--api-key", dest="api_key",
                    help="require `Authorization: Bearer KEY` on /v1 (default: $GLM130B_API_KEY, else none)")
     p.add_argument("--served-model-name", help="the model id clients send (default: the folder's name)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from glm130b.errors import GLMError
 
 class ConfigError(GLMError, ValueError):
     """A configuration that cannot describe a valid model."""
+
+
+SHAPE_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "max_seq_len")
 
 
 @dataclass
@@ -62,9 +66,22 @@ class GLMConfig:
             if not ok:
                 raise ConfigError(f"invalid config {self.name!r}: {msg}")
 
-        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "max_seq_len"):
+        def number(value) -> bool:  # (JSON true is not a number here)
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        need(isinstance(self.name, str), f"name must be a string, got {self.name!r}")
+        for key in SHAPE_KEYS:
             value = getattr(self, key)
-            need(isinstance(value, int) and value > 0, f"{key} must be a positive integer, got {value!r}")
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                 f"{key} must be a positive integer, got {value!r}")
+        for key in ("rotary_base", "layernorm_eps", "emb_grad_shrink"):
+            value = getattr(self, key)
+            need(number(value) and value > 0, f"{key} must be a positive number, got {value!r}")
+        need(isinstance(self.tie_word_embeddings, bool),
+             f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        need(isinstance(self.extra, dict), f"extra must be an object, got {self.extra!r}")
+        scheme = self.extra.get("quantization")
+        need(not scheme or isinstance(scheme, dict), f"extra.quantization must be an object, got {scheme!r}")
         need(self.hidden_size % self.num_heads == 0, "hidden_size must be divisible by num_heads")
         need(self.head_dim % 2 == 0, "head_dim must be even for rotary embeddings")
         need(self.rotary in ("1d", "2d"), f"rotary must be '1d' or '2d', got {self.rotary!r}")
@@ -82,6 +99,8 @@ class GLMConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> GLMConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a model config must be an object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -104,6 +123,9 @@ class GLMConfig:
             raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a JSON object")
+        missing = [k for k in SHAPE_KEYS if k not in data]
+        if missing:  # a default would build a model of another shape than the weights
+            raise ConfigError(f"config file {path} lacks {', '.join(missing)}")
         return cls.from_dict(data)
 
     @classmethod

@@ -65,6 +65,18 @@ def resolve_sources(sources) -> tuple[str, ...]:
     return sources
 
 
+def check_sources(sources) -> tuple[str, ...]:
+    """The resolved source names, each with its file in the corpus folder, or a CorpusError now
+    (before a run creates its folder, not at its first batch)."""
+    names = resolve_sources(sources)
+    if not names:
+        raise CorpusError("no corpus sources given")
+    root = corpus_dir()
+    for name in names:
+        _source_file(root, name)
+    return names
+
+
 def _source_file(root: Path, source: str) -> Path:
     for suffix in (".jsonl", ".jsonl.gz"):
         p = root / f"{source}{suffix}"

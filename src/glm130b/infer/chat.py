@@ -63,24 +63,42 @@ class ChatError(GLMError, ValueError):
 
 def template_of(directory: str | Path | None, tokenizer=None, override: str | None = None) -> str:
     """The chat template for a model: `override` (a file, or a name in TEMPLATES), the folder's
-    tokenizer_config.json `chat_template`, else CHATGLM6B for a ChatGLM-6B tokenizer, else PLAIN."""
+    tokenizer_config.json `chat_template`, else CHATGLM6B for a ChatGLM-6B tokenizer, else PLAIN.
+    It is rendered once on a sample conversation here, so a broken template stops the command
+    that loads it (a server at start-up) instead of failing every request as the client's fault."""
     if override:
         if override in TEMPLATES:
             return TEMPLATES[override]
         try:
-            return Path(override).read_text(encoding="utf-8")
+            template = Path(override).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ChatError(f"cannot read chat template {override}: {e}") from None
+        return check_template(template, override)
     if directory is not None:
         try:
             saved = json.loads((Path(directory) / CONFIG_FILE).read_text()).get("chat_template")
         except (OSError, json.JSONDecodeError, AttributeError):
             saved = None
         if isinstance(saved, str) and saved:
-            return saved
+            return check_template(saved, str(Path(directory) / CONFIG_FILE))
     if getattr(tokenizer, "convention", None) == "chatglm-6b":
         return CHATGLM6B
     return PLAIN
+
+
+SAMPLE = ({"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "u"})
+# (no system message: some templates refuse one with raise_exception, which is the client's concern)
+
+
+def check_template(template: str, where: str) -> str:
+    """`template`, once it renders SAMPLE to a string; else a ChatError naming `where`."""
+    try:
+        text = render(template, SAMPLE)
+    except ChatError as e:
+        raise ChatError(f"{where}: {e}") from None
+    if not text.strip():
+        raise ChatError(f"{where}: the chat template renders a conversation as empty text")
+    return template
 
 
 def render(template: str, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
@@ -90,10 +108,17 @@ def render(template: str, messages: Sequence[dict], add_generation_prompt: bool 
 
     check_messages(messages)
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message):  # what Hugging Face templates call to refuse a conversation
+        raise TemplateError(message)
+
+    env.globals["raise_exception"] = raise_exception
     try:
         return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt)
     except TemplateError as e:
         raise ChatError(f"the chat template does not render: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the template's own code failed (1/0, a bad filter argument, ...)
+        raise ChatError(f"the chat template does not render: {type(e).__name__}: {e}") from None
 
 
 def check_messages(messages: Sequence[dict]) -> None:

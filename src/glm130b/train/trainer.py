@@ -31,6 +31,7 @@ from tqdm import tqdm
 from glm130b import errors
 from glm130b.checkpoint import save_model
 from glm130b.config import ConfigError, GLMConfig
+from glm130b.data.corpus import check_sources
 from glm130b.data.heldout import training_documents
 from glm130b.data.instructions import builtin_instructions, cycle
 from glm130b.data.objective import OBJECTIVES, GLMSampleBuilder, ObjectiveConfig, collate, read_instructions
@@ -115,6 +116,16 @@ class TrainConfig:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not self.lr > 0:
             raise ConfigError("lr must be positive")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1] (the last step's share of lr), got {self.min_lr_ratio!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        if not self.weight_decay >= 0 or not self.grad_clip > 0:
+            raise ConfigError(f"weight_decay must be >= 0 and grad_clip > 0, got {self.weight_decay!r} and "
+                              f"{self.grad_clip!r}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints must be >= 1 (the last good checkpoint is what --resume uses), "
+                              f"got {self.keep_checkpoints!r}")
         if not 0 <= self.instruction_share <= 1 or not 0 <= self.gmask_prob <= 1:
             raise ConfigError("instruction_share and gmask_prob must be in [0, 1]")
         if self.objective not in OBJECTIVES:
@@ -543,6 +554,9 @@ class PretrainingData:
     """The GLM objective over the shipped corpus, with instruction pairs mixed in."""
 
     def __init__(self, cfg: TrainConfig, tokenizer, model_cfg: GLMConfig):
+        check_sources(cfg.sources)  # (a bad name or file fails here, before the run folder exists)
+        if cfg.instructions and cfg.instructions != "builtin" and not Path(cfg.instructions).is_file():
+            raise ConfigError(f"instructions: {cfg.instructions}: file not found")
         self.builder = GLMSampleBuilder(
             ObjectiveConfig(seq_len=cfg.seq_len, gmask_prob=cfg.gmask_prob,
                             instruction_share=cfg.instruction_share if cfg.instructions else 0.0,
