@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -422,6 +423,38 @@ def test_bad_task_files(tmp_path):
     bad.write_text("name: x\ntype: lm\nformat: text\npath: a\nmask: '[MASK]'\n")
     with pytest.raises(TaskError, match=r"\[gMASK\]"):
         load_task(bad)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ("options: [1, 2]", "option options must be a dict"),
+    ("target_delimiter: 5", "option target_delimiter must be a string"),
+    ("stop: 5", "option stop must be a list of strings"),
+    ("path: 5", "option path must be a string"),
+    ("metrics: acc", "option metrics must be a list of strings"),
+    ("metrics: [bogus]", "metrics for a mul task are some of acc"),
+    ("max_length: -5", "max_length must be a positive integer"),
+    ("batch_size: true", "option batch_size must be an integer"),
+])
+def test_task_options_of_the_wrong_kind_are_task_errors(tmp_path, extra, needle):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"name: x\ntype: mul\nformat: mul_jsonl\npath: a\n{extra}\n")
+    with pytest.raises(TaskError, match=re.escape(needle)):
+        load_task(bad)
+
+
+@pytest.mark.parametrize("options,record,needle", [
+    ({"template": "{0}"}, {}, "does not fill from the record"),
+    ({"template": "{q"}, {}, "does not fill from the record"),
+    ({"choices_field": [1]}, {}, "cannot use this file with these options"),
+    ({}, {"choices": 5}, "cannot use this file with these options"),
+])
+def test_records_and_options_that_do_not_fit_are_data_errors(tmp_path, options, record, needle):
+    from glm130b.eval.formats import DataError, read_items
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"context": "c", "choices": ["a", "b"], "answer": 0, **record}) + "\n")
+    with pytest.raises(DataError, match=needle):
+        read_items("mul_jsonl", data, options)
 
 
 def test_shipped_data_is_small_and_gzip():

@@ -166,3 +166,45 @@ PRESETS: dict[str, GLMConfig] = {
         ffn_hidden_size=344, max_seq_len=256,
     ),
 }
+
+
+def check_types(cfg, error: type[Exception] | None = None, where: str = "") -> None:
+    """Each option has its field's type (YAML gives whatever was written: `steps: "ten"`,
+    `steps: 2.5`, `batch_size: true`); an int is taken for a float, nothing else is converted.
+    Any dataclass of options (training runs, eval tasks); `error` (ConfigError) names the file
+    kind, `where` the file."""
+    import os
+    import typing
+
+    error = error or ConfigError
+
+    for name, hint in typing.get_type_hints(type(cfg)).items():
+        value = getattr(cfg, name)
+        args = set(typing.get_args(hint)) or {hint}
+        if value is None and type(None) in args:
+            continue
+        base = typing.get_origin(hint) or hint
+        listed = base in (tuple, list) or any((typing.get_origin(a) or a) in (tuple, list) for a in args)
+        if listed:  # (list[str], tuple[str, ...], list[str] | None)
+            ok = isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value)
+        elif bool in args:
+            ok = isinstance(value, bool)
+        elif int in args:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif float in args:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:  # (a path is taken for a str: `out`, `instructions`)
+            ok = isinstance(value, tuple(a for a in args if isinstance(a, type) and a is not type(None))) or (
+                str in args and isinstance(value, os.PathLike))
+        if not ok:
+            kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+            want = "a list of strings" if listed else next(
+                (kind[a] for a in (bool, int, float, str) if a in args), "a " + getattr(base, "__name__", "value"))
+            hint = ""
+            if isinstance(value, str) and float in args:
+                try:
+                    float(value)
+                    hint = " (YAML reads a number like 1e-3 as text: write 1.0e-3)"
+                except ValueError:
+                    pass
+            raise error(f"{where + ': ' if where else ''}option {name} must be {want}, got {value!r}{hint}")

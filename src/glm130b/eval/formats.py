@@ -245,6 +245,8 @@ def _render(template: str, rec: dict, where: str) -> str:
         return template.replace("{blank}", BLANK).format_map(rec)
     except KeyError as e:
         raise DataError(f"{where}: template field {e} not in the record (has {', '.join(sorted(rec))})") from None
+    except (ValueError, IndexError, AttributeError, TypeError) as e:  # "{0}", "{q.x}", "{q"
+        raise DataError(f"{where}: the template {template!r} does not fill from the record ({e})") from None
 
 
 def read_mul_jsonl(path, options: dict) -> list[Item]:
@@ -477,4 +479,11 @@ READERS: dict[str, Callable[[Path, dict], list[Item]]] = {
 def read_items(format_name: str, path: str | Path, options: dict | None = None) -> list[Item]:
     if format_name not in READERS:
         raise DataError(f"unknown data format {format_name!r}; choose from {', '.join(sorted(READERS))}")
-    return READERS[format_name](Path(path), dict(options or {}))
+    try:
+        return READERS[format_name](Path(path), dict(options or {}))
+    except GLMError:
+        raise
+    except (TypeError, ValueError, AttributeError, IndexError, KeyError) as e:  # a field or option of the wrong kind
+        raise DataError(f"{path}: the {format_name} reader cannot use this file with these options "
+                        f"({type(e).__name__}: {e}); check the task's options (template, fields) and the "
+                        "records' fields") from None

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from glm130b.config import check_types
 from glm130b.errors import GLMError
 from glm130b.eval import metrics as M
 from glm130b.eval.formats import BLANK, CATEGORY_MAPS, READERS, DataError, Item, read_items
@@ -45,6 +46,13 @@ DEFAULT_METRICS = {
     "mul": ["acc", "acc_norm"],
     "ll": ["acc", "ppl"],
     "gen": ["em", "f1"],
+    "lm": ["token_ppl", "word_ppl", "bits_per_byte"],
+}
+# what each task type computes (a metric a YAML lists must be one of these)
+KNOWN_METRICS = {
+    "mul": ["acc", "acc_norm", "acc_tok", "mc_grade", "acc_mutual_info"],
+    "ll": ["acc", "ppl", "loglikelihood"],
+    "gen": ["acc", "em", "f1"],
     "lm": ["token_ppl", "word_ppl", "bits_per_byte"],
 }
 TASKS_DIR = Path(__file__).resolve().parents[3] / "tasks"
@@ -83,6 +91,9 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         where = f"task {self.name!r}" + (f" ({self.source})" if self.source else "")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        check_types(self, TaskError, where)
         if self.type not in TASK_TYPES:
             raise TaskError(f"{where}: type must be one of {', '.join(TASK_TYPES)}, got {self.type!r}")
         if self.format not in READERS:
@@ -104,10 +115,15 @@ class TaskConfig:
         if self.metrics is None:
             self.metrics = list(DEFAULT_METRICS[self.type])
         for key in ("num_fewshot", "batch_tokens", "batch_size", "max_new_tokens", "gen_batch_size"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+            if getattr(self, key) < 0:
                 raise TaskError(f"{where}: {key} must be a non-negative integer")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
+        for key in ("max_length", "stride"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise TaskError(f"{where}: {key} must be a positive integer or absent, got {getattr(self, key)}")
+        unknown = [m for m in self.metrics if m not in KNOWN_METRICS[self.type]]
+        if unknown or not self.metrics:
+            raise TaskError(f"{where}: metrics for a {self.type} task are some of "
+                            f"{', '.join(KNOWN_METRICS[self.type])}; got {self.metrics}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

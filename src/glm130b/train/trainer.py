@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from glm130b import errors
 from glm130b.checkpoint import save_model
-from glm130b.config import ConfigError, GLMConfig
+from glm130b.config import ConfigError, GLMConfig, check_types
 from glm130b.data.corpus import check_sources
 from glm130b.data.heldout import training_documents
 from glm130b.data.instructions import builtin_instructions, cycle
@@ -178,42 +178,6 @@ def data_note(saved: dict, cfg: TrainConfig, log) -> None:
     if changed:
         what = ", ".join(f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
         log(f"note: {what}: the data stream continues from its position with the new settings")
-
-
-def check_types(cfg) -> None:
-    """Each option has its field's type (YAML gives whatever was written: `steps: "ten"`,
-    `steps: 2.5`, `batch_size: true`); an int is taken for a float, nothing else is converted."""
-    import typing
-
-    for name, hint in typing.get_type_hints(type(cfg)).items():
-        value = getattr(cfg, name)
-        args = set(typing.get_args(hint)) or {hint}
-        if value is None and type(None) in args:
-            continue
-        base = typing.get_origin(hint) or hint
-        if base in (tuple, list):
-            ok = isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value)
-        elif bool in args:
-            ok = isinstance(value, bool)
-        elif int in args:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif float in args:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        else:  # (a path is taken for a str: `out`, `instructions`)
-            ok = isinstance(value, tuple(a for a in args if isinstance(a, type) and a is not type(None))) or (
-                str in args and isinstance(value, os.PathLike))
-        if not ok:
-            kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-            want = "a list of strings" if base in (tuple, list) else next(
-                (kind[a] for a in (bool, int, float, str) if a in args), "a " + getattr(base, "__name__", "value"))
-            hint = ""
-            if isinstance(value, str) and float in args:
-                try:
-                    float(value)
-                    hint = " (YAML reads a number like 1e-3 as text: write 1.0e-3)"
-                except ValueError:
-                    pass
-            raise ConfigError(f"option {name} must be {want}, got {value!r}{hint}")
 
 
 def check_disk_space(out: Path, n_parameters: int) -> None:
