@@ -274,8 +274,22 @@ def test_bad_adapters_give_one_clear_error(tmp_path):
     from glm130b.model.glm import build_model
 
     other = build_model(GLMConfig.from_preset("tiny", hidden_size=64, num_heads=2))
-    with pytest.raises(adapters.AdapterError, match="does not fit"):
+    with pytest.raises(adapters.AdapterError, match="does not fit this model .size mismatch"):
         adapters.load_adapter(other, tmp_path / "b")
+    config = tmp_path / "b" / "adapter_config.json"
+    good = json.loads(config.read_text())
+    for key, value in (("r", "x"), ("lora_alpha", "x"), ("target_modules", 5)):
+        config.write_text(json.dumps({**good, key: value}))
+        with pytest.raises(adapters.AdapterError, match=f"adapter {tmp_path / 'b'}"):
+            adapters.load_adapter(varied_model(), tmp_path / "b")
+    config.write_text(json.dumps(good))
+    sidecar = tmp_path / "b" / adapters.SIDECAR
+    for text in ("[]", "{not json"):
+        sidecar.write_text(text)
+        with pytest.raises(adapters.AdapterError, match="restore it or delete it"):
+            adapters.load_adapter(varied_model(), tmp_path / "b")
+    sidecar.unlink()  # (optional: peft's own adapters have none)
+    adapters.load_adapter(varied_model(), tmp_path / "b")
 
 
 # -- the command, killed and resumed ----------------------------------------------------------

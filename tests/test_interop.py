@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -213,6 +214,13 @@ def test_hf_export_round_trip(tmp_path):
     assert back.config == model.config and tokenizer.vocab_size == 16384
     assert torch.equal(logits(back), logits(model))
     assert convert(tmp_path / "src", tmp_path / "hf16", "--from", "ours", "--to", "hf") == 0  # default fp16
+    from glm130b.checkpoint import CheckpointError
+    from glm130b.interop.hf import read_hf
+
+    for bad in (5, {"a.weight": 7}):  # an index whose weight_map is not names -> files
+        (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": bad}))
+        with pytest.raises(CheckpointError, match="weight_map must map tensor names to file names"):
+            read_hf(tmp_path / "hf")
     assert all(t.dtype == torch.float16 for f in (tmp_path / "hf16").glob("*.safetensors")
                for t in load_file(f).values())
 

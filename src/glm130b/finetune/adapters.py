@@ -176,8 +176,12 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor], 
         raise AdapterError(f"adapter {directory}: a peft LORA or PREFIX_TUNING adapter_config.json is expected")
     try:
         sidecar = json.loads((directory / SIDECAR).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except FileNotFoundError:  # (an adapter made by peft itself has none)
         sidecar = {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"adapter {directory}: {SIDECAR} is unreadable ({e}); restore it or delete it") from None
+    if not isinstance(sidecar, dict) or not isinstance(sidecar.get("base", {}), dict):
+        raise AdapterError(f"adapter {directory}: {SIDECAR} must hold a JSON object; restore it or delete it")
     return config, weights, sidecar
 
 
@@ -232,8 +236,10 @@ def _load_lora(model: nn.Module, directory: Path, config: dict, weights: dict) -
     try:
         add_lora(model, lora)
         result = set_peft_model_state_dict(model, state)
-    except (RuntimeError, ValueError) as e:
-        raise AdapterError(f"adapter {directory}: does not fit this model ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, ValueError, TypeError) as e:  # (TypeError: a config value of the wrong kind, "r": "x")
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = next((line for line in lines if "size mismatch" in line), lines[0] if lines else type(e).__name__)
+        raise AdapterError(f"adapter {directory}: does not fit this model ({why})") from None
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise AdapterError(f"adapter {directory}: unexpected tensor {unexpected[0]!r}")

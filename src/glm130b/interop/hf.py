@@ -74,6 +74,8 @@ def _weight_files(directory: Path) -> list[Path]:
                 weight_map = json.loads(path.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{path}: not a weight index ({first_line(e)})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(f"{path}: not a weight index (weight_map must map tensor names to file names)")
             files = [directory / f for f in dict.fromkeys(weight_map.values())]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
