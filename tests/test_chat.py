@@ -121,6 +121,13 @@ def test_terminal_chat_streams_resets_and_exits():
     assert out.stdout.count("glm> ") == 2 and "(conversation reset)" in out.stderr
 
 
+def test_a_line_that_is_not_utf8_is_said_and_the_chat_goes_on():
+    out = subprocess.run([sys.executable, "-m", "glm130b", "chat", "--max-new-tokens", "3"],
+                         input=b"bad \xff line\nIn the beginning\n/exit\n", capture_output=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert b"not valid UTF-8" in out.stderr and out.stdout.count(b"glm> ") == 1
+
+
 def test_terminal_chat_in_tmux_ctrl_c_stops_an_answer_not_the_chat(tmp_path):
     """Driven as a person would, in tmux: Ctrl-C during an answer stops it and the chat goes on."""
     import shutil

@@ -215,6 +215,17 @@ def test_bad_model_config_fields_are_one_line(tmp_path, capsys, change, needle, 
     assert not (tmp_path / "q").exists()
 
 
+def test_eval_checks_its_output_path_before_evaluating(tmp_path, capsys, monkeypatch):
+    import glm130b.eval.runner as runner
+
+    monkeypatch.setattr(runner, "load_task", lambda _: pytest.fail("evaluation started"))
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run(capsys, "eval", "heldout_ppl", "--output", tmp_path / "afile" / "out.json")
+    one_line_error(code, err, "afile is a file, not a folder")
+    code, _, err = run(capsys, "eval", "heldout_ppl", "--output", tmp_path)
+    one_line_error(code, err, "is a folder; give a file name")
+
+
 def test_a_port_out_of_range_is_refused_before_loading(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["serve", "--port", "99999"])

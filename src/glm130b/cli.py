@@ -432,6 +432,14 @@ def cmd_chat(args) -> int:
         except KeyboardInterrupt:
             print(file=sys.stderr)
             continue
+        except UnicodeDecodeError:
+            line = "\udcff"  # (a strict stdin: said below, as for the surrogates a lenient one keeps)
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # one bad line must not end the conversation
+            print("(that line is not valid UTF-8: set the terminal's encoding to UTF-8 and type it again)",
+                  file=sys.stderr)
+            continue
         if line.strip() == "/exit":
             return 0
         if line.strip() == "/reset":

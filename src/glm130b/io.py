@@ -156,6 +156,21 @@ def free_bytes(path: str | Path) -> int | None:
         return None
 
 
+def check_output_file(path: str | Path, what: str = "--output") -> None:
+    """A file a command will write at its end, checked at its start (a long run must not lose its
+    results to a bad path): not a folder, not under a file, in a folder this process may write."""
+    path = Path(path)
+    if path.is_dir():
+        raise SaveError(f"{what} {path} is a folder; give a file name")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SaveError(f"{what} {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK):
+                raise SaveError(f"{what} {path}: cannot write in {parent}")
+            break
+
+
 def check_new_folder(path: str | Path, what: str = "--out") -> None:
     """A folder to write into: not a file, not under a file, and (for outputs that must not
     replace anything) empty. One-line SaveError otherwise."""

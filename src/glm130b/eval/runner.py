@@ -210,6 +210,10 @@ def run_command(model_dir: str | Path, tasks: Sequence[str], limit: int | None =
         raise GLMError("name at least one task (or a task YAML)")
     if limit is not None and limit < 1:
         raise GLMError(f"--limit must be at least 1, got {limit}")
+    if output:
+        from glm130b.io import check_output_file
+
+        check_output_file(output)  # before the evaluation, not after it
     configs = [load_task(t) for t in tasks]  # fail on a bad task before loading the model
     for note in limit_notes(configs, limit):
         print(note, file=sys.stderr)
