@@ -226,6 +226,25 @@ def test_eval_checks_its_output_path_before_evaluating(tmp_path, capsys, monkeyp
     one_line_error(code, err, "is a folder; give a file name")
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["plan", "--preset", "tiny", "--gpus", "4x24GB", "--batch", "0"], "argument --batch: must be at least 1"),
+    (["plan", "--preset", "tiny", "--gpus", "4x24GB", "--tp", "-1"], "argument --tp: must be at least 1"),
+    (["plan", "--preset", "tiny", "--gpus", "4x24GB", "--train", "--micro-batch", "0"], "--micro-batch: must be at"),
+    (["generate", "--tp", "0", "hi"], "argument --tp: must be at least 1"),
+    (["convert", "--from", "ours", "--to", "ours", "--max-seq-len", "0", "a", "b"], "--max-seq-len: must be at least"),
+])
+def test_counts_below_one_are_refused_by_the_parser(capsys, argv, needle):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_a_gpu_size_is_never_read_from_a_minus_sign(capsys):
+    code, _, err = run(capsys, "plan", "--preset", "tiny", "--gpus", "4x-5")
+    one_line_error(code, err, "cannot read --gpus '4x-5'")
+    assert run(capsys, "plan", "--preset", "tiny", "--gpus", "4xA100-40G")[0] == 0
+
+
 def test_a_port_out_of_range_is_refused_before_loading(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["serve", "--port", "99999"])

@@ -75,6 +75,17 @@ def cmd_train(args) -> int:
     return _summary_on_rank0(run)
 
 
+def _positive(text: str) -> int:
+    """An integer >= 1 for argparse (a degree, a count, a length)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _port(text: str) -> int:
     """A TCP port for argparse: 0 (any free one) to 65535."""
     try:
@@ -610,12 +621,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one process: train on this device (default cpu; auto = cuda when there is one)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (worth it on GPUs)")
     g = p.add_argument_group("parallelism (under torchrun; tp x pp x dp must equal the number of processes)")
-    g.add_argument("--tp", type=int, help="tensor-parallel degree (default 1)")
-    g.add_argument("--pp", type=int, help="pipeline stages (default 1)")
-    g.add_argument("--dp", type=int, help="data-parallel (FSDP2) degree (default 1); --batch-size is the global batch")
+    g.add_argument("--tp", type=_positive, help="tensor-parallel degree (default 1)")
+    g.add_argument("--pp", type=_positive, help="pipeline stages (default 1)")
+    g.add_argument("--dp", type=_positive, help="data-parallel (FSDP2) degree (default 1); --batch-size is the global batch")
     g.add_argument("--pipeline-schedule", dest="pipeline_schedule", choices=["gpipe", "1f1b"],
                    help="pipeline schedule when --pp > 1 (default 1f1b)")
-    g.add_argument("--microbatches", type=int, help="pipeline microbatches per dp rank and step (default: --pp)")
+    g.add_argument("--microbatches", type=_positive, help="pipeline microbatches per dp rank and step (default: --pp)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="continue a prompt (greedy by default; sampling, beam search)")
@@ -623,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder (default: the shipped model)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate")
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
-    p.add_argument("--tp", type=int, default=1,
+    p.add_argument("--tp", type=_positive, default=1,
                    help="tensor-parallel processes (run under torchrun --nproc-per-node TP)")
     _add_sampling_flags(p)
     _add_quant_flags(p)
@@ -638,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fill every blank in one KV cache (faster; every kind of blank; not the official "
                         "layout) instead of GLM-130B's generate.py rules (one kind of blank, each re-encoded "
                         "with the earlier answers spliced in)")
-    p.add_argument("--tp", type=int, default=1,
+    p.add_argument("--tp", type=_positive, default=1,
                    help="tensor-parallel processes (run under torchrun --nproc-per-node TP)")
     _add_sampling_flags(p)
     _add_quant_flags(p)
@@ -691,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", help="a Jinja chat template file, or chatglm-6b / chatglm-6b-cpp / plain "
                                            "(default: the model folder's, see docs/serving.md)")
     p.add_argument("--adapter", help="a fine-tuned adapter folder (glm130b finetune) to serve on the model")
-    p.add_argument("--tp", type=int, default=1,
+    p.add_argument("--tp", type=_positive, default=1,
                    help="tensor-parallel processes (run under torchrun --nproc-per-node TP; rank 0 serves HTTP)")
     _add_quant_flags(p)
     p.set_defaults(func=cmd_serve)
@@ -712,13 +723,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_fmt", required=True, choices=["sat", "hf", "ours"],
                    help="format of SRC: sat (SwissArmyTransformer shards), hf (Hugging Face) or ours")
     p.add_argument("--to", dest="to_fmt", required=True, choices=["ours", "hf", "sat"], help="format of DST")
-    p.add_argument("--tp", type=int, help="with --to sat: the number of tensor-parallel shards (default 1)")
+    p.add_argument("--tp", type=_positive, help="with --to sat: the number of tensor-parallel shards (default 1)")
     p.add_argument("--bits", type=int, choices=[8, 4], help="with --to ours: quantize while converting")
     p.add_argument("--group-size", dest="group_size", type=int, help="with --bits: group-wise scales")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="cast the weights (default: as stored)")
     p.add_argument("--preset", help="--from sat: the model's preset (default: the preset its shapes match)")
     p.add_argument("--num-heads", dest="num_heads", type=int, help="--from sat: heads, when no preset matches")
-    p.add_argument("--max-seq-len", dest="max_seq_len", type=int, help="override the context length")
+    p.add_argument("--max-seq-len", dest="max_seq_len", type=_positive, help="override the context length")
     p.add_argument("--tokenizer", help="tokenizer.json or an official ice_text.model to put in the output")
     p.add_argument("--unsafe-pickle", action="store_true",
                    help="--from sat: unpickle shards that hold Python objects besides tensors (trusted files only)")
@@ -729,17 +740,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", help="a preset (glm-130b, chatglm-6b, small, tiny)")
     g.add_argument("--model", help="a model folder (default: the shipped model)")
     p.add_argument("--gpus", required=True, help="GPUs per node as COUNTxSIZE in GiB, e.g. 4x24GB, 8x40GB, 8x11")
-    p.add_argument("--nodes", type=int, default=1, help="nodes of --gpus each")
+    p.add_argument("--nodes", type=_positive, default=1, help="nodes of --gpus each")
     p.add_argument("--bits", type=int, choices=[16, 8, 4], default=16, help="inference weight bits (default 16)")
     p.add_argument("--group-size", dest="group_size", type=int, help="with --bits 8/4: group-wise scales")
-    p.add_argument("--batch", type=int, default=1, help="inference batch (default 1)")
-    p.add_argument("--seq", type=int, help="sequence length (default: the model's context)")
+    p.add_argument("--batch", type=_positive, default=1, help="inference batch (default 1)")
+    p.add_argument("--seq", type=_positive, help="sequence length (default: the model's context)")
     p.add_argument("--train", action="store_true", help="plan training instead of inference")
-    p.add_argument("--tp", type=int, help="tensor parallelism (inference default: all GPUs)")
-    p.add_argument("--pp", type=int, help="pipeline stages (training)")
-    p.add_argument("--dp", type=int, help="data parallelism (training; default: GPUs / (tp x pp))")
-    p.add_argument("--micro-batch", dest="micro_batch", type=int, default=1, help="training: sequences per micro-batch")
-    p.add_argument("--microbatches", type=int, help="micro-batches per step (default: pp)")
+    p.add_argument("--tp", type=_positive, help="tensor parallelism (inference default: all GPUs)")
+    p.add_argument("--pp", type=_positive, help="pipeline stages (training)")
+    p.add_argument("--dp", type=_positive, help="data parallelism (training; default: GPUs / (tp x pp))")
+    p.add_argument("--micro-batch", dest="micro_batch", type=_positive, default=1, help="training: sequences per micro-batch")
+    p.add_argument("--microbatches", type=_positive, help="micro-batches per step (default: pp)")
     p.add_argument("--shard", choices=["full", "optimizer", "none"], default="full",
                    help="how DP shares model states: full = FSDP2 (ours), optimizer = ZeRO-1, none = DDP")
     p.add_argument("--no-checkpointing", action="store_true", help="plan without activation checkpointing")
@@ -790,7 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out from its last good checkpoint")
     p.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=int, help="keep the last K checkpoints (default 3)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="where to train (default cpu)")
-    p.add_argument("--dp", type=int, help="under torchrun: data-parallel (FSDP2) ranks; --batch-size is the global batch")
+    p.add_argument("--dp", type=_positive, help="under torchrun: data-parallel (FSDP2) ranks; --batch-size is the global batch")
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora-rank", dest="lora_rank", type=int, help="rank r (default 8)")
     g.add_argument("--lora-alpha", dest="lora_alpha", type=float, help="scale alpha; updates are alpha/r * BA (default 16)")

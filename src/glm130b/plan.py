@@ -51,7 +51,7 @@ class Gpus:
     @classmethod
     def parse(cls, spec: str, nodes: int = 1) -> Gpus:
         """"4x24GB", "8xA100-40G", "8x11" -> count and GiB per GPU (times `nodes`)."""
-        m = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(?:[A-Za-z0-9 ]*?[- ])?(\d+(?:\.\d+)?)\s*(?:GB|GiB|G)?\s*", spec)
+        m = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(?:[A-Za-z0-9 ]+?[- ])?(\d+(?:\.\d+)?)\s*(?:GB|GiB|G)?\s*", spec)
         if not m or int(m.group(1)) < 1 or float(m.group(2)) <= 0:
             raise PlanError(f"cannot read --gpus {spec!r}: write COUNTxSIZE, e.g. 4x24GB or 8x40GB")
         if nodes < 1:
