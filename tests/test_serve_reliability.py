@@ -151,6 +151,26 @@ def test_wrong_shapes_say_what_is_expected(live, body, param, needle):
     assert ".str" not in err["message"] and "list[" not in err["message"]
 
 
+@pytest.mark.parametrize("path,body,param,needle", [
+    ("/v1/completions", {"prompt": "x", "max_tokens": True}, "max_tokens", "valid integer"),
+    ("/v1/completions", {"prompt": "x", "n": 2.0}, "n", "valid integer"),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, "stream", "valid boolean"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}},
+     "stream_options.include_usage", "valid boolean"),
+    ("/v1/completions", {"prompt": "x", "min_tokens": 5, "max_tokens": 2}, None, "min_tokens (5) must not exceed"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
+                              "max_completion_tokens": 4}, None, "differ: give one of them"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "min_tokens": 9,
+                              "max_completion_tokens": 4}, None, "min_tokens (9) must not exceed"),
+])
+def test_values_of_another_kind_are_not_coerced(live, path, body, param, needle):
+    r = post(live, path, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and needle in err["message"], err
+    assert post(live, "/v1/completions", {"prompt": "x", "max_tokens": 2, "temperature": 0}).status_code == 200
+
+
 def test_invalid_json_and_a_wrong_key(live):
     r = post(live, "/v1/completions", b'{"prompt": "x", "max_tokens": 16')
     err = r.json()["error"]

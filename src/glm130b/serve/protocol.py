@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 16
 MAX_STOP = 4
@@ -43,6 +43,11 @@ def _each_unicode(values: list) -> None:
                 raise ValueError(f"item {i} is {e}") from None
 
 
+def _check_min_tokens(min_tokens: int, max_tokens: int | None) -> None:
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise ValueError(f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})")
+
+
 def _is_ids(value) -> bool:
     return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
 
@@ -58,12 +63,19 @@ class ErrorBody(BaseModel):
     error: OpenAIError
 
 
+# strict: a JSON true is not the number 1, "yes" is not true, 2.0 is not the integer 2 (as OpenAI's
+# own API refuses them); an integer is still taken where a number is asked
+STRICT = ConfigDict(extra="ignore", strict=True)
+
+
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: Text | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
@@ -109,6 +121,11 @@ class CompletionRequest(_Sampling):
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _min_within_max(self):
+        _check_min_tokens(self.min_tokens, self.max_tokens)
+        return self
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -222,6 +239,14 @@ class ChatRequest(_Sampling):
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     tools: list | None = None
 
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
+            raise ValueError(f"max_tokens ({self.max_tokens}) and max_completion_tokens ({self.max_completion_tokens}) "
+                             "differ: give one of them")
+        _check_min_tokens(self.min_tokens, self.answer_budget())
+        return self
+
     def answer_budget(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
@@ -245,7 +270,7 @@ class ChatCompletion(BaseModel):
 class EmbeddingRequest(BaseModel):
     """POST /v1/embeddings: `input` a string or a list of strings (or token ids)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     input: (Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
                                                             Field(min_length=1, max_length=256)]
