@@ -178,6 +178,7 @@ def test_quantize_refuses_to_overwrite_like_convert(small_run, tmp_path, capsys)
     ("weight_decay: -1.0", "weight_decay must be >= 0"),
     ("sources: [nosuch]", "corpus source 'nosuch' not found"),
     ("instructions: nofile.jsonl", "instructions: nofile.jsonl: file not found"),
+    ("steps: [1,\n  bad: : x", "is not valid YAML at line 2, column 8: expected the node content"),
 ])
 def test_config_values_of_the_wrong_type_are_one_line(tmp_path, capsys, yaml_text, needle):
     config = tmp_path / "c.yaml"

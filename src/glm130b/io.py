@@ -94,8 +94,11 @@ def read_yaml(path: str | Path, error: type[Exception] = GLMError, what: str = "
         raise error(f"{what} not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise error(f"cannot read {what} {path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise error(f"{what} {path} is not valid YAML: {e}") from None
+    except yaml.YAMLError as e:  # one line: the problem and where (PyYAML's message spans several)
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise error(f"{what} {path} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise error(f"{what} {path} must hold a mapping of key: value")
     return data
