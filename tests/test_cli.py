@@ -55,6 +55,10 @@ def test_generate_and_infill(trained, capsys):
     assert code == 0 and len(result["spans"]) == 2
     assert "[MASK]" not in result["text"] and result["text"].startswith("Paris is the")
     assert result["text"].endswith("。")
+    code, out, err = run(capsys, "infill", "--model", str(trained), "--max-new-tokens", "2", "a [MASK] b [sMASK] c")
+    assert code == 0 and "note: 1 blank(s) of another kind left" in err and "[sMASK]" in out
+    code, _, err = run(capsys, "infill", "--model", str(trained), "--max-new-tokens", "2", "a [MASK] b [MASK] c")
+    assert code == 0 and "note:" not in err
 
 
 def test_stream_prints_the_same_text(trained, capsys):

@@ -273,6 +273,12 @@ def cmd_infill(args) -> int:
 
     model, tokenizer, config = _load_for_generation(args)
     result = infill(model, tokenizer, args.text, config=config, reuse_cache=args.reuse_cache)
+    from glm130b.infer.generate import blank_ids
+
+    left = sum(t in blank_ids(tokenizer) for t in tokenizer.encode(args.text)) - len(result.spans)
+    if left and not args.reuse_cache:
+        print(f"note: {left} blank(s) of another kind left as they are: GLM-130B's rule fills one kind per call "
+              "([MASK] before [sMASK] before [gMASK]); --reuse-cache fills every kind", file=sys.stderr)
     if args.json:
         _out(json.dumps({"text": result.text, "spans": result.spans}, ensure_ascii=False, indent=2))
     else:
@@ -630,7 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="continue a prompt (greedy by default; sampling, beam search)")
-    p.add_argument("prompt", help="the text to continue (a [gMASK] is appended)")
+    p.add_argument("prompt", help="the text to continue (a [gMASK] is appended); a prompt that holds "
+                   "[MASK]/[sMASK]/[gMASK] blanks has them filled instead, as `infill` does")
     p.add_argument("--model", help="model folder (default: the shipped model)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate")
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
