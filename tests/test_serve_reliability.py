@@ -171,6 +171,21 @@ def test_values_of_another_kind_are_not_coerced(live, path, body, param, needle)
     assert post(live, "/v1/completions", {"prompt": "x", "max_tokens": 2, "temperature": 0}).status_code == 200
 
 
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/infill", {"text": "a [MASK] b", "n": 2}, "n"),
+    ("/v1/infill", {"text": "a [MASK] b", "min_tokens": 3}, "min_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_fields_not_served_are_refused_not_ignored(live, path, body, param):
+    r = post(live, path, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["code"] == "unsupported", err
+    neutral = {**body, param: {"n": 1, "min_tokens": 0, "response_format": {"type": "text"}}[param], "max_tokens": 2}
+    assert post(live, path, neutral).status_code == 200
+
+
 def test_invalid_json_and_a_wrong_key(live):
     r = post(live, "/v1/completions", b'{"prompt": "x", "max_tokens": 16')
     err = r.json()["error"]

@@ -406,6 +406,9 @@ class Server:
                                      ("frequency_penalty", req.frequency_penalty, 0.0)):
             if value not in (neutral, False):
                 raise APIError(400, f"`{name}` is not supported by this server", param=name, code="unsupported")
+        if req.response_format not in (None, {"type": "text"}):
+            raise APIError(400, "`response_format` other than {\"type\": \"text\"} is not supported by this server",
+                           param="response_format", code="unsupported")
         tok, budget = self.tokenizer, req.answer_budget()
         try:
             ids = fit_history(tok, self.chat_template, [m.model_dump() for m in req.messages],
@@ -483,6 +486,9 @@ class Server:
         before `<sop>`, each blank a job of its own on the text with the earlier answers spliced in;
         `reuse_cache`: every blank in one job, one KV cache (the faster layout)."""
         self.check_model(req.model)
+        for name, value, neutral in (("n", req.n, 1), ("min_tokens", req.min_tokens, 0)):
+            if value != neutral:
+                raise APIError(400, f"`{name}` is not supported by /v1/infill", param=name, code="unsupported")
         tok, blanks = self.tokenizer, blank_ids(self.tokenizer)
         ids = tok.encode(req.text)
         if not any(t in blanks for t in ids):

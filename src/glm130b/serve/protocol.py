@@ -159,6 +159,8 @@ class InfillRequest(_Sampling):
     max_tokens: Annotated[int, Field(ge=1)] | None = 32  # per blank; null: up to the end of the context
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0  # greedy unless asked: blanks want the likeliest
     reuse_cache: bool = False
+    n: int = 1  # (completions' fields, not served here: refused unless neutral)
+    min_tokens: int = 0
 
 
 class CompletionChoice(BaseModel):
@@ -238,6 +240,7 @@ class ChatRequest(_Sampling):
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     tools: list | None = None
+    response_format: dict | None = None  # only {"type": "text"} (plain text) is served
 
     @model_validator(mode="after")
     def _one_budget(self):
