@@ -240,6 +240,12 @@ def test_counts_below_one_are_refused_by_the_parser(capsys, argv, needle):
     assert stop.value.code == 2 and needle in capsys.readouterr().err
 
 
+def test_convert_group_size_needs_bits(tmp_path, capsys):
+    code, _, err = run(capsys, "convert", "--from", "ours", "--to", "ours", "--group-size", "64", SHIPPED, tmp_path / "o")
+    one_line_error(code, err, "--group-size sets the scales of --bits 8/4")
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_gpu_size_is_never_read_from_a_minus_sign(capsys):
     code, _, err = run(capsys, "plan", "--preset", "tiny", "--gpus", "4x-5")
     one_line_error(code, err, "cannot read --gpus '4x-5'")

@@ -59,6 +59,8 @@ def convert(src, dst, from_fmt: str, to_fmt: str, tp: int | None = None, bits: i
         raise GLMError("--tp sets the shard count of --to sat (ours and hf folders hold one model)")
     if bits is not None and to_fmt != "ours":
         raise GLMError("--bits quantizes into our model folder: use --to ours")
+    if group_size is not None and bits is None:
+        raise GLMError("--group-size sets the scales of --bits 8/4: pass --bits as well")
     check_new_folder(dst, "the destination")
     if Path(dst).exists() and any(Path(dst).iterdir()):
         raise GLMError(f"{dst} exists and is not empty; choose a new folder")
