@@ -186,6 +186,27 @@ def test_fields_not_served_are_refused_not_ignored(live, path, body, param):
     assert post(live, path, neutral).status_code == 200
 
 
+@pytest.mark.parametrize("path,body,needle", [
+    ("/v1/embeddings", {"input": []}, "input: must be a non-empty string, or a non-empty list"),
+    ("/v1/embeddings", {"input": ["a", ""]}, "input: item 1 is an empty string"),
+    ("/v1/infill", {"text": ""}, "the text has no [MASK], [sMASK] or [gMASK] blank to fill"),
+])
+def test_empty_inputs_say_what_is_missing(live, path, body, needle):
+    r = post(live, path, body)
+    assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("content,headers", [
+    (b"", {"content-type": "application/json"}),
+    (b"just text", {"content-type": "text/plain"}),
+    (b"[1, 2]", {"content-type": "application/json"}),
+])
+def test_a_body_that_is_not_a_json_object_says_so(live, content, headers):
+    r = httpx.post(f"{live}/v1/completions", content=content, headers={**AUTH, **headers}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert "the body must be a JSON object" in r.json()["error"]["message"], r.text
+
+
 def test_invalid_json_and_a_wrong_key(live):
     r = post(live, "/v1/completions", b'{"prompt": "x", "max_tokens": 16')
     err = r.json()["error"]

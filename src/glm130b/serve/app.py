@@ -606,6 +606,9 @@ def _validation_message(errors: list) -> tuple[str, str | None]:
         where = next((x for x in first.get("loc", ()) if isinstance(x, int)), None)
         reason = (first.get("ctx") or {}).get("error", "JSON decode error")
         return f"the body is not valid JSON ({reason}{f' at character {where}' if where is not None else ''})", None
+    if tuple(first.get("loc", ())) == ("body",) and first.get("type") in (
+            "missing", "model_attributes_type", "dict_type", "model_type"):  # no body, a text/plain upload, a list
+        return "the body must be a JSON object, sent with Content-Type: application/json", None
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     loc = [x for x in loc if x.isdigit() or x.isidentifier() and x not in ("str", "int", "list", "float", "bool")]
     where = ".".join(loc)

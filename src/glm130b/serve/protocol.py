@@ -155,7 +155,7 @@ class InfillRequest(_Sampling):
     (one kind of blank: [MASK] > [sMASK] > [gMASK]; each re-encoded with the earlier answers), or
     with `reuse_cache` every blank of every kind in one KV cache."""
 
-    text: Annotated[Text, Field(min_length=1)]
+    text: Text
     max_tokens: Annotated[int, Field(ge=1)] | None = 32  # per blank; null: up to the end of the context
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0  # greedy unless asked: blanks want the likeliest
     reuse_cache: bool = False
@@ -280,6 +280,15 @@ class EmbeddingRequest(BaseModel):
             | Annotated[list[int], Field(min_length=1)] | Annotated[list[list[int]], Field(min_length=1)])
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_shape(cls, value):  # (the union's own message would name only its first member)
+        if value == "" or value == []:
+            raise ValueError("must be a non-empty string, or a non-empty list of non-empty strings or token ids")
+        if isinstance(value, list) and any(v == "" for v in value):
+            raise ValueError(f"item {value.index('')} is an empty string")
+        return value
     dimensions: int | None = None
     user: str | None = None
 
