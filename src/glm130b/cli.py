@@ -75,26 +75,23 @@ def cmd_train(args) -> int:
     return _summary_on_rank0(run)
 
 
-def _positive(text: str) -> int:
-    """An integer >= 1 for argparse (a degree, a count, a length)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _int_in(low: int, high: int | None, out_of_range: str):
+    """An argparse type: an integer in [low, high] (no upper bound for None), else
+    `out_of_range` (formatted with the value)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(out_of_range.format(value))
+        return value
+
+    return parse
 
 
-def _port(text: str) -> int:
-    """A TCP port for argparse: 0 (any free one) to 65535."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 0 (any free port) to 65535, got {port}")
-    return port
+_positive = _int_in(1, None, "must be at least 1, got {}")  # a degree, a count, a length
+_port = _int_in(0, 65535, "a port is 0 (any free port) to 65535, got {}")
 
 
 def _options(args, config_cls, what: str, flags: tuple[str, ...]) -> dict:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,16 +170,11 @@ PRESETS: dict[str, GLMConfig] = {
 }
 
 
-def check_types(cfg, error: type[Exception] | None = None, where: str = "") -> None:
+def check_types(cfg, error: type[Exception] = ConfigError, where: str = "") -> None:
     """Each option has its field's type (YAML gives whatever was written: `steps: "ten"`,
     `steps: 2.5`, `batch_size: true`); an int is taken for a float, nothing else is converted.
     Any dataclass of options (training runs, eval tasks); `error` (ConfigError) names the file
     kind, `where` the file."""
-    import os
-    import typing
-
-    error = error or ConfigError
-
     for name, hint in typing.get_type_hints(type(cfg)).items():
         value = getattr(cfg, name)
         args = set(typing.get_args(hint)) or {hint}

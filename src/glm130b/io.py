@@ -165,13 +165,9 @@ def check_output_file(path: str | Path, what: str = "--output") -> None:
     path = Path(path)
     if path.is_dir():
         raise SaveError(f"{what} {path} is a folder; give a file name")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise SaveError(f"{what} {path}: {parent} is a file, not a folder")
-            if not os.access(parent, os.W_OK):
-                raise SaveError(f"{what} {path}: cannot write in {parent}")
-            break
+    parent = _folder_above(path, f"{what} {path}")
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise SaveError(f"{what} {path}: cannot write in {parent}")
 
 
 def check_new_folder(path: str | Path, what: str = "--out") -> None:
@@ -180,20 +176,23 @@ def check_new_folder(path: str | Path, what: str = "--out") -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SaveError(f"{what} {path} is a file; give a folder")
+    _folder_above(path, f"{what} {path}")
+
+
+def _folder_above(path: Path, said: str) -> Path | None:
+    """The nearest existing folder above `path` (None: none exists); a SaveError starting with
+    `said` when the nearest existing thing there is a file."""
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise SaveError(f"{what} {path}: {parent} is a file, not a folder")
-            break
+                raise SaveError(f"{said}: {parent} is a file, not a folder")
+            return parent
+    return None
 
 
 def _make_parent(path: Path) -> None:
     """The folder a file goes in; a one-line SaveError when a file is in the way of it."""
-    for parent in [path.parent, *path.parent.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                raise SaveError(f"cannot save {path}: {parent} is a file, not a folder")
-            break
+    _folder_above(path, f"cannot save {path}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

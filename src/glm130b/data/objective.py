@@ -458,8 +458,9 @@ class GLMSampleBuilder:
         """prompt + answer + `<eos>`, causal; the loss on the answer and `<eos>`. A long prompt
         loses its start, as in `instruction_sample`."""
         prompt = _token_list(prompt_ids, "prompt_ids")
-        self._check_answer(_token_list(answer_ids, "answer_ids", allow_empty=False))
-        answer = list(answer_ids) + [self.ids.eos]
+        answer = _token_list(answer_ids, "answer_ids", allow_empty=False)
+        self._check_answer(answer)
+        answer.append(self.ids.eos)
         L = self.config.seq_len
         prompt = prompt[max(0, len(prompt) - (L + 1 - len(answer))) :]
         if not prompt:  # the first answer token needs an input to be predicted from

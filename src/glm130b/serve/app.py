@@ -295,11 +295,9 @@ class Server:
 
     # -- /v1/completions -----------------------------------------------------------------------
     def completion_jobs(self, req: CompletionRequest) -> tuple[list[tuple[list[int], int]], Callable]:
-        for name, value, neutral in (("logprobs", req.logprobs, None), ("suffix", req.suffix, None),
-                                     ("presence_penalty", req.presence_penalty, 0.0),
-                                     ("frequency_penalty", req.frequency_penalty, 0.0)):
-            if value != neutral:
-                raise APIError(400, f"`{name}` is not supported by this server", param=name, code="unsupported")
+        refuse_unless_neutral((("logprobs", req.logprobs, (None,)), ("suffix", req.suffix, (None,)),
+                               ("presence_penalty", req.presence_penalty, (0.0,)),
+                               ("frequency_penalty", req.frequency_penalty, (0.0,))))
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "`best_of` other than n is not supported", param="best_of", code="unsupported")
         tok, blanks = self.tokenizer, blank_ids(self.tokenizer)
@@ -401,11 +399,9 @@ class Server:
         """The messages rendered by the chat template (infer/chat.py; the oldest exchanges dropped
         when the conversation outgrows the context), continued as /v1/completions continues."""
         self.check_model(req.model)
-        for name, value, neutral in (("logprobs", req.logprobs, None), ("tools", req.tools, None),
-                                     ("presence_penalty", req.presence_penalty, 0.0),
-                                     ("frequency_penalty", req.frequency_penalty, 0.0)):
-            if value not in (neutral, False):
-                raise APIError(400, f"`{name}` is not supported by this server", param=name, code="unsupported")
+        refuse_unless_neutral((("logprobs", req.logprobs, (None, False)), ("tools", req.tools, (None,)),
+                               ("presence_penalty", req.presence_penalty, (0.0,)),
+                               ("frequency_penalty", req.frequency_penalty, (0.0,))))
         if req.response_format not in (None, {"type": "text"}):
             raise APIError(400, "`response_format` other than {\"type\": \"text\"} is not supported by this server",
                            param="response_format", code="unsupported")
@@ -486,9 +482,7 @@ class Server:
         before `<sop>`, each blank a job of its own on the text with the earlier answers spliced in;
         `reuse_cache`: every blank in one job, one KV cache (the faster layout)."""
         self.check_model(req.model)
-        for name, value, neutral in (("n", req.n, 1), ("min_tokens", req.min_tokens, 0)):
-            if value != neutral:
-                raise APIError(400, f"`{name}` is not supported by /v1/infill", param=name, code="unsupported")
+        refuse_unless_neutral((("n", req.n, (1,)), ("min_tokens", req.min_tokens, (0,))), by="/v1/infill")
         tok, blanks = self.tokenizer, blank_ids(self.tokenizer)
         ids = tok.encode(req.text)
         if not any(t in blanks for t in ids):
@@ -596,6 +590,14 @@ async def _or_error(events: AsyncIterator[str]) -> AsyncIterator[str]:
     except APIError as e:
         yield _sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
         yield "data: [DONE]\n\n"
+
+
+def refuse_unless_neutral(fields, by: str = "this server") -> None:
+    """400 `unsupported` for the first (name, value, neutral values) whose value is set away from
+    them: a field this server does not implement is ignored only while it asks for nothing."""
+    for name, value, neutral in fields:
+        if value not in neutral:
+            raise APIError(400, f"`{name}` is not supported by {by}", param=name, code="unsupported")
 
 
 def _validation_message(errors: list) -> tuple[str, str | None]:

@@ -151,11 +151,19 @@ class TrainConfig:
             raise ConfigError("time_budget_s runs in one process; under torchrun give --steps")
 
 
+def changed_settings(saved: dict, cfg: TrainConfig, keys) -> list[str]:
+    """The `keys` a checkpoint's saved options hold with another value than `cfg` (a JSON list
+    equals a tuple)."""
+    def norm(v):
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    return [k for k in keys if k in saved and norm(saved[k]) != norm(getattr(cfg, k, None))]
+
+
 def schedule_note(saved: dict, cfg: TrainConfig, step: int, log) -> None:
     """Resuming with other schedule settings (most often more --steps) reshapes the cosine
     decay from here on: say so, with the learning rate before and after."""
-    keys = ("steps", "warmup_steps", "lr", "min_lr_ratio")
-    changed = {k: saved[k] for k in keys if k in saved and saved[k] != getattr(cfg, k)}
+    changed = {k: saved[k] for k in changed_settings(saved, cfg, ("steps", "warmup_steps", "lr", "min_lr_ratio"))}
     if changed:
         before = lr_at(step, dataclasses.replace(cfg, **changed))
         what = ", ".join(f"{k} {v} -> {getattr(cfg, k)}" for k, v in changed.items())
@@ -171,10 +179,7 @@ def data_note(saved: dict, cfg: TrainConfig, log) -> None:
     """Resuming with other data settings (a share, packing, the corpus) continues the sample stream
     from where it stood, under the new settings: say so, since the run is then not the one a
     straight run of either setting would have trained."""
-    def norm(v):
-        return list(v) if isinstance(v, (list, tuple)) else v
-
-    changed = [k for k in DATA_KEYS if k in saved and norm(saved[k]) != norm(getattr(cfg, k, None))]
+    changed = changed_settings(saved, cfg, DATA_KEYS)
     if changed:
         what = ", ".join(f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
         log(f"note: {what}: the data stream continues from its position with the new settings")
